@@ -1,0 +1,168 @@
+"""The ``rlhf`` command: one subcommand per stage (what ``dvc.yaml`` calls) and ``rlhf run`` for the pipeline.
+
+Every subcommand takes ``--params FILE`` and repeated ``--set group.key=value``; configuration and data errors
+print one line naming the problem and exit with status 2 (config) or 1 (data), before any work is lost.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rlhf_core.env import apply_defaults
+from rlhf_core.errors import ConfigError, RLHFError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="RLHF with PPO-max: stages and pipeline.")
+console = Console(stderr=True)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file (YAML).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override: group.key=value (repeatable).")
+]
+
+
+def _fail(exc: RLHFError) -> None:
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2 if isinstance(exc, ConfigError) else 1)
+
+
+def _config(params: Path, overrides: list[str] | None):
+    from rlhf_core.config import load_config
+
+    return load_config(params, overrides or [])
+
+
+def _run_single(stage: str, params: Path, overrides: list[str] | None) -> None:
+    apply_defaults()
+    try:
+        config = _config(params, overrides)
+        from rlhf_core.pipeline import run_stage
+
+        artifacts = run_stage(stage, config)
+    except RLHFError as exc:
+        _fail(exc)
+        return
+    _print_artifacts(stage, artifacts, config)
+
+
+def _print_artifacts(stage: str, artifacts: dict[str, str], config) -> None:
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    console.print(f"[bold green]{stage} done[/]")
+    for name, path in artifacts.items():
+        console.print(f"  {name}: {path}", highlight=False)
+    if config.tracking.enabled:
+        console.print(
+            f"  MLflow: {config.tracking.uri} (mlflow ui --backend-store-uri {config.tracking.uri} "
+            "--host 127.0.0.1)",
+            highlight=False,
+        )
+
+
+@app.command()
+def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Build the data splits, the tokenizer and stats.json (data.source: sim, hh_rlhf or jsonl)."""
+    _run_single("prepare", params, set_)
+
+
+@app.command()
+def sft(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Supervised fine-tuning of the policy (torch or DeepSpeed ZeRO; torchrun for several processes)."""
+    _run_single("sft", params, set_)
+
+
+@app.command()
+def run(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    stages: Annotated[str | None, typer.Option(help="Comma-separated subset, e.g. prepare,sft.")] = None,
+    prefect: Annotated[bool, typer.Option(help="Orchestrate with the Prefect flow 'rlhf'.")] = True,
+) -> None:
+    """Run the whole pipeline (the Prefect flow 'rlhf' by default) and print a summary."""
+    apply_defaults()
+    import time
+
+    started = time.time()
+    try:
+        config = _config(params, set_)
+        from rlhf_core.pipeline import STAGES
+
+        selected = [s.strip() for s in stages.split(",")] if stages else list(STAGES)
+        unknown = [s for s in selected if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"--stages: unknown {unknown}; stages are {', '.join(STAGES)}")
+        if prefect:
+            from flows.rlhf import rlhf as rlhf_flow
+
+            outputs = rlhf_flow(params_file=str(params), overrides=list(set_ or []), stages=selected)
+        else:
+            from rlhf_core.pipeline import run_stage
+            from rlhf_core.tracking import pipeline_run
+
+            outputs = {}
+            with pipeline_run(config, name="rlhf") as parent:
+                for stage in STAGES:
+                    if stage in selected:
+                        outputs[stage] = run_stage(stage, config, parent.run_id)
+    except RLHFError as exc:
+        _fail(exc)
+        return
+    _print_summary(config, outputs, time.time() - started, prefect)
+
+
+def _print_summary(config, outputs: dict, seconds: float, prefect: bool) -> None:
+    from rlhf_core.io import read_json
+
+    out = Console()
+    table = Table(title=f"RLHF pipeline summary ({seconds:.0f} s)", show_lines=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    stats_path = Path(config.paths.data) / "stats.json"
+    if "prepare" in outputs and stats_path.is_file():
+        stats = read_json(stats_path)
+        table.add_row("data source", stats["source"])
+        table.add_row("split sizes", ", ".join(f"{k} {v}" for k, v in stats["counts"].items()))
+        if "annotator_gold_agreement" in stats:
+            table.add_row("annotator-gold agreement", f"{stats['annotator_gold_agreement']['overall']:.1%}")
+            demo = stats["demonstrator"]
+            table.add_row(
+                "demonstrations",
+                f"{demo['sft_flawless_rate']:.1%} flawless, mean gold score {demo['sft_mean_gold_score']:.2f}",
+            )
+    metrics_path = Path(config.paths.sft) / "metrics.json"
+    if "sft" in outputs and metrics_path.is_file():
+        metrics = read_json(metrics_path)
+        table.add_row("SFT validation loss / perplexity", f"{metrics['sft/val_loss']:.3f} / {metrics['sft/ppl']:.2f}")
+        if "sft/sample_gold_score" in metrics:
+            table.add_row(
+                "SFT greedy samples (gold judge)",
+                f"mean {metrics['sft/sample_gold_score']:.2f} of 2.00, "
+                f"{metrics['sft/sample_flawless_rate']:.1%} flawless",
+            )
+    for stage, artifacts in outputs.items():
+        for name, path in artifacts.items():
+            table.add_row(f"{stage}: {name}", str(path))
+    if config.tracking.enabled:
+        table.add_row("MLflow", f"mlflow ui --backend-store-uri {config.tracking.uri} --host 127.0.0.1")
+    if prefect:
+        table.add_row("Prefect", "flow 'rlhf' (see README: prefect server start --host 127.0.0.1)")
+    out.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except RLHFError as exc:  # pragma: no cover - safety net for errors raised outside commands
+        console.print(f"error: {exc}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

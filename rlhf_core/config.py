@@ -1,0 +1,369 @@
+"""Validated configuration: frozen pydantic models mirroring the groups of ``params.yaml`` one to one.
+
+Every hyperparameter of the pipeline lives here with its default, its valid range and a description.
+``load_config`` reads a params file, applies ``--set group.key=value`` overrides and turns any problem into
+one :class:`ConfigError` line naming the key, the bad value and what is allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlhf_core.errors import ConfigError
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+# ----------------------------------------------------------------------------------------------- data
+class SplitSizes(_Group):
+    sft_train: int = Field(1600, ge=1, description="SFT demonstrations for training.")
+    sft_val: int = Field(160, ge=1, description="SFT demonstrations held out for validation loss/perplexity.")
+    rm_train: int = Field(1600, ge=1, description="Preference pairs for reward-model training.")
+    rm_test: int = Field(400, ge=1, description="Preference pairs held out for reward-model evaluation.")
+    ppo: int = Field(512, ge=1, description="Prompts for PPO rollouts.")
+    eval: int = Field(200, ge=1, description="Prompts for the final win-rate evaluation.")
+
+
+class CategoryWeights(_Group):
+    arithmetic: float = Field(0.2, ge=0, description="Share of arithmetic questions ('What is 7 + 5?').")
+    word_problem: float = Field(0.2, ge=0, description="Share of two-step word problems (step-by-step answers).")
+    facts: float = Field(0.2, ge=0, description="Share of questions about the generated fictional knowledge base.")
+    harmful: float = Field(0.2, ge=0, description="Share of harmful requests that should be refused politely.")
+    benign_lookalike: float = Field(
+        0.2, ge=0, description="Share of benign requests that look harmful and must not be refused."
+    )
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> CategoryWeights:
+        if sum(self.model_dump().values()) <= 0:
+            raise ValueError("at least one category weight must be > 0")
+        return self
+
+
+class FlawWeights(_Group):
+    """Relative frequency of each flaw among the demonstrator's flawed responses (where the flaw applies)."""
+
+    wrong_answer: float = Field(1.0, ge=0, description="A wrong number, fact or tip.")
+    over_refusal: float = Field(1.0, ge=0, description="Refusing a harmless request.")
+    harmful_compliance: float = Field(3.0, ge=0, description="Complying with a harmful request.")
+    rambling: float = Field(1.0, ge=0, description="Correct answer followed by filler sentences.")
+    repetition: float = Field(1.0, ge=0, description="The answer sentence repeated several times.")
+    no_ending: float = Field(1.0, ge=0, description="The response stops mid-sentence.")
+
+
+class SimConfig(_Group):
+    categories: CategoryWeights = Field(default_factory=CategoryWeights, description="Prompt category mix.")
+    num_entities: int = Field(24, ge=2, le=500, description="Fictional countries in the generated knowledge base.")
+    max_operand: int = Field(20, ge=2, le=10_000, description="Largest operand in arithmetic and word problems.")
+    flaw_prob: float = Field(
+        0.5, ge=0, le=1, description="Probability that a demonstration is flawed (noisy demonstrator)."
+    )
+    flaws: FlawWeights = Field(default_factory=FlawWeights, description="Mix of demonstrator flaws.")
+    annotator_temperature: float = Field(
+        2.0,
+        gt=0,
+        description="Bradley-Terry temperature of simulated annotators: P(a>b)=sigmoid((gold_a-gold_b)/T). "
+        "Chosen so annotator-gold agreement is about 70-75% like human labellers (paper sec. 4, Anthropic HH).",
+    )
+    max_pair_attempts: int = Field(
+        20, ge=1, description="Resamples of the second response until its gold score differs from the first."
+    )
+
+
+class DataConfig(_Group):
+    source: Literal["sim", "hh_rlhf", "jsonl"] = Field(
+        "sim", description="sim: built-in simulated assistant domain; hh_rlhf: Anthropic HH-RLHF file; jsonl."
+    )
+    seed: int = Field(1234, description="Seed of the generator and of every split shuffle.")
+    path: str | None = Field(None, description="hh_rlhf: one .jsonl or .jsonl.gz file of chosen/rejected pairs.")
+    sft_file: str | None = Field(None, description="jsonl: rows {prompt, response} for SFT (train+val).")
+    rm_file: str | None = Field(None, description="jsonl: rows {prompt, chosen, rejected} for RM (train+test).")
+    ppo_file: str | None = Field(None, description="jsonl: rows {prompt} for PPO and evaluation prompts.")
+    splits: SplitSizes = Field(
+        default_factory=SplitSizes,
+        description="Split sizes; for file sources an upper bound, scaled down together when rows run short.",
+    )
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="error: stop at the first malformed row (file:line); skip: drop and count it."
+    )
+    max_prompt_chars: int = Field(4000, ge=1, description="Rows with a longer prompt are malformed.")
+    max_response_chars: int = Field(2000, ge=1, description="Rows with a longer response are malformed.")
+    max_prompt_tokens: int = Field(96, ge=4, description="Rows whose prompt tokenises longer are malformed.")
+    max_response_tokens: int = Field(
+        80, ge=2, description="Rows whose response (+EOS) tokenises longer are malformed; also generation cap."
+    )
+    sim: SimConfig = Field(default_factory=SimConfig, description="The simulated assistant domain.")
+
+    @model_validator(mode="after")
+    def _source_files(self) -> DataConfig:
+        if self.source == "hh_rlhf" and not self.path:
+            raise ValueError("data.source=hh_rlhf needs data.path (a .jsonl or .jsonl.gz file)")
+        if self.source == "jsonl" and not (self.sft_file and self.rm_file and self.ppo_file):
+            raise ValueError("data.source=jsonl needs data.sft_file, data.rm_file and data.ppo_file")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- model
+class ModelConfig(_Group):
+    name_or_path: str | None = Field(
+        None,
+        description="A local Hugging Face causal-LM directory or hub name; unset: a tiny Llama built from the "
+        "sizes below with a BPE tokenizer trained on the prepared data.",
+    )
+    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary size (byte-level, 256 base symbols).")
+    hidden_size: int = Field(128, ge=8, description="Tiny Llama: hidden size.")
+    num_layers: int = Field(4, ge=1, description="Tiny Llama: decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Tiny Llama: attention heads (must divide hidden_size).")
+    num_kv_heads: int = Field(4, ge=1, description="Tiny Llama: key/value heads (grouped-query attention).")
+    intermediate_size: int = Field(352, ge=8, description="Tiny Llama: MLP intermediate size.")
+    max_position_embeddings: int = Field(256, ge=16, description="Tiny Llama: longest sequence.")
+    init_seed: int = Field(0, description="Seed of the tiny model's weight initialisation.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} must be divisible by model.num_kv_heads={self.num_kv_heads}"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- stages
+class OptimConfig(_Group):
+    """Shared shape of a training stage's optimisation settings."""
+
+    seed: int = Field(42, description="Seed of data order, dropout and sampling for this stage.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split (fractions allowed).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward pass on one process.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(1e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Global gradient-norm clipping; null: off.")
+    eval_every: int = Field(50, ge=1, description="Validate every N optimizer steps (and at the end).")
+
+
+class SFTConfig(OptimConfig):
+    epochs: float = Field(4.0, gt=0, description="Passes over the SFT split.")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward pass on one process.")
+    gradient_accumulation_steps: int = Field(2, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-3, gt=0, le=1, description="Peak learning rate; tiny models from scratch need ~1e-3.")
+    num_sample_generations: int = Field(
+        32, ge=0, description="Validation prompts answered greedily after training, saved as samples.jsonl."
+    )
+
+
+class RMConfig(OptimConfig):
+    """Reward-model training (paper sec. 4.1, eq. 2). Consumed by the `rm` stage."""
+
+    lr: float = Field(5e-4, gt=0, le=1, description="Peak LR (paper: 5e-6 for 7B; tiny models need more).")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Paper p.8: 10% warm-up.")
+    beta_rm: float = Field(1.0, ge=0, description="Weight of the LM loss on the chosen response (eq. 2; paper 1).")
+    margin: float = Field(0.0, ge=0, description="Margin in -log sigmoid(r_c - r_r - margin); 0: off.")
+    center_coef: float = Field(0.0, ge=0, description="Penalty on the mean squared score (reward centring).")
+
+
+class PPOConfig(_Group):
+    """Core PPO hyperparameters (paper sec. 5, App. C). The trick switches are added with the `ppo` stage."""
+
+    seed: int = Field(42, description="Seed of rollouts and minibatch order.")
+    policy_lr: float = Field(5e-7, gt=0, le=1, description="Policy learning rate (paper/code: 5e-7 for 7B).")
+    critic_lr: float = Field(1.65e-6, gt=0, le=1, description="Critic learning rate (paper: 1.65e-6).")
+    kl_coef: float = Field(0.05, ge=0, description="Token-level KL penalty eta (paper Fig. 7: 0.05).")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount (code: 1.0).")
+    lam: float = Field(0.9, ge=0, le=1, description="GAE lambda (paper App. C.3: 0.9; code: 0.95).")
+    cliprange: float = Field(0.2, gt=0, description="Policy ratio clip epsilon (paper sec. 5.3).")
+    cliprange_value: float = Field(0.2, gt=0, description="Value clip around old values (paper sec. 5.3).")
+    vf_coef: float = Field(1.0, ge=0, description="Weight of the value loss (code: 1.0).")
+    rollout_size: int = Field(128, ge=1, description="Samples per experience buffer (paper: 128).")
+    minibatch_size: int = Field(32, ge=1, description="Samples per PPO minibatch (paper: 32).")
+    epochs: int = Field(1, ge=1, description="Passes over the buffer (paper sec. 5.4: 1).")
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature (paper sec. 6.1: 0.8).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling (paper sec. 6.1: 0.9).")
+    repetition_penalty: float = Field(1.1, ge=1, description="Repetition penalty (paper sec. 6.1: 1.1).")
+
+
+class EvalConfig(_Group):
+    """Win-rate evaluation (paper sec. 6). Consumed by the `eval` stage."""
+
+    seed: int = Field(7, description="Seed of generation and bootstrap.")
+    temperature: float = Field(0.8, gt=0, description="Paper sec. 6.1: 0.8.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Paper sec. 6.1: 0.9.")
+    repetition_penalty: float = Field(1.1, ge=1, description="Paper sec. 6.1: 1.1.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Resamples for the 95% intervals.")
+
+
+class DistributedConfig(_Group):
+    engine: Literal["torch", "deepspeed"] = Field(
+        "torch", description="torch: plain single-process/DDP-free loop; deepspeed: a DeepSpeed ZeRO engine."
+    )
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend; auto: nccl on GPU, gloo on CPU."
+    )
+    bf16: bool = Field(False, description="bfloat16 mixed precision (DeepSpeed bf16 / torch autocast).")
+
+
+class TrackingConfig(_Group):
+    enabled: bool = Field(True, description="Log to MLflow.")
+    uri: str = Field(
+        "sqlite:///mlflow.db", description="MLflow tracking URI; default: a local SQLite store, no server."
+    )
+    experiment: str = Field("rlhf-ppo-max", min_length=1, description="MLflow experiment name.")
+
+
+class PathsConfig(_Group):
+    data: str = Field("outputs/data", description="prepare: splits/, tokenizer/, stats.json, config.yaml.")
+    sft: str = Field("outputs/sft", description="sft: model/, metrics.json, plots/, samples.jsonl, config.yaml.")
+    rm: str = Field("outputs/rm", description="rm: reward model directory and metrics.")
+    rm_eval: str = Field("outputs/rm_eval", description="rm-eval: metrics and plots.")
+    ppo: str = Field("outputs/ppo", description="ppo: policy, checkpoints and metrics.")
+    eval: str = Field("outputs/eval", description="eval: win rates and plots.")
+
+
+class Config(_Group):
+    data: DataConfig = Field(default_factory=DataConfig, description="Data preparation.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model and tokenizer.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning.")
+    rm: RMConfig = Field(default_factory=RMConfig, description="Reward model.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO-max.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Win-rate evaluation.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Training engine.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    paths: PathsConfig = Field(default_factory=PathsConfig, description="Stage output directories.")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: '{'.'.join(keys[: depth + 1])}' is a value, not a group")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'sft.lr=3e-4'`` -> ``('sft.lr', 0.0003)``; the value is read as YAML (numbers, bools, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected group.key=value, e.g. --set sft.lr=3e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or "." not in key:
+        raise ConfigError(f"--set {text!r}: the key must name a group and a field, e.g. sft.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    for key in path:
+        field = model.model_fields.get(key)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def _format_validation_error(err: ValidationError, tree: dict, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        loc = tuple(str(p) for p in item["loc"])
+        key = ".".join(loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(Config, loc[:-1]))
+            lines.append(f"{source}: unknown key '{key}'; allowed here: {allowed}")
+            continue
+        bad = item.get("input")
+        msg = item["msg"].removeprefix("Value error, ")
+        if isinstance(bad, dict):
+            lines.append(f"{source}: {key}: {msg}")
+        else:
+            lines.append(f"{source}: {key} = {bad!r}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(params_file: str | Path | None = "params.yaml", overrides: list[str] | tuple = ()) -> Config:
+    """Read ``params_file`` (None: the built-in defaults), apply ``group.key=value`` overrides, validate."""
+    tree: dict = {}
+    source = "defaults"
+    if params_file is not None:
+        path = Path(params_file)
+        if not path.is_file():
+            raise ConfigError(f"params file not found: {path} (pass --params FILE)")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of groups at the top level")
+        source = str(path)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, f"--set {text}")
+    if overrides:
+        source = f"{source} + --set"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, tree, source)) from None
+
+
+def config_to_dict(config: Config) -> dict:
+    return config.model_dump(mode="json")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    from rlhf_core.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{'sft': {'lr': 1}}`` -> ``{'sft.lr': 1}`` (for MLflow params and comparisons)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def steps_for(num_examples: int, optim: OptimConfig, world_size: int) -> tuple[int, int]:
+    """(global batch size, optimizer steps) for a split: exact division, or a clear error."""
+    global_batch = optim.micro_batch_size * optim.gradient_accumulation_steps * world_size
+    if num_examples < global_batch:
+        raise ConfigError(
+            f"the split has {num_examples} examples but one optimizer step needs a global batch of "
+            f"{global_batch} (micro_batch_size {optim.micro_batch_size} x gradient_accumulation_steps "
+            f"{optim.gradient_accumulation_steps} x {world_size} processes); lower the batch or add data"
+        )
+    if optim.max_steps is not None:
+        return global_batch, optim.max_steps
+    return global_batch, max(1, math.floor(num_examples * optim.epochs / global_batch))

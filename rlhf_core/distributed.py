@@ -1,0 +1,256 @@
+"""The only module that knows DeepSpeed and torch.distributed.
+
+- :func:`setup` starts (or joins) the process group and returns a :class:`DistContext` (rank, world, device);
+- :func:`seed_everything` seeds python, numpy and torch the same way on every rank;
+- :func:`make_engine` wraps a model + optimizer + schedule as a plain-torch loop or a DeepSpeed ZeRO engine
+  behind one small interface (``backward``, ``step``, ``module``), so trainers never branch on the engine;
+- :func:`all_reduce_sum` sums a tensor over ranks (global token counts, metrics).
+
+On CPU DeepSpeed uses gloo. Its shared-memory collective and FusedAdam are C++ ops that JIT-compile for about a
+minute on each fresh machine; we switch the first off and pass a ``torch.optim.AdamW`` as the client optimizer
+so nothing compiles (results are identical).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rlhf_core.config import DistributedConfig, OptimConfig
+from rlhf_core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    engine: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _backend(cfg: DistributedConfig) -> str:
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def setup(cfg: DistributedConfig) -> DistContext:
+    """Join the process group started by ``torchrun`` (or start a one-process group for DeepSpeed)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and cfg.engine != "deepspeed":
+        raise ConfigError(
+            f"distributed.engine=torch runs in one process but WORLD_SIZE={world_size}; "
+            "use --set distributed.engine=deepspeed with torchrun"
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if cfg.engine == "deepspeed":
+        # DeepSpeed always needs a process group, even for one process.
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        deepspeed = _import_deepspeed()
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend=_backend(cfg), verbose=False)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, engine=cfg.engine)
+
+
+def shutdown() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _import_deepspeed():
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # plain gloo; no 40 s C++ build
+    return deepspeed
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: data order is sharded explicitly, so ranks must agree on it."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy; the input is not modified). Identity in a single process."""
+    out = tensor.detach().clone()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+    return out
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+# ------------------------------------------------------------------------------------------- engines
+class TorchEngine:
+    """Plain single-process loop with the same stepping contract as a DeepSpeed engine."""
+
+    def __init__(self, model, optimizer, scheduler, optim: OptimConfig, bf16: bool, device: torch.device):
+        self.module = model.to(device)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.accumulation = optim.gradient_accumulation_steps
+        self.max_grad_norm = optim.max_grad_norm
+        self.bf16 = bf16
+        self.device = device
+        self._micro = 0
+        self.last_grad_norm: float | None = None
+
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def forward(self, **batch):
+        return self.module(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accumulation).backward()
+
+    def step(self) -> bool:
+        """Count a micro-batch; at the accumulation boundary clip, step and schedule. True if it stepped."""
+        self._micro += 1
+        if self._micro % self.accumulation:
+            return False
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.max_grad_norm is not None:
+            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        else:
+            self.last_grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def unwrapped(self):
+        return self.module
+
+
+class DeepSpeedEngine:
+    """A DeepSpeed ZeRO engine behind the TorchEngine interface."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.module = engine.module
+        self.device = engine.device
+        self.last_grad_norm: float | None = None
+
+    def autocast(self):
+        return contextlib.nullcontext()  # DeepSpeed casts the model itself when bf16 is on
+
+    def forward(self, **batch):
+        return self.engine(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
+
+    def step(self) -> bool:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if boundary:
+            norm = self.engine.get_global_grad_norm()
+            self.last_grad_norm = None if norm is None else float(norm)
+        return boundary
+
+    def current_lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def unwrapped(self):
+        return self.engine.module
+
+
+def deepspeed_config(optim: OptimConfig, cfg: DistributedConfig, world_size: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": optim.micro_batch_size,
+        "gradient_accumulation_steps": optim.gradient_accumulation_steps,
+        "train_batch_size": optim.micro_batch_size * optim.gradient_accumulation_steps * world_size,
+        "gradient_clipping": optim.max_grad_norm or 0.0,
+        "zero_optimization": {
+            "stage": cfg.zero_stage,
+            # ZeRO-3 shards parameters; gather them whole when the model is saved.
+            **({"stage3_gather_16bit_weights_on_model_save": True} if cfg.zero_stage == 3 else {}),
+        },
+        "bf16": {"enabled": cfg.bf16},
+        "zero_allow_untested_optimizer": True,  # our client torch.optim.AdamW
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def make_engine(model, optim: OptimConfig, total_steps: int, ctx: DistContext, cfg: DistributedConfig):
+    """AdamW + warm-up/decay schedule + the configured engine around ``model``."""
+    from rlhf_core.algos.schedules import lr_multiplier
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(
+        groups, lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps
+    )
+    warmup = round(optim.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(step, total_steps, warmup, optim.lr_schedule, optim.min_lr_ratio),
+    )
+    if ctx.engine == "torch":
+        return TorchEngine(model, optimizer, scheduler, optim, cfg.bf16, ctx.device)
+    deepspeed = _import_deepspeed()
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(optim, cfg, ctx.world_size),
+    )
+    return DeepSpeedEngine(engine)
+
+
+def gather_full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights on rank 0, None elsewhere. Every rank must call it (ZeRO-3 gathers shards)."""
+    if isinstance(engine, DeepSpeedEngine) and engine.engine.zero_optimization_stage() == 3:
+        state = engine.engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.unwrapped().state_dict()
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return None
+    return {name: tensor.detach().float().cpu() for name, tensor in state.items()}

@@ -1,0 +1,66 @@
+"""Policies: the tiny built-in Llama, or any Hugging Face causal LM; saved in safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhf_core.config import ModelConfig
+from rlhf_core.errors import RLHFError
+from rlhf_core.io import atomic_directory
+
+
+def build_tiny_llama(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
+    """A small Llama-architecture causal LM from the sizes in params, seeded by ``model.init_seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attention_dropout=0.0,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.init_seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def load_causal_lm(name_or_path: str | Path, tokenizer=None) -> torch.nn.Module:
+    """Load a Hugging Face causal LM; embeddings grow when the tokenizer gained tokens (a pad token)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise RLHFError(f"cannot load a causal LM from {name_or_path}: {exc}") from None
+    if tokenizer is not None:
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def initial_policy(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
+    """The model SFT starts from: the tiny Llama, or ``model.name_or_path``."""
+    if cfg.name_or_path is None:
+        return build_tiny_llama(cfg, tokenizer)
+    return load_causal_lm(cfg.name_or_path, tokenizer)
+
+
+def save_causal_lm(model: torch.nn.Module, tokenizer, path: str | Path) -> None:
+    """Write a directory ``AutoModelForCausalLM.from_pretrained`` loads (safetensors + config + tokenizer),
+    atomically: a temporary sibling directory renamed into place."""
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)

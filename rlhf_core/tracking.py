@@ -1,0 +1,174 @@
+"""Experiment tracking: the logger protocol trainers receive, its MLflow and null implementations, and the
+run lifecycle (one parent run per pipeline run, one nested run per stage).
+
+Trainers never open runs themselves: the CLI, the Prefect tasks and the tests open them here and inject a
+logger. Ranks other than 0 get a :class:`NullLogger`. We talk to MLflow through ``MlflowClient`` with explicit
+run ids rather than the global "active run", so concurrent Prefect tasks cannot log into each other's runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from rlhf_core.config import Config, config_to_dict, flatten
+
+PARENT_RUN_ENV = "RLHF_MLFLOW_PARENT_RUN_ID"
+
+
+class Logger(Protocol):
+    run_id: str | None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_params(self, params: dict) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+
+class NullLogger:
+    """Logs nothing (tracking disabled, or a rank other than 0)."""
+
+    run_id = None
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_params(self, params):
+        pass
+
+    def log_artifact(self, path, artifact_path=None):
+        pass
+
+    def set_tags(self, tags):
+        pass
+
+
+class MLflowLogger:
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key, float(value), now, step or 0)
+            for key, value in metrics.items()
+            if value is not None and math.isfinite(float(value))
+        ]
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.is_file():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _client(config: Config):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
+    )
+    return client, experiment_id
+
+
+def _base_tags(config: Config) -> dict[str, str]:
+    return {
+        "git_commit": git_commit(),
+        "data.source": config.data.source,
+        "data.seed": str(config.data.seed),
+        "distributed.engine": config.distributed.engine,
+    }
+
+
+@contextlib.contextmanager
+def _run(config: Config, name: str, tags: dict[str, str]) -> Iterator[MLflowLogger]:
+    client, experiment_id = _client(config)
+    run = client.create_run(experiment_id, run_name=name, tags={**_base_tags(config), **tags})
+    logger = MLflowLogger(client, run.info.run_id)
+    try:
+        yield logger
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+@contextlib.contextmanager
+def pipeline_run(config: Config, name: str = "pipeline") -> Iterator[Logger]:
+    """The parent run of one pipeline run; stage runs opened inside nest under it."""
+    if not config.tracking.enabled:
+        yield NullLogger()
+        return
+    with _run(config, name, {"kind": "pipeline"}) as logger:
+        logger.log_params(flatten(config_to_dict(config)))
+        previous = os.environ.get(PARENT_RUN_ENV)
+        os.environ[PARENT_RUN_ENV] = logger.run_id
+        try:
+            yield logger
+        finally:
+            if previous is None:
+                os.environ.pop(PARENT_RUN_ENV, None)
+            else:
+                os.environ[PARENT_RUN_ENV] = previous
+
+
+@contextlib.contextmanager
+def stage_run(config: Config, stage: str, is_main: bool = True, parent_run_id: str | None = None):
+    """A run for one stage, nested under ``parent_run_id`` (default: the pipeline run of this process)."""
+    if not config.tracking.enabled or not is_main:
+        yield NullLogger()
+        return
+    parent = parent_run_id or os.environ.get(PARENT_RUN_ENV)
+    tags = {"kind": "stage", "stage": stage}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    with _run(config, stage, tags) as logger:
+        logger.log_params(flatten(config_to_dict(config)))
+        yield logger
+
+
+def describe_location(config: Config, logger: Logger) -> str:
+    """One line telling the user where to find the run."""
+    if logger.run_id is None:
+        return "MLflow: tracking disabled"
+    return (
+        f"MLflow run {logger.run_id} in experiment '{config.tracking.experiment}' at {config.tracking.uri} "
+        f"(browse: mlflow ui --backend-store-uri {config.tracking.uri} --host 127.0.0.1)"
+    )

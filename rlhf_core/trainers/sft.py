@@ -1,0 +1,206 @@
+"""The `sft` stage: supervised fine-tuning of the policy on demonstrations (loss on response tokens only).
+
+Outputs under ``paths.sft``: ``model/`` (a Hugging Face directory ``AutoModelForCausalLM`` loads),
+``metrics.json`` (DVC metrics), ``plots/`` (loss curves as CSV for DVC and a PNG), ``samples.jsonl`` (greedy
+answers to validation prompts) and the resolved ``config.yaml``.
+
+Data-parallel contract: every rank draws the same shuffled order; one optimizer step consumes a global batch of
+``micro_batch_size x gradient_accumulation_steps x world_size`` examples, and rank r takes its own
+``gradient_accumulation_steps`` micro-batches of it. The loss is normalised by the response-token count of the
+whole global batch, so 2 processes x 1 micro-batch reproduce 1 process x 2 micro-batches (a test).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rlhf_core import distributed
+from rlhf_core.algos.sft import sft_loss
+from rlhf_core.config import Config, save_config, steps_for
+from rlhf_core.data.rows import load_split
+from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response, left_pad
+from rlhf_core.io import atomic_directory, atomic_write_json, atomic_write_jsonl
+from rlhf_core.models.causal_lm import initial_policy, load_causal_lm
+from rlhf_core.models.tokenizer import load_tokenizer
+from rlhf_core.plots import write_curves
+from rlhf_core.tracking import Logger, NullLogger
+
+
+@dataclass(frozen=True)
+class SFTResult:
+    output_dir: Path
+    model_dir: Path
+    metrics_path: Path
+    metrics: dict
+    history: list[dict]
+
+    def artifacts(self) -> dict[str, str]:
+        return {"model": str(self.model_dir), "metrics": str(self.metrics_path)}
+
+
+def _encode(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+    return [(encode_query(tokenizer, r["prompt"]), encode_response(tokenizer, r["response"])) for r in rows]
+
+
+def _global_order(num_examples: int, total_needed: int, seed: int) -> list[int]:
+    """Concatenated per-epoch permutations, identical on every rank."""
+    order: list[int] = []
+    epoch = 0
+    while len(order) < total_needed:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order.extend(torch.randperm(num_examples, generator=generator).tolist())
+        epoch += 1
+    return order[:total_needed]
+
+
+@torch.no_grad()
+def evaluate_loss(engine, examples, micro_batch_size: int, pad_id: int, ctx) -> float:
+    """Token-mean response NLL over ``examples`` (sharded over ranks, summed globally)."""
+    engine.module.eval()
+    nll_sum = torch.zeros((), dtype=torch.float64)
+    tokens = torch.zeros((), dtype=torch.float64)
+    shard = examples[ctx.rank :: ctx.world_size]
+    for start in range(0, len(shard), micro_batch_size):
+        batch = {k: v.to(engine.device) for k, v in collate_sft(shard[start : start + micro_batch_size], pad_id).items()}
+        with engine.autocast():
+            logits = engine.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        _, stats = sft_loss(logits, batch["labels"])
+        nll_sum += stats["nll_sum"].double().cpu()
+        tokens += stats["tokens"].double().cpu()
+    engine.module.train()
+    return float(distributed.all_reduce_sum(nll_sum) / distributed.all_reduce_sum(tokens))
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    model.eval()
+    responses = []
+    for start in range(0, len(prompts), batch_size):
+        queries = [encode_query(tokenizer, p) for p in prompts[start : start + batch_size]]
+        input_ids, attention_mask = left_pad(queries, tokenizer.pad_token_id)
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        responses += tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+    return [r.strip() for r in responses]
+
+
+def _sample_generations(config: Config, model_dir: Path, tokenizer, val_rows: list[dict]) -> tuple[list, dict]:
+    """Greedy answers of the saved policy to validation prompts; gold-judged on the simulated domain."""
+    rows = val_rows[: config.sft.num_sample_generations]
+    if not rows:
+        return [], {}
+    model = load_causal_lm(model_dir)
+    responses = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], config.data.max_response_tokens)
+    samples = [
+        {"prompt": r["prompt"], "response": resp, "reference": r["response"], **({"category": r["category"]} if "category" in r else {})}
+        for r, resp in zip(rows, responses, strict=True)
+    ]
+    metrics = {}
+    if config.data.source == "sim":
+        # Evaluation only: the gold judge scores what the policy wrote; nothing flows back into training.
+        from rlhf_core.data.judge import GoldJudge
+        from rlhf_core.data.sources import build_world
+
+        judge = GoldJudge(build_world(config.data))
+        verdicts = [judge.judge(s["prompt"], s["response"]) for s in samples]
+        for sample, verdict in zip(samples, verdicts, strict=True):
+            sample["gold_score"], sample["gold_outcome"] = verdict.score, verdict.outcome
+        metrics["sft/sample_gold_score"] = sum(v.score for v in verdicts) / len(verdicts)
+        metrics["sft/sample_flawless_rate"] = sum(v.flawless for v in verdicts) / len(verdicts)
+    return samples, metrics
+
+
+def train_sft(config: Config, logger: Logger | None = None) -> SFTResult:
+    """Fine-tune the initial policy on ``sft_train``; validate on ``sft_val``; save the policy."""
+    logger = logger or NullLogger()
+    started = time.time()
+    ctx = distributed.setup(config.distributed)
+    distributed.seed_everything(config.sft.seed)
+    opt = config.sft
+    data_dir, out = Path(config.paths.data), Path(config.paths.sft)
+    tokenizer = load_tokenizer(data_dir / "tokenizer")
+    train_rows = load_split(data_dir, "sft_train", config.data)
+    val_rows = load_split(data_dir, "sft_val", config.data)
+    train, val = _encode(tokenizer, train_rows), _encode(tokenizer, val_rows)
+    global_batch, total_steps = steps_for(len(train), opt, ctx.world_size)
+
+    model = initial_policy(config.model, tokenizer)
+    engine = distributed.make_engine(model, opt, total_steps, ctx, config.distributed)
+    order = _global_order(len(train), total_steps * global_batch, opt.seed)
+    pad_id = tokenizer.pad_token_id
+    accum, micro = opt.gradient_accumulation_steps, opt.micro_batch_size
+
+    history: list[dict] = []
+    val_history: list[dict] = []
+    progress = tqdm(range(total_steps), desc="sft", disable=not ctx.is_main, dynamic_ncols=True, mininterval=2.0)
+    for step in progress:
+        batch_ids = order[step * global_batch : (step + 1) * global_batch]
+        mine = batch_ids[ctx.rank * accum * micro : (ctx.rank + 1) * accum * micro]
+        micro_batches = [collate_sft([train[i] for i in mine[j : j + micro]], pad_id) for j in range(0, len(mine), micro)]
+        local_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
+        global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))
+        # Scaled so that after the engine divides by `accum` and averages over ranks, the gradient is that of
+        # the token mean over the whole global batch.
+        normaliser = global_tokens / (accum * ctx.world_size)
+        nll_sum = torch.zeros(())
+        for mb in micro_batches:
+            mb = {k: v.to(engine.device) for k, v in mb.items()}
+            with engine.autocast():
+                logits = engine.forward(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+            loss, stats = sft_loss(logits, mb["labels"], normaliser=normaliser)
+            engine.backward(loss)
+            engine.step()
+            nll_sum += stats["nll_sum"].float().cpu()
+        train_loss = float(distributed.all_reduce_sum(nll_sum)) / global_tokens
+        record = {"step": step + 1, "sft/loss": train_loss, "sft/lr": engine.current_lr(), "sft/tokens": global_tokens}
+        if engine.last_grad_norm is not None:
+            record["sft/grad_norm"] = engine.last_grad_norm
+        history.append(record)
+        logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
+        if (step + 1) % opt.eval_every == 0 or step + 1 == total_steps:
+            val_loss = evaluate_loss(engine, val, micro, pad_id, ctx)
+            val_record = {"step": step + 1, "sft/val_loss": val_loss, "sft/ppl": float(torch.exp(torch.tensor(val_loss)))}
+            val_history.append(val_record)
+            logger.log_metrics({k: v for k, v in val_record.items() if k != "step"}, step=step + 1)
+            progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+
+    state = distributed.gather_full_state_dict(engine)
+    model_dir = out / "model"
+    metrics: dict = {}
+    if ctx.is_main:
+        with atomic_directory(model_dir) as tmp:
+            engine.unwrapped().save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        samples, sample_metrics = _sample_generations(config, model_dir, tokenizer, val_rows)
+        tail = history[-min(10, len(history)) :]
+        metrics = {
+            "sft/loss": sum(r["sft/loss"] for r in tail) / len(tail),
+            "sft/val_loss": val_history[-1]["sft/val_loss"],
+            "sft/ppl": val_history[-1]["sft/ppl"],
+            "sft/steps": total_steps,
+            "sft/global_batch": global_batch,
+            "sft/train_examples": len(train),
+            "sft/seconds": round(time.time() - started, 2),
+            **sample_metrics,
+        }
+        atomic_write_jsonl(out / "samples.jsonl", samples)
+        atomic_write_json(out / "metrics.json", metrics)
+        save_config(config, out / "config.yaml")
+        write_curves(out / "plots", "sft", history, val_history, ["sft/loss"], ["sft/val_loss"])
+        logger.log_metrics({k: v for k, v in metrics.items() if k.startswith("sft/sample")})
+        for name in ("metrics.json", "samples.jsonl", "config.yaml", "plots"):
+            logger.log_artifact(out / name, None if name != "plots" else "plots")
+    distributed.barrier()
+    return SFTResult(out, model_dir, out / "metrics.json", metrics, history)
+

@@ -1,0 +1,22 @@
+"""One Prefect task per stage. Retries stay off: a training stage is not idempotent mid-way (issue 5 adds
+skipping of unchanged stages)."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from rlhf_core.config import Config
+from rlhf_core.pipeline import run_stage
+
+
+@task(name="prepare", retries=0)
+def prepare_task(config: Config, parent_run_id: str | None = None) -> dict[str, str]:
+    return run_stage("prepare", config, parent_run_id)
+
+
+@task(name="sft", retries=0)
+def sft_task(config: Config, parent_run_id: str | None = None) -> dict[str, str]:
+    return run_stage("sft", config, parent_run_id)
+
+
+STAGE_TASKS = {"prepare": prepare_task, "sft": sft_task}
