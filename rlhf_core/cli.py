@@ -47,6 +47,10 @@ def _run_single(stage: str, params: Path, overrides: list[str] | None) -> None:
     except RLHFError as exc:
         _fail(exc)
         return
+    finally:
+        from rlhf_core import distributed
+
+        distributed.shutdown()
     _print_artifacts(stage, artifacts, config)
 
 

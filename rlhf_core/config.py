@@ -7,6 +7,7 @@ one :class:`ConfigError` line naming the key, the bad value and what is allowed,
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -276,6 +277,10 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):
+        # YAML 1.1 reads "3e-4" (no dot) as a string; users mean a number.
+        with contextlib.suppress(ValueError):
+            value = float(value)
     return key, value
 
 

@@ -1,0 +1,72 @@
+"""Shared test setup: offline, project-local state, and a tiny configuration every stage runs in seconds."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports prefect, mlflow or transformers.
+_STATE = Path(tempfile.mkdtemp(prefix="rlhf-tests-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_HH = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+# A tiny model and data set: the whole prepare + SFT path in a few seconds on 2 CPU cores.
+TINY = [
+    "data.splits.sft_train=64",
+    "data.splits.sft_val=16",
+    "data.splits.rm_train=32",
+    "data.splits.rm_test=16",
+    "data.splits.ppo=16",
+    "data.splits.eval=16",
+    "data.max_response_tokens=128",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=2",
+    "model.intermediate_size=64",
+    "sft.max_steps=8",
+    "sft.micro_batch_size=4",
+    "sft.gradient_accumulation_steps=2",
+    "sft.eval_every=4",
+    "sft.num_sample_generations=4",
+    "sft.lr=3e-3",
+    "sft.warmup_ratio=0.0",
+]
+
+
+def tiny_overrides(root: Path, tracking: bool = False) -> list[str]:
+    """TINY plus output paths under ``root`` and (optionally) an MLflow SQLite store there."""
+    paths = [f"paths.{name}={root / name}" for name in ("data", "sft", "rm", "rm_eval", "ppo", "eval")]
+    track = [f"tracking.enabled={str(tracking).lower()}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}"]
+    return [*TINY, *paths, *track]
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    from rlhf_core.config import load_config
+
+    return load_config(None, tiny_overrides(tmp_path))
+
+
+@pytest.fixture(scope="session")
+def prepared_tiny(tmp_path_factory):
+    """Data prepared once for the tiny configuration: (root, config)."""
+    from rlhf_core.config import load_config
+    from rlhf_core.data.prepare import prepare_data
+
+    root = tmp_path_factory.mktemp("prepared")
+    config = load_config(None, tiny_overrides(root))
+    prepare_data(config)
+    return root, config

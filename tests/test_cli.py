@@ -1,0 +1,49 @@
+"""The `rlhf` command: one-line actionable errors and exit codes, before any work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def _rlhf(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_core.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_bad_config_is_one_line_naming_key_value_and_range(tmp_path):
+    proc = _rlhf("prepare", "--set", "sft.lr=-1", "--set", f"paths.data={tmp_path / 'data'}")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "sft.lr = -1" in lines[0] and "greater than 0" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists(), "nothing may be written before validation passes"
+
+
+def test_bad_data_names_file_and_line(tmp_path):
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text('{"prompt": "hi", "response": "hello"}\n{"prompt": "hi again"}\n')
+    proc = _rlhf(
+        "prepare",
+        "--set", "data.source=jsonl",
+        "--set", f"data.sft_file={sft}",
+        "--set", f"data.rm_file={tmp_path / 'rm.jsonl'}",
+        "--set", f"data.ppo_file={tmp_path / 'ppo.jsonl'}",
+        "--set", f"paths.data={tmp_path / 'data'}",
+        "--set", "tracking.enabled=false",
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert f"{sft}:2: missing field 'response'" in proc.stderr
+    assert "data.on_bad_rows=skip" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_lists_the_stages():
+    proc = _rlhf("--help")
+    assert proc.returncode == 0
+    for command in ("prepare", "sft", "run"):
+        assert command in proc.stdout

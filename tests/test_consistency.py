@@ -1,0 +1,64 @@
+"""dvc.yaml, the Prefect flow, the stage list and the configured paths agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from flows.rlhf import FLOW_STAGES
+from rlhf_core.config import Config
+from rlhf_core.pipeline import STAGES, stage_output_dir
+from tests.conftest import REPO
+
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def _paths(entries) -> list[str]:
+    return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
+
+
+def test_same_stages_in_the_same_order_everywhere():
+    assert list(DVC) == list(STAGES) == list(FLOW_STAGES)
+
+
+def test_dvc_commands_call_the_cli_stage():
+    for stage, spec in DVC.items():
+        assert spec["cmd"] == f"rlhf {stage}"
+
+
+def test_dvc_outputs_live_under_the_configured_stage_directory():
+    config = Config()
+    for stage, spec in DVC.items():
+        root = Path(stage_output_dir(config, stage))
+        produced = _paths(spec.get("outs")) + _paths(spec.get("metrics")) + _paths(spec.get("plots"))
+        assert produced, stage
+        for path in produced:
+            assert Path(path).is_relative_to(root), f"{stage}: {path} is outside {root}"
+        assert f"{root}/config.yaml" in produced, f"{stage} must keep its resolved config"
+
+
+def test_dvc_dependencies_exist_or_come_from_an_earlier_stage():
+    earlier_outputs: list[str] = []
+    for stage, spec in DVC.items():
+        for dep in spec.get("deps", []):
+            from_stage = any(Path(dep).is_relative_to(out) for out in earlier_outputs)
+            assert from_stage or (REPO / dep).exists(), f"{stage}: dependency {dep} is neither code nor an output"
+        earlier_outputs += _paths(spec.get("outs"))
+
+
+def test_dvc_params_name_real_config_fields():
+    tree = Config().model_dump()
+    for stage, spec in DVC.items():
+        for key in spec.get("params", []):
+            node = tree
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{stage}: params key {key} is not in the config"
+                node = node[part]
+        assert "tracking" not in spec.get("params", []), "tracking does not change outputs"
+
+
+def test_sft_declares_the_code_it_imports():
+    deps = DVC["sft"]["deps"]
+    for module in ("rlhf_core/trainers/sft.py", "rlhf_core/algos", "rlhf_core/distributed.py", "rlhf_core/models"):
+        assert module in deps

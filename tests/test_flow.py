@@ -1,0 +1,52 @@
+"""The Prefect flow runs prepare and SFT under one parent MLflow run with a nested run per stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.mark.slow
+def test_flow_runs_all_stages_with_nested_mlflow_runs(prefect_harness, tmp_path):
+    from mlflow import MlflowClient
+
+    from flows.rlhf import FLOW_STAGES, rlhf
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"sft": {"num_sample_generations": 2}}))
+    overrides = [*tiny_overrides(tmp_path, tracking=True), "sft.max_steps=4"]
+    outputs = rlhf(params_file=str(params), overrides=overrides)
+
+    assert list(outputs) == list(FLOW_STAGES) == ["prepare", "sft"]
+    assert (tmp_path / "data" / "splits" / "sft_train.jsonl").is_file()
+    assert outputs["sft"]["model"] == str(tmp_path / "sft" / "model")
+    assert json.loads((tmp_path / "sft" / "metrics.json").read_text())["sft/steps"] == 4
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("rlhf-ppo-max")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
+    assert len(parents) == 1
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == {"prepare", "sft"}
+    sft_run = children["sft"]
+    assert sft_run.info.status == "FINISHED"
+    assert sft_run.data.params["sft.max_steps"] == "4"
+    assert "sft/loss" in sft_run.data.metrics and "sft/ppl" in sft_run.data.metrics
+    history = client.get_metric_history(sft_run.info.run_id, "sft/loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    artifacts = {a.path for a in client.list_artifacts(sft_run.info.run_id)}
+    assert {"metrics.json", "samples.jsonl", "config.yaml", "plots"} <= artifacts
+    assert outputs["sft"]["mlflow_run_id"] == sft_run.info.run_id
