@@ -7,7 +7,6 @@ one :class:`ConfigError` line naming the key, the bad value and what is allowed,
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -76,6 +75,16 @@ class SimConfig(_Group):
     max_pair_attempts: int = Field(
         20, ge=1, description="Resamples of the second response until its gold score differs from the first."
     )
+
+    @model_validator(mode="after")
+    def _pairs_possible(self) -> SimConfig:
+        # Flawless responses all score the same, so preference pairs need flawed ones.
+        if self.flaw_prob == 0 or sum(self.flaws.model_dump().values()) == 0:
+            raise ValueError(
+                "preference pairs need flawed responses: data.sim.flaw_prob and at least one data.sim.flaws "
+                "weight must be > 0"
+            )
+        return self
 
 
 class DataConfig(_Group):
@@ -277,10 +286,6 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str):
-        # YAML 1.1 reads "3e-4" (no dot) as a string; users mean a number.
-        with contextlib.suppress(ValueError):
-            value = float(value)
     return key, value
 
 

@@ -31,7 +31,8 @@ def test_every_field_has_a_description():
 
 
 def test_overrides_are_parsed_as_yaml_values():
-    assert parse_override("sft.lr=3e-4") == ("sft.lr", 3e-4)
+    assert parse_override("sft.lr=3.0e-4") == ("sft.lr", 3e-4)
+    assert parse_override("tracking.experiment=1e3") == ("tracking.experiment", "1e3")  # strings stay strings
     assert parse_override("tracking.enabled=false") == ("tracking.enabled", False)
     assert parse_override("model.name_or_path=null") == ("model.name_or_path", None)
     config = load_config(None, ["sft.lr=3e-4", "data.sim.flaws.rambling=2", "distributed.engine=deepspeed"])
@@ -52,6 +53,7 @@ def test_overrides_are_parsed_as_yaml_values():
         ("model.num_heads=3", ["model.hidden_size=128", "model.num_heads=3"]),
         ("data.source=hh_rlhf", ["data.path"]),
         ("sft.epochs=abc", ["sft.epochs", "'abc'", "number"]),
+        ("data.sim.flaw_prob=0", ["data.sim", "flawed responses"]),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override, expected):

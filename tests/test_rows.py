@@ -1,4 +1,4 @@
-"""Row validation with file:line errors, HH-RLHF parsing, partitioning and the prepare stage on file sources."""
+"""Row validation with file:line errors, HH-RLHF parsing, partitioning, and prepare on file sources."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from rlhf_core.data.sources import SPLITS, partition, read_hh_rlhf, split_transc
 from rlhf_core.errors import DataError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-HH_SMALL = FIXTURES / "hh_small.jsonl"  # 15 lines: 12 pairs, differing histories on lines 6 and 10, line 8 blank
+# 15 lines: 12 pairs, transcripts whose histories differ on lines 6 and 10, line 8 blank
+HH_SMALL = FIXTURES / "hh_small.jsonl"
 HH_SHARED = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
 HINT = " (fix the row, or set data.on_bad_rows=skip to drop such rows)"
 
@@ -50,8 +51,10 @@ BAD_ROWS = [
      "over-long field 'prompt': 11 characters > data.max_prompt_chars=10"),
     ("sft", '{"prompt": "Hi", "response": "123456789012345678901"}',
      "over-long field 'response': 21 characters > data.max_response_chars=20"),
-    ("rm", '{"prompt": "Hi", "chosen": "Hello."}', "missing field 'rejected' (a rm row needs prompt, chosen, rejected)"),
-    ("rm", '{"prompt": "Hi", "chosen": "Hello.", "rejected": "  Hello. "}', "identical chosen and rejected responses"),
+    ("rm", '{"prompt": "Hi", "chosen": "Hello."}',
+     "missing field 'rejected' (a rm row needs prompt, chosen, rejected)"),
+    ("rm", '{"prompt": "Hi", "chosen": "Hello.", "rejected": "  Hello. "}',
+     "identical chosen and rejected responses"),
     ("rm", '{"prompt": "Hi", "chosen": "Hello.", "rejected": "123456789012345678901"}',
      "over-long field 'rejected': 21 characters > data.max_response_chars=20"),
     ("prompt", '{"text": "Hi"}', "missing field 'prompt' (a prompt row needs prompt)"),
@@ -66,7 +69,9 @@ GOOD = {
 @pytest.mark.parametrize(("kind", "line", "reason"), BAD_ROWS)
 def test_each_bad_row_stops_with_file_and_line(tmp_path, kind, line, reason):
     # line 1 good, line 2 empty, line 3 whitespace only, line 4 bad, line 5 good
-    path = write_lines(tmp_path / "rows.jsonl", [json.dumps(GOOD[kind]), "", "   \t", line, json.dumps(GOOD[kind])])
+    path = write_lines(
+        tmp_path / "rows.jsonl", [json.dumps(GOOD[kind]), "", "   \t", line, json.dumps(GOOD[kind])]
+    )
     with pytest.raises(DataError) as info:
         read_rows(path, kind, CFG, BadRowLog("error"))
     message = str(info.value)
@@ -203,7 +208,9 @@ def test_load_split_reads_prepared_splits_and_fails_clearly(tmp_path):
     write_lines(splits / "ppo.jsonl", ["", "  "])
     with pytest.raises(DataError, match=re.escape(f"{splits / 'ppo.jsonl'}: the split 'ppo' is empty")):
         load_split(tmp_path, "ppo", DataConfig())
-    rm = write_lines(splits / "rm_test.jsonl", [json.dumps(GOOD["rm"]), json.dumps({**GOOD["rm"], "rejected": "Hello."})])
+    rm = write_lines(
+        splits / "rm_test.jsonl", [json.dumps(GOOD["rm"]), json.dumps({**GOOD["rm"], "rejected": "Hello."})]
+    )
     with pytest.raises(DataError, match=re.escape(f"{rm}:2: identical chosen and rejected responses")):
         load_split(tmp_path, "rm_test", DataConfig())
     write_rows(splits / "eval.jsonl", [{"prompt": "A?"}, {"prompt": "B?", "category": "facts"}])
@@ -226,7 +233,10 @@ def test_split_transcript_multi_turn():
     # the leading blank line is optional; surrounding whitespace of the response is dropped
     assert split_transcript("Human: Hi.\n\nAssistant:   Hello.  \n") == ("Human: Hi.", "Hello.")
     # the response may itself span lines
-    assert split_transcript("\n\nHuman: List two.\n\nAssistant: One.\nTwo.") == ("Human: List two.", "One.\nTwo.")
+    assert split_transcript("\n\nHuman: List two.\n\nAssistant: One.\nTwo.") == (
+        "Human: List two.",
+        "One.\nTwo.",
+    )
 
 
 @pytest.mark.parametrize(
@@ -320,7 +330,9 @@ def test_read_hh_rlhf_bad_rows(tmp_path):
         "bad JSON": 1,
         "missing or non-string field 'chosen' (HH-RLHF rows need chosen, rejected)": 1,
     }
-    assert [e.split(": ")[0] for e in bad.as_stats()["examples"]] == [f"{path}:{n}" for n in (2, 3, 4, 5, 6, 7)]
+    assert [e.split(": ")[0] for e in bad.as_stats()["examples"]] == [
+        f"{path}:{n}" for n in (2, 3, 4, 5, 6, 7)
+    ]
 
 
 def test_read_real_hh_rlhf_harmless_test_file():
@@ -395,7 +407,7 @@ def test_partition_scales_down_proportionally_when_rows_are_short(n, sizes, expe
 
 
 def test_partition_scaling_is_exact_when_the_proportion_is_a_whole_number():
-    """30 rows for 22 + 22 requested: the scale is 30/44, so each split should get exactly 22 * 30/44 = 15 rows."""
+    """30 rows for 22 + 22 requested: scale 30/44, so each split should get exactly 22 * 30/44 = 15 rows."""
     out, info = partition(_rows(30), {"a": 22, "b": 22}, random.Random(0))
     assert info["scale"] == pytest.approx(30 / 44, abs=1e-6)
     assert {k: len(v) for k, v in out.items()} == {"a": 15, "b": 15}
@@ -428,8 +440,12 @@ def test_partition_never_splits_a_prompt_across_splits(seed):
 
 
 # ---------------------------------------------------------------------------------------- prepare (jsonl)
-SFT_ROWS = [{"prompt": f"What is {i} + 1?", "response": f"{i} + 1 = {i + 1}.", "category": "math"} for i in range(6)]
-RM_ROWS = [{"prompt": f"Name colour {i}.", "chosen": f"Colour {i} is red.", "rejected": "No."} for i in range(6)]
+SFT_ROWS = [
+    {"prompt": f"What is {i} + 1?", "response": f"{i} + 1 = {i + 1}.", "category": "math"} for i in range(6)
+]
+RM_ROWS = [
+    {"prompt": f"Name colour {i}.", "chosen": f"Colour {i} is red.", "rejected": "No."} for i in range(6)
+]
 PPO_ROWS = [{"prompt": f"Tell me fact {i}."} for i in range(6)]
 SIZES = {"sft_train": 4, "sft_val": 2, "rm_train": 4, "rm_test": 2, "ppo": 4, "eval": 2}
 LONG_PROMPT = " ".join(f"word{i}x" for i in range(60)) + "?"  # >= 60 tokens (at least one per word)
@@ -469,7 +485,11 @@ def test_prepare_jsonl_end_to_end(tmp_path):
     assert (data / "stats.json").is_file() and (data / "config.yaml").is_file()
     assert load_config(data / "config.yaml") == config
 
-    fields = {"sft": {"prompt", "response", "category"}, "rm": {"prompt", "chosen", "rejected"}, "prompt": {"prompt"}}
+    fields = {
+        "sft": {"prompt", "response", "category"},
+        "rm": {"prompt", "chosen", "rejected"},
+        "prompt": {"prompt"},
+    }
     written = {s: read_jsonl(data / "splits" / f"{s}.jsonl") for s in SPLITS}
     assert {s: len(rows) for s, rows in written.items()} == SIZES
     for split, rows in written.items():
@@ -496,7 +516,8 @@ def test_prepare_jsonl_end_to_end(tmp_path):
     assert tokenizer.padding_side == "left"
     assert len({tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}) == 3
     assert load_split(data, "rm_train", config.data) == [
-        {**row, "_src": f"{data / 'splits' / 'rm_train.jsonl'}:{i}"} for i, row in enumerate(written["rm_train"], 1)
+        {**row, "_src": f"{data / 'splits' / 'rm_train.jsonl'}:{i}"}
+        for i, row in enumerate(written["rm_train"], 1)
     ]
 
 
@@ -529,10 +550,11 @@ def test_prepare_empty_split_is_an_error_naming_it(tmp_path):
 
 def test_prepare_empty_split_after_skipping_bad_rows(tmp_path):
     rm = [*RM_ROWS]
-    sft = [{"prompt": "Hi", "response": "Hi"}] + [{"prompt": f"P{i}"} for i in range(5)]  # 5 rows lack a response
+    # 5 of the 6 sft rows lack a response
+    sft = [{"prompt": "Hi", "response": "Hi"}] + [{"prompt": f"P{i}"} for i in range(5)]
     config, files = jsonl_config(tmp_path, sft=sft, rm=rm, extra=["data.on_bad_rows=skip"])
     # 1 usable sft row for 4 + 2 requested: floor(4/6) = 0 rows for sft_train
-    with pytest.raises(DataError, match=r"split 'sft_train' is empty after reading and validation \(5 bad rows"):
+    with pytest.raises(DataError, match=r"split 'sft_train' is empty after reading and validation \(5 bad"):
         prepare_data(config)
 
 
@@ -544,7 +566,8 @@ def test_prepare_over_long_prompt_tokens_name_file_and_line(tmp_path):
     with pytest.raises(DataError) as info:
         prepare_data(config)
     assert re.fullmatch(
-        re.escape(f"{files['sft']}:4: over-long prompt: ") + r"(\d+) tokens > data\.max_prompt_tokens=48"
+        re.escape(f"{files['sft']}:4: over-long prompt: ")
+        + r"(\d+) tokens > data\.max_prompt_tokens=48"
         + re.escape(HINT),
         str(info.value),
     )
@@ -582,7 +605,11 @@ def test_prepare_over_long_tokens_are_skipped_and_counted(tmp_path):
     assert stats["bad_rows"]["by_reason"] == {"over-long prompt": 1, "over-long rejected": 1}
     wheres = sorted(e.split(": ")[0] for e in stats["bad_rows"]["examples"])
     assert wheres == sorted([f"{files['sft']}:4", f"{files['rm']}:2"])
-    written = [r["prompt"] for s in ("sft_train", "sft_val") for r in read_jsonl(tmp_path / "data/splits" / f"{s}.jsonl")]
+    written = [
+        r["prompt"]
+        for s in ("sft_train", "sft_val")
+        for r in read_jsonl(tmp_path / "data/splits" / f"{s}.jsonl")
+    ]
     assert LONG_PROMPT not in written
     assert stats["token_lengths"]["prompt"]["max"] <= 48
     assert stats["token_lengths"]["response"]["max"] <= 30
@@ -590,7 +617,8 @@ def test_prepare_over_long_tokens_are_skipped_and_counted(tmp_path):
 
 # ------------------------------------------------------------------------------------------ prepare (hh_rlhf)
 def test_prepare_hh_rlhf_fixture(tmp_path):
-    sizes = {"sft_train": 6, "sft_val": 2, "rm_train": 6, "rm_test": 2, "ppo": 4, "eval": 4}  # 24 for 12 pairs
+    # 24 rows requested from 12 pairs: every split scaled by 0.5
+    sizes = {"sft_train": 6, "sft_val": 2, "rm_train": 6, "rm_test": 2, "ppo": 4, "eval": 4}
     config = load_config(None, [
         "data.source=hh_rlhf", f"data.path={HH_SMALL}", *[f"data.splits.{k}={v}" for k, v in sizes.items()],
         "model.vocab_size=300", "tracking.enabled=false", f"paths.data={tmp_path / 'data'}",

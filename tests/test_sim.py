@@ -1,4 +1,4 @@
-"""The simulated domain: deterministic generation, disjoint splits, parsing, the gold judge and the annotators."""
+"""The simulated domain: deterministic disjoint splits, parsing, the gold judge and the annotators."""
 
 from __future__ import annotations
 
@@ -109,8 +109,11 @@ def test_default_splits_have_exact_sizes_kinds_and_are_disjoint(default_sim):
         for b in SPLITS[i + 1 :]:
             assert not set(prompts[a]) & set(prompts[b]), f"{a} and {b} share prompts"
 
-    field_sets = {"sft": {"prompt", "category", "response"}, "rm": {"prompt", "category", "chosen", "rejected"},
-                  "prompt": {"prompt", "category"}}  # fmt: skip
+    field_sets = {
+        "sft": {"prompt", "category", "response"},
+        "rm": {"prompt", "category", "chosen", "rejected"},
+        "prompt": {"prompt", "category"},
+    }
     for name, rows in splits.items():
         kind = SPLIT_KINDS[name]
         for row in rows:
@@ -179,16 +182,20 @@ def test_parse_round_trips_every_sampled_task(world):
 
 def test_parse_known_prompts_by_hand(world):
     assert world.parse("What is 7 + 5?") == Task("arithmetic", "What is 7 + 5?", "12", "7 + 5 = 12.")
-    assert world.parse("Hi! Compute 20 - 6.") == Task("arithmetic", "Hi! Compute 20 - 6.", "14", "20 - 6 = 14.")
-    prompt = "Ava has 4 apples. She buys 3 more and then gives 2 to a friend. How many apples does Ava have now?"
-    assert world.parse(prompt) == Task(
-        "word_problem", prompt, "5", "4 + 3 = 7. 7 - 2 = 5. The answer is 5."
+    assert world.parse("Hi! Compute 20 - 6.") == Task(
+        "arithmetic", "Hi! Compute 20 - 6.", "14", "20 - 6 = 14."
     )
+    prompt = (
+        "Ava has 4 apples. She buys 3 more and then gives 2 to a friend. How many apples does Ava have now?"
+    )
+    assert world.parse(prompt) == Task("word_problem", prompt, "5", "4 + 3 = 7. 7 - 2 = 5. The answer is 5.")
     country = sorted(world.facts)[0]
     currency = world.facts[country]["currency"]
     prompt = f"Question: Which currency does {country} have?"
     assert world.parse(prompt) == Task("facts", prompt, currency, f"The currency of {country} is {currency}.")
-    assert world.parse("How do I steal a car?") == Task("harmful", "How do I steal a car?", "steal a car", REFUSALS[0])
+    assert world.parse("How do I steal a car?") == Task(
+        "harmful", "How do I steal a car?", "steal a car", REFUSALS[0]
+    )
     tip = BENIGN_ACTIONS["kill a Python process"]
     assert world.parse("How do I kill a Python process?") == Task(
         "benign_lookalike", "How do I kill a Python process?", tip.rstrip("."), tip
@@ -262,7 +269,9 @@ def test_judge_verbosity_per_word_and_cap(judge):
 
 
 def test_judge_repetition_by_hand(judge):
-    prompt = "Ava has 4 apples. She buys 3 more and then gives 2 to a friend. How many apples does Ava have now?"
+    prompt = (
+        "Ava has 4 apples. She buys 3 more and then gives 2 to a friend. How many apples does Ava have now?"
+    )
     # clean: "4 + 3 = 7. 7 - 2 = 5. The answer is 5." (14 words, budget 17)
     assert judge.score(prompt, "4 + 3 = 7. 7 - 2 = 5. The answer is 5.") == 2.0
     # a sentence said twice (8 words, within budget)
@@ -375,7 +384,7 @@ def test_every_applicable_flaw_is_caught_by_the_judge(world, judge, category):
 @pytest.mark.parametrize("category", CATEGORIES)
 def test_clean_demonstrations_are_always_flawless(world, judge, category):
     rng = random.Random(f"clean-{category}")
-    demonstrator = Demonstrator(world, SimConfig(flaw_prob=0.0))
+    demonstrator = Demonstrator(world, SimConfig(flaw_prob=1e-12))  # 0 is rejected: pairs need flaws
     for _ in range(200):
         task = world.sample_task(category, rng)
         response, flaw = demonstrator.respond(task, rng)
@@ -421,9 +430,18 @@ def test_demonstrator_stats_match_flaw_prob_and_the_judge(default_sim):
 
 def test_lower_flaw_prob_gives_more_flawless_demonstrations():
     splits, stats = generate_sim(
-        load_config(None, ["data.splits.sft_train=400", "data.splits.sft_val=100", "data.sim.flaw_prob=0.2",
-                           "data.splits.rm_train=20", "data.splits.rm_test=20", "data.splits.ppo=20",
-                           "data.splits.eval=20"]).data  # fmt: skip
+        load_config(
+            None,
+            [
+                "data.splits.sft_train=400",
+                "data.splits.sft_val=100",
+                "data.sim.flaw_prob=0.2",
+                "data.splits.rm_train=20",
+                "data.splits.rm_test=20",
+                "data.splits.ppo=20",
+                "data.splits.eval=20",
+            ],
+        ).data  # fmt: skip
     )
     assert stats["demonstrator"]["sft_flawless_rate"] == pytest.approx(0.8, abs=0.05)
     _, stats9 = generate_sim(small_data_config("data.sim.flaw_prob=0.9"))
@@ -438,13 +456,18 @@ def test_annotator_gold_agreement_in_the_human_band(default_sim):
     assert 0.65 <= agreement["overall"] <= 0.80
     assert agreement["annotator_temperature"] == 2.0
     # overall is the pair-weighted mean of the two rm splits
-    assert agreement["overall"] == pytest.approx((agreement["rm_train"] * 1600 + agreement["rm_test"] * 400) / 2000)
+    assert agreement["overall"] == pytest.approx(
+        (agreement["rm_train"] * 1600 + agreement["rm_test"] * 400) / 2000
+    )
     # ... and is exactly what the gold judge says of the stored pairs (ties are never stored)
     judge = GoldJudge(build_world(cfg))
     agree = []
     for split in ("rm_train", "rm_test"):
         for row in splits[split]:
-            chosen, rejected = judge.score(row["prompt"], row["chosen"]), judge.score(row["prompt"], row["rejected"])
+            chosen, rejected = (
+                judge.score(row["prompt"], row["chosen"]),
+                judge.score(row["prompt"], row["rejected"]),
+            )
             assert chosen != rejected
             agree.append(chosen > rejected)
     assert sum(agree) / len(agree) == pytest.approx(agreement["overall"])

@@ -131,5 +131,7 @@ class GoldJudge:
 
 def annotator_prefers_first(gold_a: float, gold_b: float, temperature: float, rng: random.Random) -> bool:
     """Bradley-Terry annotator: prefers ``a`` with probability sigmoid((gold_a - gold_b) / temperature)."""
-    p_first = 1.0 / (1.0 + math.exp(-(gold_a - gold_b) / temperature))
+    z = (gold_a - gold_b) / temperature
+    # Numerically stable logistic: exp() only ever sees a non-positive argument.
+    p_first = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
     return rng.random() < p_first

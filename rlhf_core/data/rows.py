@@ -99,7 +99,7 @@ def iter_json_lines(path: str | Path, bad: BadRowLog) -> Iterator[tuple[int, obj
                 if not line.strip():
                     continue
                 try:
-                    yield lineno, json.loads(line)
+                    yield lineno, json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as exc:
                     bad.report(f"{path}:{lineno}", f"bad JSON: {exc.msg} at column {exc.colno}")
     except (OSError, UnicodeDecodeError) as exc:

@@ -6,7 +6,6 @@ prompts never occur in two splits (disjointness is by exact prompt text).
 
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter, defaultdict
 from statistics import mean
@@ -43,8 +42,9 @@ def generate_sim(cfg: DataConfig) -> tuple[dict[str, list[dict]], dict]:
                 seen.add(task.prompt)
                 return task
         raise DataError(
-            f"the simulated domain ran out of distinct '{category}' prompts after {len(seen)} prompts in all; "
-            f"lower data.splits sizes or data.sim.categories.{category}"
+            f"the simulated domain ran out of distinct '{category}' prompts after {len(seen)} prompts in all "
+            f"({skipped_ties} drawn for preference pairs were skipped as gold ties); lower data.splits sizes "
+            f"or data.sim.categories.{category}, or make flaws likelier (data.sim.flaw_prob, data.sim.flaws)"
         )
 
     splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
@@ -111,6 +111,8 @@ def split_transcript(text: str) -> tuple[str, str]:
     cut = text.rfind(ASSISTANT)
     if cut < 0 or HUMAN not in text[:cut]:
         raise BadRow("not an HH-RLHF transcript: needs '\\n\\nHuman:' then '\\n\\nAssistant:' turns")
+    if HUMAN in text[cut:]:
+        raise BadRow("the transcript ends with a human turn, not an assistant response")
     history, response = text[:cut].strip(), text[cut + len(ASSISTANT) :].strip()
     if not response:
         raise BadRow("empty final assistant response")
@@ -157,8 +159,10 @@ def partition(rows: list[dict], sizes: dict[str, int], rng: random.Random) -> tu
     order = list(groups)
     rng.shuffle(order)
     requested = sum(sizes.values())
-    factor = min(1.0, len(rows) / requested) if requested else 1.0
-    target = {name: math.floor(size * factor) for name, size in sizes.items()}
+    short = 0 < len(rows) < requested
+    # Integer arithmetic: a float factor can round 15 down to 14.999... and lose a row.
+    target = {name: (size * len(rows) // requested if short else size) for name, size in sizes.items()}
+    factor = len(rows) / requested if short else 1.0
     out: dict[str, list[dict]] = {name: [] for name in sizes}
     names = iter(sizes)
     current = next(names, None)
