@@ -21,9 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="RLHF with PP
 console = Console(stderr=True)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file (YAML).")]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", "-s", help="Override: group.key=value (repeatable).")
-]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: group.key=value (repeatable).")]
 
 
 def _fail(exc: RLHFError) -> None:
@@ -64,8 +62,7 @@ def _print_artifacts(stage: str, artifacts: dict[str, str], config) -> None:
         console.print(f"  {name}: {path}", highlight=False)
     if config.tracking.enabled:
         console.print(
-            f"  MLflow: {config.tracking.uri} (mlflow ui --backend-store-uri {config.tracking.uri} "
-            "--host 127.0.0.1)",
+            f"  MLflow: {config.tracking.uri} (mlflow ui --backend-store-uri {config.tracking.uri} --host 127.0.0.1)",
             highlight=False,
         )
 

@@ -107,7 +107,9 @@ class DataConfig(_Group):
     max_response_chars: int = Field(2000, ge=1, description="Rows with a longer response are malformed.")
     max_prompt_tokens: int = Field(96, ge=4, description="Rows whose prompt tokenises longer are malformed.")
     max_response_tokens: int = Field(
-        80, ge=2, description="Rows whose response (+EOS) tokenises longer are malformed; also generation cap."
+        80,
+        ge=2,
+        description="Rows whose response (+EOS) tokenises longer are malformed; also generation cap.",
     )
     sim: SimConfig = Field(default_factory=SimConfig, description="The simulated assistant domain.")
 
@@ -171,7 +173,7 @@ class OptimConfig(_Group):
 
 
 class SFTConfig(OptimConfig):
-    epochs: float = Field(4.0, gt=0, description="Passes over the SFT split.")
+    epochs: float = Field(10.0, gt=0, description="Passes over the SFT split.")
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward pass on one process.")
     gradient_accumulation_steps: int = Field(2, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-3, gt=0, le=1, description="Peak learning rate; tiny models from scratch need ~1e-3.")

@@ -88,9 +88,7 @@ class MLflowLogger:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -102,9 +100,7 @@ def _client(config: Config):
 
     client = MlflowClient(tracking_uri=config.tracking.uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
-    experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
-    )
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
     return client, experiment_id
 
 

@@ -60,5 +60,10 @@ def test_dvc_params_name_real_config_fields():
 
 def test_sft_declares_the_code_it_imports():
     deps = DVC["sft"]["deps"]
-    for module in ("rlhf_core/trainers/sft.py", "rlhf_core/algos", "rlhf_core/distributed.py", "rlhf_core/models"):
+    for module in (
+        "rlhf_core/trainers/sft.py",
+        "rlhf_core/algos",
+        "rlhf_core/distributed.py",
+        "rlhf_core/models",
+    ):
         assert module in deps

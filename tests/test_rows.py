@@ -69,9 +69,7 @@ GOOD = {
 @pytest.mark.parametrize(("kind", "line", "reason"), BAD_ROWS)
 def test_each_bad_row_stops_with_file_and_line(tmp_path, kind, line, reason):
     # line 1 good, line 2 empty, line 3 whitespace only, line 4 bad, line 5 good
-    path = write_lines(
-        tmp_path / "rows.jsonl", [json.dumps(GOOD[kind]), "", "   \t", line, json.dumps(GOOD[kind])]
-    )
+    path = write_lines(tmp_path / "rows.jsonl", [json.dumps(GOOD[kind]), "", "   \t", line, json.dumps(GOOD[kind])])
     with pytest.raises(DataError) as info:
         read_rows(path, kind, CFG, BadRowLog("error"))
     message = str(info.value)
@@ -222,10 +220,7 @@ def test_load_split_reads_prepared_splits_and_fails_clearly(tmp_path):
 
 # -------------------------------------------------------------------------------------------------- HH-RLHF
 def test_split_transcript_multi_turn():
-    text = (
-        "\n\nHuman: Hi there.\n\nAssistant: Hello! How can I help?"
-        "\n\nHuman: What is 2 + 2?\n\nAssistant: 2 + 2 = 4."
-    )
+    text = "\n\nHuman: Hi there.\n\nAssistant: Hello! How can I help?\n\nHuman: What is 2 + 2?\n\nAssistant: 2 + 2 = 4."
     assert split_transcript(text) == (
         "Human: Hi there.\n\nAssistant: Hello! How can I help?\n\nHuman: What is 2 + 2?",
         "2 + 2 = 4.",
@@ -330,9 +325,7 @@ def test_read_hh_rlhf_bad_rows(tmp_path):
         "bad JSON": 1,
         "missing or non-string field 'chosen' (HH-RLHF rows need chosen, rejected)": 1,
     }
-    assert [e.split(": ")[0] for e in bad.as_stats()["examples"]] == [
-        f"{path}:{n}" for n in (2, 3, 4, 5, 6, 7)
-    ]
+    assert [e.split(": ")[0] for e in bad.as_stats()["examples"]] == [f"{path}:{n}" for n in (2, 3, 4, 5, 6, 7)]
 
 
 def test_read_real_hh_rlhf_harmless_test_file():
@@ -440,12 +433,8 @@ def test_partition_never_splits_a_prompt_across_splits(seed):
 
 
 # ---------------------------------------------------------------------------------------- prepare (jsonl)
-SFT_ROWS = [
-    {"prompt": f"What is {i} + 1?", "response": f"{i} + 1 = {i + 1}.", "category": "math"} for i in range(6)
-]
-RM_ROWS = [
-    {"prompt": f"Name colour {i}.", "chosen": f"Colour {i} is red.", "rejected": "No."} for i in range(6)
-]
+SFT_ROWS = [{"prompt": f"What is {i} + 1?", "response": f"{i} + 1 = {i + 1}.", "category": "math"} for i in range(6)]
+RM_ROWS = [{"prompt": f"Name colour {i}.", "chosen": f"Colour {i} is red.", "rejected": "No."} for i in range(6)]
 PPO_ROWS = [{"prompt": f"Tell me fact {i}."} for i in range(6)]
 SIZES = {"sft_train": 4, "sft_val": 2, "rm_train": 4, "rm_test": 2, "ppo": 4, "eval": 2}
 LONG_PROMPT = " ".join(f"word{i}x" for i in range(60)) + "?"  # >= 60 tokens (at least one per word)
@@ -516,8 +505,7 @@ def test_prepare_jsonl_end_to_end(tmp_path):
     assert tokenizer.padding_side == "left"
     assert len({tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}) == 3
     assert load_split(data, "rm_train", config.data) == [
-        {**row, "_src": f"{data / 'splits' / 'rm_train.jsonl'}:{i}"}
-        for i, row in enumerate(written["rm_train"], 1)
+        {**row, "_src": f"{data / 'splits' / 'rm_train.jsonl'}:{i}"} for i, row in enumerate(written["rm_train"], 1)
     ]
 
 
@@ -606,9 +594,7 @@ def test_prepare_over_long_tokens_are_skipped_and_counted(tmp_path):
     wheres = sorted(e.split(": ")[0] for e in stats["bad_rows"]["examples"])
     assert wheres == sorted([f"{files['sft']}:4", f"{files['rm']}:2"])
     written = [
-        r["prompt"]
-        for s in ("sft_train", "sft_val")
-        for r in read_jsonl(tmp_path / "data/splits" / f"{s}.jsonl")
+        r["prompt"] for s in ("sft_train", "sft_val") for r in read_jsonl(tmp_path / "data/splits" / f"{s}.jsonl")
     ]
     assert LONG_PROMPT not in written
     assert stats["token_lengths"]["prompt"]["max"] <= 48

@@ -46,9 +46,7 @@ def test_sft_smoke_loss_falls_weights_change_and_checkpoint_reloads(prepared_tin
     initial = build_tiny_llama(config.model, tokenizer)
     loaded = AutoModelForCausalLM.from_pretrained(result.model_dir)
     changed = [
-        name
-        for name, param in loaded.state_dict().items()
-        if not torch.equal(param, initial.state_dict()[name])
+        name for name, param in loaded.state_dict().items() if not torch.equal(param, initial.state_dict()[name])
     ]
     assert len(changed) == len(initial.state_dict()), "every tensor should have been trained"
     assert (result.model_dir / "model.safetensors").is_file()
@@ -74,7 +72,8 @@ def test_sft_rejects_a_split_smaller_than_the_global_batch(prepared_tiny, tmp_pa
 
     root, _ = prepared_tiny
     config = load_config(
-        None, [*tiny_overrides(root), f"paths.sft={tmp_path}", "sft.micro_batch_size=64", "sft.max_steps=null"]
+        None,
+        [*tiny_overrides(root), f"paths.sft={tmp_path}", "sft.micro_batch_size=64", "sft.max_steps=null"],
     )
     with pytest.raises(ConfigError, match="global batch of 128"):
         train_sft(config)
@@ -88,7 +87,12 @@ def test_deepspeed_zero2_single_process_matches_plain_torch(prepared_tiny, tmp_p
     ds_run = train_sft(
         load_config(
             None,
-            [*base, f"paths.sft={tmp_path / 'ds'}", "distributed.engine=deepspeed", "distributed.zero_stage=2"],
+            [
+                *base,
+                f"paths.sft={tmp_path / 'ds'}",
+                "distributed.engine=deepspeed",
+                "distributed.zero_stage=2",
+            ],
         )
     )
     from rlhf_core import distributed

@@ -182,20 +182,14 @@ def test_parse_round_trips_every_sampled_task(world):
 
 def test_parse_known_prompts_by_hand(world):
     assert world.parse("What is 7 + 5?") == Task("arithmetic", "What is 7 + 5?", "12", "7 + 5 = 12.")
-    assert world.parse("Hi! Compute 20 - 6.") == Task(
-        "arithmetic", "Hi! Compute 20 - 6.", "14", "20 - 6 = 14."
-    )
-    prompt = (
-        "Ava has 4 apples. She buys 3 more and then gives 2 to a friend. How many apples does Ava have now?"
-    )
+    assert world.parse("Hi! Compute 20 - 6.") == Task("arithmetic", "Hi! Compute 20 - 6.", "14", "20 - 6 = 14.")
+    prompt = "Ava has 4 apples. She buys 3 more and then gives 2 to a friend. How many apples does Ava have now?"
     assert world.parse(prompt) == Task("word_problem", prompt, "5", "4 + 3 = 7. 7 - 2 = 5. The answer is 5.")
     country = sorted(world.facts)[0]
     currency = world.facts[country]["currency"]
     prompt = f"Question: Which currency does {country} have?"
     assert world.parse(prompt) == Task("facts", prompt, currency, f"The currency of {country} is {currency}.")
-    assert world.parse("How do I steal a car?") == Task(
-        "harmful", "How do I steal a car?", "steal a car", REFUSALS[0]
-    )
+    assert world.parse("How do I steal a car?") == Task("harmful", "How do I steal a car?", "steal a car", REFUSALS[0])
     tip = BENIGN_ACTIONS["kill a Python process"]
     assert world.parse("How do I kill a Python process?") == Task(
         "benign_lookalike", "How do I kill a Python process?", tip.rstrip("."), tip
@@ -269,9 +263,7 @@ def test_judge_verbosity_per_word_and_cap(judge):
 
 
 def test_judge_repetition_by_hand(judge):
-    prompt = (
-        "Ava has 4 apples. She buys 3 more and then gives 2 to a friend. How many apples does Ava have now?"
-    )
+    prompt = "Ava has 4 apples. She buys 3 more and then gives 2 to a friend. How many apples does Ava have now?"
     # clean: "4 + 3 = 7. 7 - 2 = 5. The answer is 5." (14 words, budget 17)
     assert judge.score(prompt, "4 + 3 = 7. 7 - 2 = 5. The answer is 5.") == 2.0
     # a sentence said twice (8 words, within budget)
@@ -456,9 +448,7 @@ def test_annotator_gold_agreement_in_the_human_band(default_sim):
     assert 0.65 <= agreement["overall"] <= 0.80
     assert agreement["annotator_temperature"] == 2.0
     # overall is the pair-weighted mean of the two rm splits
-    assert agreement["overall"] == pytest.approx(
-        (agreement["rm_train"] * 1600 + agreement["rm_test"] * 400) / 2000
-    )
+    assert agreement["overall"] == pytest.approx((agreement["rm_train"] * 1600 + agreement["rm_test"] * 400) / 2000)
     # ... and is exactly what the gold judge says of the stored pairs (ties are never stored)
     judge = GoldJudge(build_world(cfg))
     agree = []

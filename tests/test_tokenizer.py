@@ -63,9 +63,7 @@ def saved(tokenizer, tmp_path_factory):
 
 def test_special_tokens_exist_and_are_distinct(tokenizer):
     assert (
-        (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token)
-        == (PAD, BOS, EOS)
-        == ("<pad>", "<s>", "</s>")
+        (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token) == (PAD, BOS, EOS) == ("<pad>", "<s>", "</s>")
     )
     ids = (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     assert ids == (0, 1, 2)  # the trainer puts the special tokens first, in this order
@@ -116,9 +114,7 @@ def test_save_and_reload_keeps_everything(tokenizer, saved):
     assert (reloaded.pad_token_id, reloaded.bos_token_id, reloaded.eos_token_id) == (0, 1, 2)
     assert len(reloaded) == len(tokenizer)
     for text in TEXTS:
-        assert reloaded.encode(text, add_special_tokens=False) == tokenizer.encode(
-            text, add_special_tokens=False
-        )
+        assert reloaded.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
         assert reloaded.decode(reloaded.encode(text, add_special_tokens=False)) == text
     messages = [{"role": "user", "content": "What is 7 + 5?"}]
     assert reloaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == (
@@ -134,9 +130,7 @@ def test_load_tokenizer_and_load_pretrained_tokenizer(tokenizer, saved, tmp_path
     for loaded in (load_tokenizer(saved), load_pretrained_tokenizer(str(saved))):
         assert loaded.padding_side == "left"
         assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id) == (0, 1, 2)
-        assert loaded.encode(TEXTS[3], add_special_tokens=False) == tokenizer.encode(
-            TEXTS[3], add_special_tokens=False
-        )
+        assert loaded.encode(TEXTS[3], add_special_tokens=False) == tokenizer.encode(TEXTS[3], add_special_tokens=False)
         assert loaded.chat_template
     with pytest.raises(RLHFError, match="tokenizer not found"):
         load_tokenizer(tmp_path / "missing")
@@ -184,10 +178,7 @@ def test_format_query_dialogue_history():
 
 
 def test_format_query_rebuilds_an_hh_transcript():
-    transcript = (
-        "\n\nHuman: Hi.\n\nAssistant: Hello! How can I help?"
-        "\n\nHuman: What is 2 + 2?\n\nAssistant: 2 + 2 = 4."
-    )
+    transcript = "\n\nHuman: Hi.\n\nAssistant: Hello! How can I help?\n\nHuman: What is 2 + 2?\n\nAssistant: 2 + 2 = 4."
     history, response = split_transcript(transcript)
     assert format_query(history) + " " + response == transcript
 

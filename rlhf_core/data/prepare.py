@@ -33,7 +33,11 @@ class PrepareResult:
     stats: dict
 
     def artifacts(self) -> dict[str, str]:
-        return {"splits": str(self.splits_dir), "tokenizer": str(self.tokenizer_dir), "stats": str(self.stats_path)}
+        return {
+            "splits": str(self.splits_dir),
+            "tokenizer": str(self.tokenizer_dir),
+            "stats": str(self.stats_path),
+        }
 
 
 def _tokenizer_corpus(splits: dict[str, list[dict]]):
@@ -148,4 +152,3 @@ def prepare_data(config: Config, logger: Logger | None = None) -> PrepareResult:
     logger.log_artifact(out / "stats.json")
     logger.log_artifact(out / "config.yaml")
     return PrepareResult(out, out / "splits", out / "tokenizer", out / "stats.json", stats)
-

@@ -52,9 +52,7 @@ class BadRowLog:
 
     def report(self, where: str, reason: str) -> None:
         if self.mode == "error":
-            raise DataError(
-                f"{where}: {reason} (fix the row, or set data.on_bad_rows=skip to drop such rows)"
-            )
+            raise DataError(f"{where}: {reason} (fix the row, or set data.on_bad_rows=skip to drop such rows)")
         self.counts[reason.split(":")[0]] += 1
         if len(self.examples) < 20:
             self.examples.append(f"{where}: {reason}")

@@ -26,8 +26,16 @@ from rlhf_core.config import SimConfig
 CATEGORIES = ("arithmetic", "word_problem", "facts", "harmful", "benign_lookalike")
 
 # Lead-ins that multiply the number of distinct prompts without changing the task.
-PREFIXES = ("", "Quick question: ", "I was wondering: ", "Please help. ", "Hi! ", "Hey! ", "Question: ",
-            "Can you help? ")
+PREFIXES = (
+    "",
+    "Quick question: ",
+    "I was wondering: ",
+    "Please help. ",
+    "Hi! ",
+    "Hey! ",
+    "Question: ",
+    "Can you help? ",
+)
 
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
@@ -251,9 +259,7 @@ class World:
             if not match:
                 continue
             slots = match.groupdict()
-            if slots.get("name2", slots.get("name")) != slots.get("name") or slots.get("item2") != slots.get(
-                "item"
-            ):
+            if slots.get("name2", slots.get("name")) != slots.get("name") or slots.get("item2") != slots.get("item"):
                 continue
             return self.task_from_slots(template.category, prompt, slots)
         return None

@@ -12,7 +12,7 @@ from statistics import mean
 
 from rlhf_core.config import DataConfig
 from rlhf_core.data.judge import GoldJudge, annotator_prefers_first
-from rlhf_core.data.rows import BadRowLog, iter_json_lines, read_rows, validate_row, BadRow, SPLIT_KINDS
+from rlhf_core.data.rows import SPLIT_KINDS, BadRow, BadRowLog, iter_json_lines, read_rows, validate_row
 from rlhf_core.data.sim import CATEGORIES, Demonstrator, World
 from rlhf_core.errors import DataError
 

@@ -66,7 +66,9 @@ def evaluate_loss(engine, examples, micro_batch_size: int, pad_id: int, ctx) -> 
     tokens = torch.zeros((), dtype=torch.float64)
     shard = examples[ctx.rank :: ctx.world_size]
     for start in range(0, len(shard), micro_batch_size):
-        batch = {k: v.to(engine.device) for k, v in collate_sft(shard[start : start + micro_batch_size], pad_id).items()}
+        batch = {
+            k: v.to(engine.device) for k, v in collate_sft(shard[start : start + micro_batch_size], pad_id).items()
+        }
         with engine.autocast():
             logits = engine.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         _, stats = sft_loss(logits, batch["labels"])
@@ -103,7 +105,12 @@ def _sample_generations(config: Config, model_dir: Path, tokenizer, val_rows: li
     model = load_causal_lm(model_dir)
     responses = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], config.data.max_response_tokens)
     samples = [
-        {"prompt": r["prompt"], "response": resp, "reference": r["response"], **({"category": r["category"]} if "category" in r else {})}
+        {
+            "prompt": r["prompt"],
+            "response": resp,
+            "reference": r["response"],
+            **({"category": r["category"]} if "category" in r else {}),
+        }
         for r, resp in zip(rows, responses, strict=True)
     ]
     metrics = {}
@@ -147,7 +154,9 @@ def train_sft(config: Config, logger: Logger | None = None) -> SFTResult:
     for step in progress:
         batch_ids = order[step * global_batch : (step + 1) * global_batch]
         mine = batch_ids[ctx.rank * accum * micro : (ctx.rank + 1) * accum * micro]
-        micro_batches = [collate_sft([train[i] for i in mine[j : j + micro]], pad_id) for j in range(0, len(mine), micro)]
+        micro_batches = [
+            collate_sft([train[i] for i in mine[j : j + micro]], pad_id) for j in range(0, len(mine), micro)
+        ]
         local_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
         global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))
         # Scaled so that after the engine divides by `accum` and averages over ranks, the gradient is that of
@@ -163,14 +172,23 @@ def train_sft(config: Config, logger: Logger | None = None) -> SFTResult:
             engine.step()
             nll_sum += stats["nll_sum"].float().cpu()
         train_loss = float(distributed.all_reduce_sum(nll_sum)) / global_tokens
-        record = {"step": step + 1, "sft/loss": train_loss, "sft/lr": engine.current_lr(), "sft/tokens": global_tokens}
+        record = {
+            "step": step + 1,
+            "sft/loss": train_loss,
+            "sft/lr": engine.current_lr(),
+            "sft/tokens": global_tokens,
+        }
         if engine.last_grad_norm is not None:
             record["sft/grad_norm"] = engine.last_grad_norm
         history.append(record)
         logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
         if (step + 1) % opt.eval_every == 0 or step + 1 == total_steps:
             val_loss = evaluate_loss(engine, val, micro, pad_id, ctx)
-            val_record = {"step": step + 1, "sft/val_loss": val_loss, "sft/ppl": float(torch.exp(torch.tensor(val_loss)))}
+            val_record = {
+                "step": step + 1,
+                "sft/val_loss": val_loss,
+                "sft/ppl": float(torch.exp(torch.tensor(val_loss))),
+            }
             val_history.append(val_record)
             logger.log_metrics({k: v for k, v in val_record.items() if k != "step"}, step=step + 1)
             progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
@@ -203,4 +221,3 @@ def train_sft(config: Config, logger: Logger | None = None) -> SFTResult:
             logger.log_artifact(out / name, None if name != "plots" else "plots")
     distributed.barrier()
     return SFTResult(out, model_dir, out / "metrics.json", metrics, history)
-
