@@ -137,3 +137,27 @@ def test_two_process_zero2_reproduces_single_process_loss_curve(prepared_tiny, t
     expected = [r["sft/loss"] for r in single.history]
     assert double == pytest.approx(expected, rel=1e-4)
     assert (tmp_path / "double" / "model" / "model.safetensors").is_file()
+
+
+def test_pretrained_model_directory_brings_its_own_tokenizer_and_weights(prepared_tiny, tmp_path):
+    """model.name_or_path: prepare uses that model's tokenizer; SFT starts from its weights."""
+    from rlhf_core.data.prepare import prepare_data
+    from rlhf_core.models.causal_lm import build_tiny_llama
+    from rlhf_core.models.tokenizer import load_tokenizer
+
+    root, config = prepared_tiny
+    tokenizer = load_tokenizer(root / "data" / "tokenizer")
+    base = tmp_path / "base-model"
+    model = build_tiny_llama(config.model.model_copy(update={"init_seed": 123}), tokenizer)
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+
+    overrides = [*tiny_overrides(tmp_path), f"model.name_or_path={base}", "sft.max_steps=2"]
+    config = load_config(None, overrides)
+    prepared = prepare_data(config)
+    assert prepared.stats["tokenizer"] == {"vocab_size": len(tokenizer), "trained": False}
+    scratch = train_sft(load_config(None, [*overrides[:-2], "sft.max_steps=2", f"paths.sft={tmp_path / 'scratch'}"]))
+    tuned = train_sft(config)
+    # Same data order and seed; only the starting weights differ, so the first loss must differ too.
+    assert tuned.history[0]["sft/loss"] != pytest.approx(scratch.history[0]["sft/loss"], rel=1e-3)
+    assert (tuned.model_dir / "model.safetensors").is_file()
