@@ -6,20 +6,15 @@ from __future__ import annotations
 import torch
 
 from rlhf_core.algos.rm import gather_last
-from rlhf_core.data.tokenize import encode_query, encode_response, left_pad
+from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response, left_pad
 from rlhf_core.models.causal_lm import build_tiny_llama
 from rlhf_core.models.reward import load_reward_model, reward_scores
 from rlhf_core.models.tokenizer import load_tokenizer
 
 
 def _right_pad(sequences, pad_id):
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-    return ids, mask
+    batch = collate_sft([(seq, []) for seq in sequences], pad_id)  # the SFT collator right-pads
+    return batch["input_ids"], batch["attention_mask"]
 
 
 def test_reward_model_round_trip_and_padding_invariance(prepared_tiny, tmp_path):
