@@ -80,6 +80,18 @@ def sft(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
 
 
 @app.command()
+def rm(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Train the reward model on preference pairs (eq. 2: ranking loss + beta_rm x LM loss on chosen)."""
+    _run_single("rm", params, set_)
+
+
+@app.command("rm-eval")
+def rm_eval(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Evaluate the reward model on rm_test: accuracy vs annotator and gold labels, calibration, errors."""
+    _run_single("rm-eval", params, set_)
+
+
+@app.command()
 def run(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -147,6 +159,30 @@ def _print_summary(config, outputs: dict, seconds: float, prefect: bool) -> None
                 f"mean {metrics['sft/sample_gold_score']:.2f} of 2.00, "
                 f"{metrics['sft/sample_flawless_rate']:.1%} flawless",
             )
+    rm_path = Path(config.paths.rm) / "metrics.json"
+    if "rm" in outputs and rm_path.is_file():
+        metrics = read_json(rm_path)
+        table.add_row(
+            "RM validation accuracy (best step)",
+            f"{metrics['rm/val_accuracy']:.1%} (step {metrics['rm/best_step']} of {metrics['rm/steps']})",
+        )
+        table.add_row(
+            "RM score on SFT samples", f"mean {metrics['rm/reward_mean']:.2f}, std {metrics['rm/reward_std']:.2f}"
+        )
+    rm_eval_path = Path(config.paths.rm_eval) / "metrics.json"
+    if "rm-eval" in outputs and rm_eval_path.is_file():
+        metrics = read_json(rm_eval_path)
+        line = (
+            f"{metrics['rm_eval/accuracy']:.1%} vs annotators "
+            f"[{metrics['rm_eval/accuracy_ci_low']:.1%}, {metrics['rm_eval/accuracy_ci_high']:.1%}]"
+        )
+        if "rm_eval/gold_accuracy" in metrics:
+            line += (
+                f", {metrics['rm_eval/gold_accuracy']:.1%} vs gold "
+                f"[{metrics['rm_eval/gold_accuracy_ci_low']:.1%}, {metrics['rm_eval/gold_accuracy_ci_high']:.1%}]"
+                f"; annotator-gold agreement {metrics['rm_eval/annotator_gold_agreement']:.1%}"
+            )
+        table.add_row("RM test accuracy (95% CI)", line)
     for stage, artifacts in outputs.items():
         for name, path in artifacts.items():
             table.add_row(f"{stage}: {name}", str(path))

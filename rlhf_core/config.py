@@ -190,6 +190,32 @@ class RMConfig(OptimConfig):
     beta_rm: float = Field(1.0, ge=0, description="Weight of the LM loss on the chosen response (eq. 2; paper 1).")
     margin: float = Field(0.0, ge=0, description="Margin in -log sigmoid(r_c - r_r - margin); 0: off.")
     center_coef: float = Field(0.0, ge=0, description="Penalty on the mean squared score (reward centring).")
+    init_from: str | None = Field(
+        None, description="Model the RM starts from (causal LM or reward-model directory); null: the SFT policy."
+    )
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of rm_train held out for validation and best-checkpoint selection."
+    )
+    best_metric: Literal["loss", "accuracy"] = Field(
+        "loss",
+        description="Validation metric that picks the saved checkpoint: ranking loss (lower) or accuracy "
+        "(higher). The loss is the less noisy choice on a few hundred pairs.",
+    )
+    reward_stats_prompts: int = Field(
+        256,
+        ge=1,
+        description="PPO prompts answered by the SFT policy (PPO sampling settings) to measure the mean and std "
+        "of RM scores, saved beside the model so PPO starts with calibrated rewards.",
+    )
+
+
+class RMEvalConfig(_Group):
+    """Reward-model evaluation on rm_test (paper sec. 4, fig. 2). Consumed by the `rm-eval` stage."""
+
+    batch_size: int = Field(64, ge=1, description="Sequences scored per forward pass.")
+    calibration_bins: int = Field(10, ge=2, le=100, description="Confidence bins of the calibration plot.")
+    num_confident_errors: int = Field(20, ge=0, description="Most confidently wrong pairs listed in the table.")
+    histogram_bins: int = Field(40, ge=5, le=500, description="Bins of the score-gap histogram (paper fig. 2).")
 
 
 class PPOConfig(_Group):
@@ -255,6 +281,7 @@ class Config(_Group):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model and tokenizer.")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning.")
     rm: RMConfig = Field(default_factory=RMConfig, description="Reward model.")
+    rm_eval: RMEvalConfig = Field(default_factory=RMEvalConfig, description="Reward-model evaluation.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO-max.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Win-rate evaluation.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Training engine.")

@@ -11,17 +11,21 @@ import os
 from rlhf_core.config import Config
 from rlhf_core.data.prepare import prepare_data
 from rlhf_core.tracking import stage_run
+from rlhf_core.trainers.rm import train_reward_model
+from rlhf_core.trainers.rm_eval import evaluate_reward_model
 from rlhf_core.trainers.sft import train_sft
 
 # Pipeline order. Each stage function is (config, logger) -> result with .artifacts() -> {name: path}.
 STAGES = {
     "prepare": prepare_data,
     "sft": train_sft,
+    "rm": train_reward_model,
+    "rm-eval": evaluate_reward_model,
 }
 
 
 def stage_output_dir(config: Config, stage: str) -> str:
-    return getattr(config.paths, {"prepare": "data"}.get(stage, stage))
+    return getattr(config.paths, {"prepare": "data"}.get(stage, stage.replace("-", "_")))
 
 
 def run_stage(stage: str, config: Config, parent_run_id: str | None = None) -> dict[str, str]:

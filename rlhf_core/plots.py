@@ -24,6 +24,7 @@ def write_curves(
     val_rows: list[dict],
     train_keys: list[str],
     val_keys: list[str],
+    ylabel: str = "loss (nats/token)",
 ) -> Path:
     """``train.csv``, ``val.csv`` and ``<stage>_curves.png`` (train and validation on one axis)."""
     import matplotlib
@@ -40,16 +41,24 @@ def write_curves(
     for key in val_keys:
         ax.plot([r["step"] for r in val_rows], [r[key] for r in val_rows], "o-", label=key)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"{stage}: loss")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{stage}: training and validation")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png = directory / f"{stage}_curves.png"
+    return save_figure(fig, directory / f"{stage}_curves.png")
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
-    tmp = png.with_suffix(".png.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".png.tmp")
     tmp.write_bytes(buffer.getvalue())
-    tmp.replace(png)
-    return png
+    tmp.replace(path)
+    return path

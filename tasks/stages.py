@@ -19,4 +19,14 @@ def sft_task(config: Config, parent_run_id: str | None = None) -> dict[str, str]
     return run_stage("sft", config, parent_run_id)
 
 
-STAGE_TASKS = {"prepare": prepare_task, "sft": sft_task}
+@task(name="rm", retries=0)
+def rm_task(config: Config, parent_run_id: str | None = None) -> dict[str, str]:
+    return run_stage("rm", config, parent_run_id)
+
+
+@task(name="rm-eval", retries=0)
+def rm_eval_task(config: Config, parent_run_id: str | None = None) -> dict[str, str]:
+    return run_stage("rm-eval", config, parent_run_id)
+
+
+STAGE_TASKS = {"prepare": prepare_task, "sft": sft_task, "rm": rm_task, "rm-eval": rm_eval_task}

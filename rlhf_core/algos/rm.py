@@ -53,3 +53,36 @@ def pairwise_loss(
         "score_gap": gap.mean().detach(),
     }
     return loss, stats
+
+
+def reliability_bins(score_gaps: torch.Tensor, first_preferred: torch.Tensor, num_bins: int) -> dict[str, torch.Tensor]:
+    """Calibration of the Bradley-Terry probability ``p = sigmoid(r_a - r_b)`` that ``a`` is preferred.
+
+    Each pair is folded onto the side the model favours: confidence ``c = max(p, 1 - p)`` in [0.5, 1] and
+    ``correct`` = the label agrees with the favoured side (a tie, ``p = 0.5``, counts as wrong, like the
+    accuracy). Bins split [0.5, 1] evenly. Returns per-bin ``count``, ``confidence`` (mean c), ``accuracy``
+    (mean correct; NaN for empty bins) and the expected calibration error
+    ``ece = sum_bins count/N * |accuracy - confidence|``. A calibrated model has accuracy = confidence.
+    ``score_gaps``: ``(N,)`` r_a - r_b; ``first_preferred``: ``(N,)`` bool labels.
+    """
+    if score_gaps.dim() != 1 or score_gaps.shape != first_preferred.shape or score_gaps.numel() == 0:
+        raise ValueError("reliability_bins: expected two non-empty (N,) tensors of equal shape")
+    p_first = torch.sigmoid(score_gaps.double())
+    confidence = torch.maximum(p_first, 1 - p_first)
+    correct = torch.where(score_gaps > 0, first_preferred, ~first_preferred) & (score_gaps != 0)
+    index = ((confidence - 0.5) * 2 * num_bins).long().clamp(max=num_bins - 1)
+    count = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(confidence))
+    conf_sum = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, confidence)
+    correct_sum = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, correct.double())
+    mean_conf = conf_sum / count.clamp(min=1)
+    accuracy = torch.where(count > 0, correct_sum / count.clamp(min=1), torch.full_like(count, float("nan")))
+    ece = ((count / count.sum()) * (torch.nan_to_num(accuracy) - mean_conf).abs()).sum()
+    edges = torch.linspace(0.5, 1.0, num_bins + 1, dtype=torch.float64)
+    return {
+        "lower": edges[:-1],
+        "upper": edges[1:],
+        "count": count,
+        "confidence": mean_conf,
+        "accuracy": accuracy,
+        "ece": ece,
+    }

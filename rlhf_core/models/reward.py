@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_core.errors import RLHFError
+from rlhf_core.errors import ConfigError, RLHFError
 
 
 def load_reward_model(name_or_path: str | Path, pad_token_id: int | None = None) -> torch.nn.Module:
@@ -33,3 +33,77 @@ def load_reward_model(name_or_path: str | Path, pad_token_id: int | None = None)
 def reward_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``(B,)`` scores at the last real token (transformers pools at the last non-pad token itself)."""
     return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)
+
+
+class RewardModelWithLMHead(torch.nn.Module):
+    """Training view of a reward model: pair scores plus, for paper eq. 2's imitation term, LM logits from the
+    same trunk.
+
+    ``reward_model`` is the Hugging Face sequence-classification model (what gets saved); ``lm_head`` maps the
+    trunk's final hidden states to vocabulary logits (the policy's tied or own output layer), or is None when
+    ``rm.beta_rm`` is 0. One module, so DeepSpeed ZeRO shards and gathers every parameter the usual way.
+    """
+
+    def __init__(self, reward_model: torch.nn.Module, lm_head: torch.nn.Module | None):
+        super().__init__()
+        if not hasattr(reward_model, "score"):
+            raise RLHFError(f"{type(reward_model).__name__} has no `score` head; use a decoder-only model")
+        self.reward_model = reward_model
+        self.lm_head = lm_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lm_rows: int = 0):
+        """``(scores (B,), logits of the first lm_rows rows or None)``; the score reads the last real token."""
+        from rlhf_core.algos.rm import gather_last
+
+        hidden = self.reward_model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        scores = gather_last(self.reward_model.score(hidden), attention_mask)
+        logits = self.lm_head(hidden[:lm_rows]) if lm_rows and self.lm_head is not None else None
+        return scores, logits
+
+
+def reward_model_for_training(name_or_path: str | Path, pad_token_id: int, with_lm_head: bool) -> RewardModelWithLMHead:
+    """Load ``name_or_path`` as a reward model; attach its LM output layer when the LM term is on.
+
+    Tied embeddings (the tiny Llama) share the input embedding as output layer, exactly as the causal LM does;
+    otherwise the causal LM's own output layer is loaded. A directory without one (a reward model trained
+    elsewhere with untied embeddings) cannot provide the LM term: that is a configuration error.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialised" is the expected, not a problem
+    try:
+        reward_model = load_reward_model(name_or_path, pad_token_id)
+        lm_head = None
+        if with_lm_head:
+            embeddings = reward_model.get_input_embeddings()
+            vocab, hidden = embeddings.weight.shape
+            if getattr(reward_model.config, "tie_word_embeddings", False):
+                lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+                lm_head.weight = embeddings.weight
+            else:
+                causal, info = AutoModelForCausalLM.from_pretrained(
+                    str(name_or_path), dtype=torch.float32, output_loading_info=True
+                )
+                lm_head = causal.get_output_embeddings()
+                if any("lm_head" in key for key in info["missing_keys"]):
+                    raise ConfigError(
+                        f"rm.init_from={name_or_path} has no language-model head for eq. 2's LM term; "
+                        "set rm.beta_rm=0 or start from a causal LM"
+                    )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return RewardModelWithLMHead(reward_model, lm_head)
+
+
+def save_reward_model(state_dict: dict[str, torch.Tensor], template: RewardModelWithLMHead, tokenizer, path) -> None:
+    """Write the sequence-classification part of a trained :class:`RewardModelWithLMHead` (full state dict from
+    ``distributed.gather_full_state_dict``) as a Hugging Face directory, atomically."""
+    from rlhf_core.io import atomic_directory
+
+    prefix = "reward_model."
+    weights = {name[len(prefix) :]: tensor for name, tensor in state_dict.items() if name.startswith(prefix)}
+    with atomic_directory(path) as tmp:
+        template.reward_model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from rlhf_core import distributed
 from rlhf_core.algos.sft import sft_loss
 from rlhf_core.config import Config, save_config, steps_for
+from rlhf_core.data.order import global_order, rank_batches
 from rlhf_core.data.rows import load_split
 from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response, left_pad
 from rlhf_core.io import atomic_directory, atomic_write_json, atomic_write_jsonl
@@ -47,30 +48,18 @@ def _encode(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
     return [(encode_query(tokenizer, r["prompt"]), encode_response(tokenizer, r["response"])) for r in rows]
 
 
-def _global_order(num_examples: int, total_needed: int, seed: int) -> list[int]:
-    """Concatenated per-epoch permutations, identical on every rank."""
-    order: list[int] = []
-    epoch = 0
-    while len(order) < total_needed:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order.extend(torch.randperm(num_examples, generator=generator).tolist())
-        epoch += 1
-    return order[:total_needed]
-
-
 @torch.no_grad()
 def evaluate_loss(engine, examples, micro_batch_size: int, pad_id: int, ctx) -> float:
     """Token-mean response NLL over ``examples`` (sharded over ranks, summed globally)."""
     engine.module.eval()
     nll_sum = torch.zeros((), dtype=torch.float64)
     tokens = torch.zeros((), dtype=torch.float64)
-    shard = examples[ctx.rank :: ctx.world_size]
-    for start in range(0, len(shard), micro_batch_size):
-        batch = {
-            k: v.to(engine.device) for k, v in collate_sft(shard[start : start + micro_batch_size], pad_id).items()
-        }
+    for chunk, is_filler in rank_batches(examples, micro_batch_size, ctx.rank, ctx.world_size):
+        batch = {k: v.to(engine.device) for k, v in collate_sft(chunk, pad_id).items()}
         with engine.autocast():
             logits = engine.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if is_filler:
+            continue
         _, stats = sft_loss(logits, batch["labels"])
         nll_sum += stats["nll_sum"].double().cpu()
         tokens += stats["tokens"].double().cpu()
@@ -144,7 +133,7 @@ def train_sft(config: Config, logger: Logger | None = None) -> SFTResult:
 
     model = initial_policy(config.model, tokenizer)
     engine = distributed.make_engine(model, opt, total_steps, ctx, config.distributed)
-    order = _global_order(len(train), total_steps * global_batch, opt.seed)
+    order = global_order(len(train), total_steps * global_batch, opt.seed)
     pad_id = tokenizer.pad_token_id
     accum, micro = opt.gradient_accumulation_steps, opt.micro_batch_size
 

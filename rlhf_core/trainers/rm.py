@@ -1,0 +1,294 @@
+"""The `rm` stage: reward-model training on preference pairs (paper sec. 4.1, eq. 2).
+
+Outputs under ``paths.rm``: ``model/`` (the best checkpoint as a Hugging Face sequence-classification directory,
+``num_labels=1``, with ``reward_stats.json``: the mean and std of its scores on SFT-policy samples for PPO
+prompts), ``checkpoints.json`` (validation metrics of every evaluation and which were saved), ``metrics.json``
+(DVC metrics), ``plots/`` and the resolved ``config.yaml``.
+
+Loss per global batch of pairs: ``mean(-log sigmoid(r_c - r_r - margin)) + center_coef * mean(r^2)
++ beta_rm * (token-mean NLL of the chosen responses)``. The data-parallel contract is the SFT stage's: every
+rank draws the same order and takes its own micro-batches of each global batch; the LM term is normalised by
+the chosen-response tokens of the whole global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rlhf_core import distributed
+from rlhf_core.algos.rm import pairwise_loss
+from rlhf_core.algos.sft import sft_loss
+from rlhf_core.config import Config, save_config, steps_for
+from rlhf_core.data.order import global_order, rank_batches
+from rlhf_core.data.rows import load_split
+from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response, left_pad
+from rlhf_core.errors import DataError
+from rlhf_core.io import atomic_write_json
+from rlhf_core.models.reward import load_reward_model, reward_model_for_training, reward_scores, save_reward_model
+from rlhf_core.models.tokenizer import load_tokenizer
+from rlhf_core.plots import write_curves
+from rlhf_core.tracking import Logger, NullLogger
+
+Pair = tuple[list[int], list[int], list[int]]  # (query ids, chosen response ids, rejected response ids)
+
+
+@dataclass(frozen=True)
+class RMResult:
+    output_dir: Path
+    model_dir: Path
+    metrics_path: Path
+    metrics: dict
+    history: list[dict]
+
+    def artifacts(self) -> dict[str, str]:
+        return {"model": str(self.model_dir), "metrics": str(self.metrics_path)}
+
+
+def encode_pairs(tokenizer, rows: list[dict]) -> list[Pair]:
+    return [
+        (
+            encode_query(tokenizer, r["prompt"]),
+            encode_response(tokenizer, r["chosen"]),
+            encode_response(tokenizer, r["rejected"]),
+        )
+        for r in rows
+    ]
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``2B`` sequences: the B chosen rows first, then the B rejected ones; labels mark the
+    response tokens (the LM term reads those of the chosen half)."""
+    return collate_sft([(q, c) for q, c, _ in pairs] + [(q, r) for q, _, r in pairs], pad_id)
+
+
+def split_train_val(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded, prompt-disjoint hold-out of ``rm_train`` (at least one pair on each side)."""
+    if len(rows) < 2:
+        raise DataError(f"rm_train has {len(rows)} pair(s); the reward model needs at least 2 (train + validation)")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+    val_ids = set(order[:n_val])
+    return [r for i, r in enumerate(rows) if i not in val_ids], [r for i, r in enumerate(rows) if i in val_ids]
+
+
+def _to_device(engine, pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+    return {k: v.to(engine.device) for k, v in collate_pairs(pairs, pad_id).items()}
+
+
+@torch.no_grad()
+def validate(engine, pairs: list[Pair], micro: int, pad_id: int, ctx) -> dict[str, float]:
+    """Ranking loss, accuracy and score gap over ``pairs`` (sharded over ranks, reduced globally)."""
+    engine.module.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, gap, pairs
+    for chunk, is_filler in rank_batches(pairs, micro, ctx.rank, ctx.world_size):
+        batch, n = _to_device(engine, chunk, pad_id), len(chunk)
+        with engine.autocast():
+            scores, _ = engine.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if is_filler:
+            continue
+        scores = scores.float()
+        loss, stats = pairwise_loss(scores[:n], scores[n:])
+        sums += torch.tensor([float(loss) * n, float(stats["accuracy"]) * n, float(stats["score_gap"]) * n, n])
+    engine.module.train()
+    loss, correct, gap, count = distributed.all_reduce_sum(sums).tolist()
+    return {"rm/val_loss": loss / count, "rm/val_accuracy": correct / count, "rm/val_score_gap": gap / count}
+
+
+def _is_better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+@torch.no_grad()
+def reward_statistics(config: Config, rm_dir: Path, tokenizer, ctx) -> dict:
+    """Mean and std of the reward model's scores on SFT-policy answers to PPO prompts (sampled with PPO's
+    temperature, top-p and repetition penalty), so PPO can normalise rewards from its first step."""
+    from rlhf_core.models.causal_lm import load_causal_lm
+
+    prompts = [r["prompt"] for r in load_split(config.paths.data, "ppo", config.data)]
+    prompts = prompts[: config.rm.reward_stats_prompts][ctx.rank :: ctx.world_size]
+    policy = load_causal_lm(Path(config.paths.sft) / "model", tokenizer).eval()
+    reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id).eval()
+    generator_seed = config.rm.seed * 1_000_003 + ctx.rank
+    sums = torch.zeros(3, dtype=torch.float64)  # sum, sum of squares, count
+    batch_size = config.rm_eval.batch_size
+    with torch.random.fork_rng():
+        torch.manual_seed(generator_seed)
+        for start in range(0, len(prompts), batch_size):
+            queries = [encode_query(tokenizer, p) for p in prompts[start : start + batch_size]]
+            input_ids, attention_mask = left_pad(queries, tokenizer.pad_token_id)
+            output = policy.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=config.data.max_response_tokens,
+                do_sample=True,
+                temperature=config.ppo.temperature,
+                top_p=config.ppo.top_p,
+                top_k=0,
+                repetition_penalty=config.ppo.repetition_penalty,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            # Scored as PPO will: query + response as generated (left-padded; the head reads the last real token).
+            full_mask = torch.cat([attention_mask, _response_mask(output[:, input_ids.shape[1] :], tokenizer)], 1)
+            scores = reward_scores(reward_model, output, full_mask).double()
+            sums += torch.stack([scores.sum(), scores.pow(2).sum(), torch.tensor(float(len(scores)))])
+    total, total_sq, count = distributed.all_reduce_sum(sums).tolist()
+    mean = total / count
+    std = math.sqrt(max(total_sq / count - mean * mean, 0.0))
+    return {
+        "mean": mean,
+        "std": std,
+        "count": int(count),
+        "policy": str(Path(config.paths.sft) / "model"),
+        "prompts": "ppo split, first rm.reward_stats_prompts",
+        "sampling": {
+            "temperature": config.ppo.temperature,
+            "top_p": config.ppo.top_p,
+            "repetition_penalty": config.ppo.repetition_penalty,
+            "max_new_tokens": config.data.max_response_tokens,
+        },
+    }
+
+
+def _response_mask(responses: torch.Tensor, tokenizer) -> torch.Tensor:
+    """1 up to and including the first EOS of each generated row, 0 after it (generate pads finished rows)."""
+    is_eos = responses == tokenizer.eos_token_id
+    after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    return (~after_eos).long()
+
+
+def train_reward_model(config: Config, logger: Logger | None = None) -> RMResult:
+    """Train the reward model on ``rm_train`` (minus a validation hold-out); keep the best checkpoint."""
+    logger = logger or NullLogger()
+    started = time.time()
+    ctx = distributed.setup(config.distributed)
+    distributed.seed_everything(config.rm.seed)
+    opt = config.rm
+    data_dir, out = Path(config.paths.data), Path(config.paths.rm)
+    tokenizer = load_tokenizer(data_dir / "tokenizer")
+    pad_id = tokenizer.pad_token_id
+    train_rows, val_rows = split_train_val(load_split(data_dir, "rm_train", config.data), opt.val_fraction, opt.seed)
+    train, val = encode_pairs(tokenizer, train_rows), encode_pairs(tokenizer, val_rows)
+    global_batch, total_steps = steps_for(len(train), opt, ctx.world_size)
+
+    init_from = opt.init_from or str(Path(config.paths.sft) / "model")
+    model = reward_model_for_training(init_from, pad_id, with_lm_head=opt.beta_rm > 0)
+    engine = distributed.make_engine(model, opt, total_steps, ctx, config.distributed)
+    order = global_order(len(train), total_steps * global_batch, opt.seed)
+    accum, micro = opt.gradient_accumulation_steps, opt.micro_batch_size
+    model_dir = out / "model"
+
+    history: list[dict] = []
+    checkpoints: list[dict] = []
+    best: float | None = None
+    progress = tqdm(range(total_steps), desc="rm", disable=not ctx.is_main, dynamic_ncols=True, mininterval=2.0)
+    for step in progress:
+        batch_ids = order[step * global_batch : (step + 1) * global_batch]
+        mine = [train[i] for i in batch_ids[ctx.rank * accum * micro : (ctx.rank + 1) * accum * micro]]
+        batches = [
+            (len(mine[j : j + micro]), _to_device(engine, mine[j : j + micro], pad_id))
+            for j in range(0, len(mine), micro)
+        ]
+        local_tokens = sum(int((b["labels"][:n, 1:] != -100).sum()) for n, b in batches)
+        global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))
+        # As in SFT: after the engine divides by `accum` and averages ranks, the LM term is the token mean over
+        # the chosen responses of the whole global batch.
+        normaliser = global_tokens / (accum * ctx.world_size)
+        sums = torch.zeros(5, dtype=torch.float64)  # ranking loss, correct, gap, pairs, chosen nll
+        for n, batch in batches:
+            with engine.autocast():
+                scores, logits = engine.forward(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    lm_rows=n if opt.beta_rm > 0 else 0,
+                )
+            scores = scores.float()
+            rank_loss, stats = pairwise_loss(scores[:n], scores[n:], margin=opt.margin, center_coef=opt.center_coef)
+            loss = rank_loss
+            nll = 0.0
+            if logits is not None:
+                lm_loss, lm_stats = sft_loss(logits.float(), batch["labels"][:n], normaliser=normaliser)
+                loss = loss + opt.beta_rm * lm_loss
+                nll = float(lm_stats["nll_sum"])
+            engine.backward(loss)
+            engine.step()
+            sums += torch.tensor(
+                [float(rank_loss.detach()) * n, float(stats["accuracy"]) * n, float(stats["score_gap"]) * n, n, nll]
+            )
+        rank_sum, correct, gap, pairs, nll_sum = distributed.all_reduce_sum(sums).tolist()
+        record = {
+            "step": step + 1,
+            "rm/loss": rank_sum / pairs,
+            "rm/accuracy": correct / pairs,
+            "rm/score_gap": gap / pairs,
+            "rm/lr": engine.current_lr(),
+        }
+        if opt.beta_rm > 0:
+            record["rm/lm_loss"] = nll_sum / global_tokens
+        if engine.last_grad_norm is not None:
+            record["rm/grad_norm"] = engine.last_grad_norm
+        history.append(record)
+        logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
+
+        if (step + 1) % opt.eval_every == 0 or step + 1 == total_steps:
+            val_metrics = validate(engine, val, config.rm_eval.batch_size, pad_id, ctx)
+            value = val_metrics[f"rm/val_{opt.best_metric}"]
+            saved = _is_better(opt.best_metric, value, best)
+            if saved:
+                # Every rank takes part (ZeRO-3 gathers shards); rank 0 writes.
+                best = value
+                state = distributed.gather_full_state_dict(engine)
+                if ctx.is_main:
+                    save_reward_model(state, engine.unwrapped(), tokenizer, model_dir)
+            checkpoints.append({"step": step + 1, **val_metrics, "saved": saved})
+            logger.log_metrics(val_metrics, step=step + 1)
+            progress.set_postfix(acc=f"{record['rm/accuracy']:.2f}", val_acc=f"{val_metrics['rm/val_accuracy']:.3f}")
+
+    distributed.barrier()
+    reward_stats = reward_statistics(config, model_dir, tokenizer, ctx)
+    metrics: dict = {}
+    if ctx.is_main:
+        atomic_write_json(model_dir / "reward_stats.json", reward_stats)
+        best_checkpoint = [c for c in checkpoints if c["saved"]][-1]
+        tail = history[-min(10, len(history)) :]
+        metrics = {
+            "rm/loss": sum(r["rm/loss"] for r in tail) / len(tail),
+            "rm/accuracy": sum(r["rm/accuracy"] for r in tail) / len(tail),
+            "rm/val_loss": best_checkpoint["rm/val_loss"],
+            "rm/val_accuracy": best_checkpoint["rm/val_accuracy"],
+            "rm/val_score_gap": best_checkpoint["rm/val_score_gap"],
+            "rm/best_step": best_checkpoint["step"],
+            "rm/reward_mean": reward_stats["mean"],
+            "rm/reward_std": reward_stats["std"],
+            "rm/steps": total_steps,
+            "rm/global_batch": global_batch,
+            "rm/train_pairs": len(train),
+            "rm/val_pairs": len(val),
+            "rm/seconds": round(time.time() - started, 2),
+        }
+        atomic_write_json(out / "checkpoints.json", checkpoints)
+        atomic_write_json(out / "metrics.json", metrics)
+        save_config(config, out / "config.yaml")
+        write_curves(
+            out / "plots",
+            "rm",
+            history,
+            checkpoints,
+            ["rm/loss", "rm/accuracy"],
+            ["rm/val_loss", "rm/val_accuracy"],
+            ylabel="ranking loss (nats/pair) / accuracy",
+        )
+        logger.log_metrics({k: metrics[k] for k in ("rm/reward_mean", "rm/reward_std", "rm/best_step")})
+        for name in ("metrics.json", "checkpoints.json", "config.yaml", "plots"):
+            logger.log_artifact(out / name, None if name != "plots" else "plots")
+        logger.log_artifact(model_dir / "reward_stats.json", None)
+    distributed.barrier()
+    return RMResult(out, model_dir, out / "metrics.json", metrics, history)
