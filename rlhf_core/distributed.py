@@ -17,6 +17,7 @@ import contextlib
 import os
 import random
 import socket
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,8 +81,15 @@ def setup(cfg: DistributedConfig) -> DistContext:
 
 
 def shutdown() -> None:
+    """Destroy the process group, and DeepSpeed's cached copies of it, so a later :func:`setup` in the same
+    process (tests, notebooks) starts clean instead of using a destroyed group."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        for name, value in vars(groups).items():
+            if name.startswith("_") and name.endswith("_GROUP") and not callable(value):
+                setattr(groups, name, {} if isinstance(value, dict) else None)
 
 
 def _import_deepspeed():

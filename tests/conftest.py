@@ -43,6 +43,15 @@ TINY = [
     "sft.num_sample_generations=4",
     "sft.lr=3e-3",
     "sft.warmup_ratio=0.0",
+    "rm.max_steps=6",
+    "rm.micro_batch_size=4",
+    "rm.eval_every=3",
+    "rm.lr=3e-3",
+    "rm.warmup_ratio=0.0",
+    "rm.val_fraction=0.25",
+    "rm.reward_stats_prompts=8",
+    "rm_eval.batch_size=8",
+    "rm_eval.num_confident_errors=5",
 ]
 
 

@@ -1,4 +1,4 @@
-"""The Prefect flow runs prepare and SFT under one parent MLflow run with a nested run per stage."""
+"""The Prefect flow runs its stages under one parent MLflow run with a nested run per stage."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_flow_runs_all_stages_with_nested_mlflow_runs(prefect_harness, tmp_path)
     overrides = [*tiny_overrides(tmp_path, tracking=True), "sft.max_steps=4"]
     outputs = rlhf(params_file=str(params), overrides=overrides)
 
-    assert list(outputs) == list(FLOW_STAGES) == ["prepare", "sft"]
+    assert list(outputs) == list(FLOW_STAGES) == ["prepare", "sft", "rm", "rm-eval"]
     assert (tmp_path / "data" / "splits" / "sft_train.jsonl").is_file()
     assert outputs["sft"]["model"] == str(tmp_path / "sft" / "model")
     assert json.loads((tmp_path / "sft" / "metrics.json").read_text())["sft/steps"] == 4
@@ -42,7 +42,8 @@ def test_flow_runs_all_stages_with_nested_mlflow_runs(prefect_harness, tmp_path)
     children = {
         r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
     }
-    assert set(children) == {"prepare", "sft"}
+    assert set(children) == set(FLOW_STAGES)
+    assert all(run.info.status == "FINISHED" for run in children.values())
     sft_run = children["sft"]
     assert sft_run.info.status == "FINISHED"
     assert sft_run.data.params["sft.max_steps"] == "4"
@@ -52,3 +53,6 @@ def test_flow_runs_all_stages_with_nested_mlflow_runs(prefect_harness, tmp_path)
     artifacts = {a.path for a in client.list_artifacts(sft_run.info.run_id)}
     assert {"metrics.json", "samples.jsonl", "config.yaml", "plots"} <= artifacts
     assert outputs["sft"]["mlflow_run_id"] == sft_run.info.run_id
+    assert "rm/accuracy" in children["rm"].data.metrics
+    assert "rm_eval/gold_accuracy" in children["rm-eval"].data.metrics
+    assert "plots" in {a.path for a in client.list_artifacts(children["rm-eval"].info.run_id)}

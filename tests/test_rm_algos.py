@@ -51,3 +51,46 @@ def test_last_token_pooling_is_the_same_under_left_and_right_padding():
     assert gather_last(values_left.unsqueeze(-1), left).tolist() == pytest.approx([0.9, 0.7])
     with pytest.raises(ValueError, match="no real token"):
         last_token_index(torch.zeros(1, 3))
+
+
+def test_reliability_bins_on_hand_computed_pairs():
+    from rlhf_core.algos.rm import reliability_bins
+
+    # p = sigmoid(gap): 0.8808 (correct), 0.2689 -> favours b but label says a (wrong), tie (wrong), 0.6225 (wrong)
+    gaps = torch.tensor([2.0, -1.0, 0.0, 0.5])
+    labels = torch.tensor([True, True, False, False])
+    out = reliability_bins(gaps, labels, num_bins=2)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    low_conf = (sig(1.0) + 0.5 + sig(0.5)) / 3  # bin [0.5, 0.75): 0.7311, 0.5, 0.6225
+    assert out["count"].tolist() == [3.0, 1.0]
+    assert out["confidence"].tolist() == pytest.approx([low_conf, sig(2.0)])
+    assert out["accuracy"].tolist() == pytest.approx([0.0, 1.0])
+    assert float(out["ece"]) == pytest.approx(0.75 * low_conf + 0.25 * (1 - sig(2.0)))  # 0.4932
+    assert out["lower"].tolist() == [0.5, 0.75] and out["upper"].tolist() == [0.75, 1.0]
+
+
+def test_reliability_bins_is_symmetric_under_swapping_the_pair_order():
+    from rlhf_core.algos.rm import reliability_bins
+
+    gaps = torch.tensor([1.5, -0.3, 0.7, -2.2, 0.1])
+    labels = torch.tensor([True, False, False, True, True])
+    a, b = reliability_bins(gaps, labels, 5), reliability_bins(-gaps, ~labels, 5)
+    for key in ("count", "confidence", "ece"):
+        torch.testing.assert_close(a[key], b[key])
+    assert torch.isnan(a["accuracy"]).tolist() == torch.isnan(b["accuracy"]).tolist()
+
+
+def test_wilson_interval_matches_the_textbook_value():
+    from rlhf_core.eval.stats import wilson_interval
+
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    low, high = wilson_interval(0, 20)
+    assert low == 0.0 and high == pytest.approx(0.1611, abs=1e-4)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+
+
+def test_markdown_table_escapes_pipes_and_shortens_cells():
+    from rlhf_core.eval.stats import markdown_table
+
+    text = markdown_table([{"a": "x | y", "b": 0.12345, "c": "z" * 30}], ["a", "b", "c"], max_chars=10)
+    assert text.splitlines() == ["| a | b | c |", "|---|---|---|", "| x \\| y | 0.123 | zzzzzzzzz… |"]
