@@ -185,6 +185,7 @@ class SFTConfig(OptimConfig):
 class RMConfig(OptimConfig):
     """Reward-model training (paper sec. 4.1, eq. 2). Consumed by the `rm` stage."""
 
+    epochs: float = Field(2.0, gt=0, description="Passes over the RM split (paper: about 1; 2 suit the tiny model).")
     lr: float = Field(5e-4, gt=0, le=1, description="Peak LR (paper: 5e-6 for 7B; tiny models need more).")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Paper p.8: 10% warm-up.")
     beta_rm: float = Field(1.0, ge=0, description="Weight of the LM loss on the chosen response (eq. 2; paper 1).")

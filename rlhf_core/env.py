@@ -13,6 +13,7 @@ DEFAULTS = {
     "DO_NOT_TRACK": "true",
     "DVC_NO_ANALYTICS": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # per-file "Loading weights" bars; set 0 to see them for big models
 }
 
 
