@@ -79,3 +79,26 @@ def prepared_tiny(tmp_path_factory):
     config = load_config(None, tiny_overrides(root))
     prepare_data(config)
     return root, config
+
+
+def run_torchrun(stage: str, overrides: list[str], workdir: Path, processes: int = 2) -> None:
+    """Run ``rlhf <stage>`` under torchrun with ``processes`` CPU ranks; fail the test with its stderr."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    params = workdir / "params.yaml"
+    params.write_text(yaml.safe_dump({}))
+    with socket.socket() as sock:  # torchrun's --master_port 0 can hang at exit: pick a free port ourselves
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    cmd += ["--master_port", str(port), "-m", "rlhf_core.cli", stage, "--params", str(params)]
+    for override in overrides:
+        cmd += ["--set", override]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]

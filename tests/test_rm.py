@@ -19,7 +19,7 @@ from rlhf_core.models.reward import reward_model_for_training, reward_scores, sa
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.trainers.rm import collate_pairs, encode_pairs, train_reward_model
 from rlhf_core.trainers.rm_eval import evaluate_reward_model
-from tests.conftest import tiny_overrides
+from tests.conftest import run_torchrun, tiny_overrides
 
 
 def _policy_dir(config, tokenizer, path, tied: bool = True):
@@ -251,3 +251,32 @@ def test_deepspeed_zero3_rm_matches_plain_torch(trained_tiny_rm, prepared_tiny, 
     distributed.shutdown()
     for key in ("rm/loss", "rm/lm_loss"):
         assert [r[key] for r in zero3.history] == pytest.approx([r[key] for r in plain.history], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_zero2_rm_reproduces_single_process(trained_tiny_rm, prepared_tiny, tmp_path):
+    """torchrun, 2 ranks x 1 micro-batch, ZeRO-2 == 1 process x 2 micro-batches: the ranking mean and the LM
+    term's global token normalisation give the same steps, validation and reward statistics (1e-4 relative)."""
+    out, _ = trained_tiny_rm
+    common = [*tiny_overrides(prepared_tiny[0]), f"paths.sft={out / 'sft'}", "rm.max_steps=4", "rm.eval_every=2"]
+    train_reward_model(
+        load_config(None, [*common, f"paths.rm={tmp_path / 'single'}", "rm.gradient_accumulation_steps=2"])
+    )
+    run_torchrun(
+        "rm",
+        [*common, f"paths.rm={tmp_path / 'double'}", "distributed.engine=deepspeed", "distributed.zero_stage=2"],
+        tmp_path,
+    )
+    for name in ("plots/train.csv", "checkpoints.json"):
+        if name.endswith(".csv"):
+            with open(tmp_path / "single" / name) as a, open(tmp_path / "double" / name) as b:
+                single, double = list(csv.DictReader(a)), list(csv.DictReader(b))
+            keys = ["rm/loss", "rm/accuracy"]
+        else:
+            single, double = (json.loads((tmp_path / run / name).read_text()) for run in ("single", "double"))
+            keys = ["rm/val_loss", "rm/val_accuracy"]
+        assert len(single) == len(double) > 0
+        for x, y in zip(single, double, strict=True):
+            assert [float(y[k]) for k in keys] == pytest.approx([float(x[k]) for k in keys], rel=1e-4), name
+    stats = [json.loads((tmp_path / run / "model" / "reward_stats.json").read_text()) for run in ("single", "double")]
+    assert stats[0]["count"] == stats[1]["count"] == 8

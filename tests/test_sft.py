@@ -5,18 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
 
 from rlhf_core.config import load_config
 from rlhf_core.trainers.sft import train_sft
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import run_torchrun, tiny_overrides
 
 
 def _read_losses(path):
@@ -113,25 +108,17 @@ def test_two_process_zero2_reproduces_single_process_loss_curve(prepared_tiny, t
     common = [*tiny_overrides(root), "sft.max_steps=6", "sft.num_sample_generations=0"]
     single = train_sft(load_config(None, [*common, f"paths.sft={tmp_path / 'single'}"]))
 
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({}))
-    overrides = [
-        *common,
-        f"paths.sft={tmp_path / 'double'}",
-        "distributed.engine=deepspeed",
-        "distributed.zero_stage=2",
-        "sft.gradient_accumulation_steps=1",
-    ]
-    with socket.socket() as sock:  # torchrun's --master_port 0 can hang at exit: pick a free port ourselves
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    cmd += ["-m", "rlhf_core.cli", "sft", "--params", str(params)]
-    for override in overrides:
-        cmd += ["--set", override]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(
+        "sft",
+        [
+            *common,
+            f"paths.sft={tmp_path / 'double'}",
+            "distributed.engine=deepspeed",
+            "distributed.zero_stage=2",
+            "sft.gradient_accumulation_steps=1",
+        ],
+        tmp_path,
+    )
 
     double = _read_losses(tmp_path / "double" / "plots" / "train.csv")
     expected = [r["sft/loss"] for r in single.history]
