@@ -32,9 +32,9 @@ def overrides(hh: Path, out: Path) -> list[str]:
         "data.source=hh_rlhf",
         f"data.path={hh}",
         "data.on_bad_rows=skip",  # the file has a few malformed rows; they are counted in stats.json
-        "data.max_prompt_tokens=192",  # dialogue histories are longer than the simulated prompts
-        "data.max_response_tokens=96",
-        "model.max_position_embeddings=320",
+        "data.max_prompt_tokens=384",  # dialogue histories are longer than the simulated prompts (p90: 388)
+        "data.max_response_tokens=192",  # p90 of the longer response: 190
+        "model.max_position_embeddings=640",
         *(f"data.splits.{name}={size}" for name, size in SPLITS.items()),
         "sft.epochs=4",
         "sft.num_sample_generations=8",

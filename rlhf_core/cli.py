@@ -92,6 +92,12 @@ def rm_eval(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
 
 
 @app.command()
+def ppo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """PPO-max against the reward model (ppo.preset: vanilla, moss_released, ppo_max; ppo.tricks.* override)."""
+    _run_single("ppo", params, set_)
+
+
+@app.command()
 def run(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -183,6 +189,16 @@ def _print_summary(config, outputs: dict, seconds: float, prefect: bool) -> None
                 f"; annotator-gold agreement {metrics['rm_eval/annotator_gold_agreement']:.1%}"
             )
         table.add_row("RM test accuracy (95% CI)", line)
+    ppo_path = Path(config.paths.ppo) / "metrics.json"
+    if "ppo" in outputs and ppo_path.is_file():
+        m = read_json(ppo_path)
+        line = (
+            f"RM score {m['ppo/objective_scores']:.2f}, KL {m['ppo/objective_kl']:.2f}, "
+            f"length {m['ppo/rollout_response_length']:.1f}, collapse warnings {m['ppo/collapse_warnings']}"
+        )
+        if "ppo/monitor_gold_score" in m:
+            line += f", gold score {m['ppo/monitor_gold_score']:.2f}"
+        table.add_row(f"PPO ({config.ppo.preset}), last iterations", line)
     for stage, artifacts in outputs.items():
         for name, path in artifacts.items():
             table.add_row(f"{stage}: {name}", str(path))

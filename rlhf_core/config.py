@@ -219,24 +219,122 @@ class RMEvalConfig(_Group):
     histogram_bins: int = Field(40, ge=5, le=500, description="Bins of the score-gap histogram (paper fig. 2).")
 
 
+class TricksConfig(_Group):
+    """PPO-max switches (DESIGN.md trick table). null takes the value of ``ppo.preset``; an explicit value wins."""
+
+    reward_norm: bool | None = Field(None, description="Normalise scores with the running mean/std (eq. 18).")
+    reward_clip: bool | None = Field(None, description="Clip (normalised) scores to [-ppo.reward_clip, +] (eq. 18).")
+    reward_scaling: bool | None = Field(
+        None, description="Divide scores by the running std without centring (MOSS's released script)."
+    )
+    advantage_norm: bool | None = Field(None, description="Whiten advantages per minibatch (sec. 5.3.1).")
+    advantage_clip: bool | None = Field(None, description="Clip advantages to [-ppo.advantage_clip, +].")
+    kl_penalty: bool | None = Field(None, description="Token-level KL penalty to the SFT policy (sec. 5.3.2).")
+    kl_estimator: Literal["k1", "k2", "k3"] | None = Field(None, description="Per-token KL estimator.")
+    kl_controller: Literal["fixed", "adaptive"] | None = Field(
+        None, description="Fixed coefficient or Ziegler's adaptive controller (ppo.kl_target, ppo.kl_horizon)."
+    )
+    entropy_bonus: bool | None = Field(None, description="Entropy bonus (sec. 5.3.2; not recommended).")
+    policy_loss_clip: bool | None = Field(None, description="Clipped surrogate policy loss (sec. 5.3).")
+    value_loss_clip: bool | None = Field(None, description="Clip values around the old values (sec. 5.3).")
+    critic_from_rm: bool | None = Field(
+        None, description="Initialise the critic from the reward model (else: SFT trunk, fresh head)."
+    )
+    critic_warmup: bool | None = Field(
+        None, description="Train only the critic for ppo.critic_warmup_steps before policy updates (sec. 5.3.3)."
+    )
+    global_grad_clip: bool | None = Field(None, description="Clip gradient norms to ppo.max_grad_norm (sec. 5.4).")
+    ptx: bool | None = Field(None, description="PPO-ptx: SFT loss on demonstrations mixed in (sec. 5.4).")
+
+
+# What each preset switches on. `vanilla`: nothing but the clipped surrogate; `moss_released`: what the paper's
+# released script runs (reward scaling, policy and value clipping, KL 0.01); `ppo_max`: the paper's sec. 5.4.
+PRESETS: dict[str, dict[str, Any]] = {
+    "vanilla": {
+        "reward_norm": False, "reward_clip": False, "reward_scaling": False, "advantage_norm": False,
+        "advantage_clip": False, "kl_penalty": False, "kl_estimator": "k1", "kl_controller": "fixed",
+        "entropy_bonus": False, "policy_loss_clip": True, "value_loss_clip": False, "critic_from_rm": False,
+        "critic_warmup": False, "global_grad_clip": False, "ptx": False, "kl_coef": 0.0,
+    },
+    "moss_released": {
+        "reward_norm": False, "reward_clip": False, "reward_scaling": True, "advantage_norm": False,
+        "advantage_clip": False, "kl_penalty": True, "kl_estimator": "k1", "kl_controller": "fixed",
+        "entropy_bonus": False, "policy_loss_clip": True, "value_loss_clip": True, "critic_from_rm": True,
+        "critic_warmup": False, "global_grad_clip": True, "ptx": False, "kl_coef": 0.01,
+    },
+    "ppo_max": {
+        "reward_norm": True, "reward_clip": True, "reward_scaling": False, "advantage_norm": True,
+        "advantage_clip": False, "kl_penalty": True, "kl_estimator": "k1", "kl_controller": "fixed",
+        "entropy_bonus": False, "policy_loss_clip": True, "value_loss_clip": True, "critic_from_rm": True,
+        "critic_warmup": True, "global_grad_clip": True, "ptx": True, "kl_coef": 0.05,
+    },
+}  # fmt: skip
+
+
 class PPOConfig(_Group):
-    """Core PPO hyperparameters (paper sec. 5, App. C). The trick switches are added with the `ppo` stage."""
+    """PPO-max (paper sec. 5, App. C). Consumed by the `ppo` stage."""
 
     seed: int = Field(42, description="Seed of rollouts and minibatch order.")
+    preset: Literal["vanilla", "moss_released", "ppo_max"] = Field(
+        "ppo_max", description="Trick preset; ppo.tricks.* and ppo.kl_coef override single switches."
+    )
+    tricks: TricksConfig = Field(default_factory=TricksConfig, description="Per-trick overrides of the preset.")
+    steps: int = Field(60, ge=1, description="PPO iterations (rollout, then update), critic warm-up included.")
+    rollout_size: int = Field(64, ge=1, description="Samples per experience buffer (paper: 128).")
+    minibatch_size: int = Field(32, ge=1, description="Samples per PPO minibatch (paper: 32).")
+    forward_batch_size: int = Field(64, ge=1, description="Sequences per no-grad forward pass during rollout.")
+    epochs: int = Field(1, ge=1, description="Passes over the buffer (paper sec. 5.4: 1).")
     policy_lr: float = Field(5e-7, gt=0, le=1, description="Policy learning rate (paper/code: 5e-7 for 7B).")
     critic_lr: float = Field(1.65e-6, gt=0, le=1, description="Critic learning rate (paper: 1.65e-6).")
-    kl_coef: float = Field(0.05, ge=0, description="Token-level KL penalty eta (paper Fig. 7: 0.05).")
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up in optimizer steps (paper: 10% of steps).")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("constant", description="Decay after warm-up.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (code: 0.9).")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2 (code: 0.95).")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm bound when tricks.global_grad_clip.")
+    kl_coef: float | None = Field(
+        None, ge=0, description="KL penalty eta; null: the preset's (ppo_max 0.05, paper Fig. 7; moss 0.01)."
+    )
+    kl_target: float = Field(6.0, gt=0, description="Adaptive controller: target KL per sequence (Ziegler: 6).")
+    kl_horizon: int = Field(10000, ge=1, description="Adaptive controller: horizon in samples (Ziegler: 10000).")
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount (code: 1.0).")
     lam: float = Field(0.9, ge=0, le=1, description="GAE lambda (paper App. C.3: 0.9; code: 0.95).")
     cliprange: float = Field(0.2, gt=0, description="Policy ratio clip epsilon (paper sec. 5.3).")
     cliprange_value: float = Field(0.2, gt=0, description="Value clip around old values (paper sec. 5.3).")
     vf_coef: float = Field(1.0, ge=0, description="Weight of the value loss (code: 1.0).")
-    rollout_size: int = Field(128, ge=1, description="Samples per experience buffer (paper: 128).")
-    minibatch_size: int = Field(32, ge=1, description="Samples per PPO minibatch (paper: 32).")
-    epochs: int = Field(1, ge=1, description="Passes over the buffer (paper sec. 5.4: 1).")
+    reward_clip: float = Field(5.0, gt=0, description="delta of eq. 18: normalised scores clipped to [-d, d].")
+    advantage_clip: float = Field(0.5, gt=0, description="Advantage clip bound (code: 0.5).")
+    entropy_coef: float = Field(0.01, ge=0, description="Entropy bonus weight when tricks.entropy_bonus.")
+    ptx_coef: float = Field(0.5, ge=0, description="PPO-ptx weight of the SFT loss (paper gives no value).")
+    critic_warmup_steps: int = Field(5, ge=0, description="Critic-only iterations when tricks.critic_warmup.")
+    missing_eos_penalty: float | None = Field(
+        None, description="Subtracted from the score of responses that hit the length cap without EOS; null: off."
+    )
     temperature: float = Field(0.8, gt=0, description="Sampling temperature (paper sec. 6.1: 0.8).")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling (paper sec. 6.1: 0.9).")
     repetition_penalty: float = Field(1.1, ge=1, description="Repetition penalty (paper sec. 6.1: 1.1).")
+    sample_every: int = Field(10, ge=1, description="Log a table of sampled prompts, responses and scores.")
+    checkpoint_every: int = Field(10, ge=1, description="Save the full training state every N iterations.")
+    resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the latest checkpoint.")
+    max_bad_steps: int = Field(3, ge=1, description="Consecutive non-finite updates before the run stops.")
+    collapse_kl: float = Field(8.0, gt=0, description="Collapse monitor: KL to the reference (nats/sequence).")
+    collapse_length_ratio: float = Field(
+        2.0, gt=1, description="Collapse monitor: mean length beyond ratio x (or below 1/ratio of) the first."
+    )
+    collapse_ppl_ratio: float = Field(0.5, gt=0, lt=1, description="Collapse monitor: policy ppl below ratio x ref.")
+    stop_on_collapse: bool = Field(
+        False, description="Stop at the first collapse warning, keeping the last healthy checkpoint."
+    )
+
+    def resolved_tricks(self) -> dict[str, Any]:
+        """The preset's switches with every explicit ``tricks.*`` (and ``kl_coef``) applied on top."""
+        resolved = dict(PRESETS[self.preset])
+        resolved.update({k: v for k, v in self.tricks.model_dump().items() if v is not None})
+        if self.kl_coef is not None:
+            resolved["kl_coef"] = self.kl_coef
+        return resolved
 
 
 class EvalConfig(_Group):

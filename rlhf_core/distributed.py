@@ -14,11 +14,13 @@ so nothing compiles (results are identical).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -136,6 +138,7 @@ class TorchEngine:
         self.device = device
         self._micro = 0
         self.last_grad_norm: float | None = None
+        self.skipped_steps = 0
 
     def autocast(self):
         if not self.bf16:
@@ -158,10 +161,32 @@ class TorchEngine:
             self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
         else:
             self.last_grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        if not math.isfinite(self.last_grad_norm):
+            # A non-finite gradient would poison the weights and Adam's moments: drop this update entirely.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            return False
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
+
+    def save_state(self, directory: Path) -> None:
+        """Weights, optimizer and scheduler state (for resuming), into ``directory``."""
+        state = {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "micro": self._micro,
+        }
+        torch.save(state, Path(directory) / "engine.pt")
+
+    def load_state(self, directory: Path) -> None:
+        state = torch.load(Path(directory) / "engine.pt", map_location=self.device, weights_only=False)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._micro = state["micro"]
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -178,6 +203,7 @@ class DeepSpeedEngine:
         self.module = engine.module
         self.device = engine.device
         self.last_grad_norm: float | None = None
+        self.skipped_steps = 0
 
     def autocast(self):
         return contextlib.nullcontext()  # DeepSpeed casts the model itself when bf16 is on
@@ -198,6 +224,13 @@ class DeepSpeedEngine:
 
     def current_lr(self) -> float:
         return self.engine.get_lr()[0]
+
+    def save_state(self, directory: Path) -> None:
+        """DeepSpeed's own checkpoint (sharded weights, optimizer and scheduler); every rank must call it."""
+        self.engine.save_checkpoint(str(directory), tag="engine")
+
+    def load_state(self, directory: Path) -> None:
+        self.engine.load_checkpoint(str(directory), tag="engine")
 
     def unwrapped(self):
         return self.engine.module

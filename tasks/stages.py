@@ -29,4 +29,9 @@ def rm_eval_task(config: Config, parent_run_id: str | None = None) -> dict[str, 
     return run_stage("rm-eval", config, parent_run_id)
 
 
-STAGE_TASKS = {"prepare": prepare_task, "sft": sft_task, "rm": rm_task, "rm-eval": rm_eval_task}
+@task(name="ppo", retries=0)
+def ppo_task(config: Config, parent_run_id: str | None = None) -> dict[str, str]:
+    return run_stage("ppo", config, parent_run_id)
+
+
+STAGE_TASKS = {"prepare": prepare_task, "sft": sft_task, "rm": rm_task, "rm-eval": rm_eval_task, "ppo": ppo_task}

@@ -18,6 +18,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_HH = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
@@ -52,6 +53,15 @@ TINY = [
     "rm.reward_stats_prompts=8",
     "rm_eval.batch_size=8",
     "rm_eval.num_confident_errors=5",
+    "ppo.steps=4",
+    "ppo.rollout_size=8",
+    "ppo.minibatch_size=4",
+    "ppo.forward_batch_size=8",
+    "ppo.critic_warmup_steps=1",
+    "ppo.policy_lr=1e-4",
+    "ppo.critic_lr=1e-4",
+    "ppo.checkpoint_every=2",
+    "ppo.sample_every=2",
 ]
 
 
@@ -102,3 +112,34 @@ def run_torchrun(stage: str, overrides: list[str], workdir: Path, processes: int
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def policy_dir(config, tokenizer, path: Path, tied: bool = True) -> Path:
+    """An untrained tiny policy saved like the SFT stage saves one (enough to start the later stages)."""
+    import torch
+
+    from rlhf_core.models.causal_lm import build_tiny_llama
+
+    model = build_tiny_llama(config.model, tokenizer)
+    if not tied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 0.5)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_rm(prepared_tiny, tmp_path_factory):
+    """The tiny simulated data, an (untrained) SFT policy and a reward model trained on them: (root, config)."""
+    from rlhf_core.config import load_config
+    from rlhf_core.models.tokenizer import load_tokenizer
+    from rlhf_core.trainers.rm import train_reward_model
+
+    root, config = prepared_tiny
+    out = tmp_path_factory.mktemp("rm_stage")
+    tokenizer = load_tokenizer(root / "data" / "tokenizer")
+    policy_dir(config, tokenizer, out / "sft" / "model")
+    config = load_config(None, [*tiny_overrides(root), *(f"paths.{p}={out / p}" for p in ("sft", "rm", "rm_eval"))])
+    train_reward_model(config)
+    return out, config

@@ -14,23 +14,12 @@ import torch.nn.functional as F
 from rlhf_core.config import load_config
 from rlhf_core.errors import ConfigError, DataError
 from rlhf_core.io import atomic_write_jsonl
-from rlhf_core.models.causal_lm import build_tiny_llama
 from rlhf_core.models.reward import reward_model_for_training, reward_scores, save_reward_model
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.trainers.rm import collate_pairs, encode_pairs, train_reward_model
 from rlhf_core.trainers.rm_eval import evaluate_reward_model
+from tests.conftest import policy_dir as _policy_dir
 from tests.conftest import run_torchrun, tiny_overrides
-
-
-def _policy_dir(config, tokenizer, path, tied: bool = True):
-    model = build_tiny_llama(config.model, tokenizer)
-    if not tied:
-        model.config.tie_word_embeddings = False
-        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 0.5)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
 
 PAIRS = [
     {"prompt": "What is 2 + 3?", "chosen": "2 + 3 = 5.", "rejected": "I can't help with that."},
@@ -150,18 +139,6 @@ def test_rm_smoke_loss_falls_accuracy_rises_weights_change(prepared_tiny, tmp_pa
     with open(tmp_path / "rm" / "plots" / "train.csv") as handle:
         assert [float(r["rm/loss"]) for r in csv.DictReader(handle)] == pytest.approx(losses)
     assert not list((tmp_path / "rm").glob(".*.tmp")), "temporary files left behind"
-
-
-@pytest.fixture(scope="module")
-def trained_tiny_rm(prepared_tiny, tmp_path_factory):
-    """The tiny simulated data with a reward model trained on it: (root, config)."""
-    root, config = prepared_tiny
-    out = tmp_path_factory.mktemp("rm_stage")
-    tokenizer = load_tokenizer(root / "data" / "tokenizer")
-    _policy_dir(config, tokenizer, out / "sft" / "model")
-    config = load_config(None, [*tiny_overrides(root), *(f"paths.{p}={out / p}" for p in ("sft", "rm", "rm_eval"))])
-    train_reward_model(config)
-    return out, config
 
 
 def test_rm_eval_outputs_are_mutually_consistent(trained_tiny_rm, prepared_tiny):

@@ -51,3 +51,11 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
         input_ids[i, width - len(seq) :] = torch.tensor(seq)
         attention_mask[i, width - len(seq) :] = 1
     return input_ids, attention_mask
+
+
+def eos_response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """``(B, T)`` 0/1 mask of generated responses: 1 up to and including the first EOS, 0 after it (generation
+    pads finished rows; a row without EOS ran to the length cap and is all 1)."""
+    is_eos = (responses == eos_id).long()
+    after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
+    return (~after_eos).long()

@@ -27,7 +27,7 @@ from rlhf_core.algos.sft import sft_loss
 from rlhf_core.config import Config, save_config, steps_for
 from rlhf_core.data.order import global_order, rank_batches
 from rlhf_core.data.rows import load_split
-from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response, left_pad
+from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response, eos_response_mask, left_pad
 from rlhf_core.errors import DataError
 from rlhf_core.io import atomic_write_json
 from rlhf_core.models.reward import load_reward_model, reward_model_for_training, reward_scores, save_reward_model
@@ -137,7 +137,9 @@ def reward_statistics(config: Config, rm_dir: Path, tokenizer, ctx) -> dict:
                 pad_token_id=tokenizer.pad_token_id,
             )
             # Scored as PPO will: query + response as generated (left-padded; the head reads the last real token).
-            full_mask = torch.cat([attention_mask, _response_mask(output[:, input_ids.shape[1] :], tokenizer)], 1)
+            full_mask = torch.cat(
+                [attention_mask, eos_response_mask(output[:, input_ids.shape[1] :], tokenizer.eos_token_id)], 1
+            )
             scores = reward_scores(reward_model, output, full_mask).double()
             sums += torch.stack([scores.sum(), scores.pow(2).sum(), torch.tensor(float(len(scores)))])
     total, total_sq, count = distributed.all_reduce_sum(sums).tolist()
@@ -156,13 +158,6 @@ def reward_statistics(config: Config, rm_dir: Path, tokenizer, ctx) -> dict:
             "max_new_tokens": config.data.max_response_tokens,
         },
     }
-
-
-def _response_mask(responses: torch.Tensor, tokenizer) -> torch.Tensor:
-    """1 up to and including the first EOS of each generated row, 0 after it (generate pads finished rows)."""
-    is_eos = responses == tokenizer.eos_token_id
-    after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
-    return (~after_eos).long()
 
 
 def train_reward_model(config: Config, logger: Logger | None = None) -> RMResult:
