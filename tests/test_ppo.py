@@ -30,3 +30,130 @@ def test_ppo_smoke_every_preset(trained_tiny_rm, prepared_tiny, tmp_path, preset
     tricks = json.loads((tmp_path / "ppo" / "tricks.json").read_text())
     assert tricks["preset"] == preset
     print(result.metrics)
+
+
+def test_outputs_metrics_samples_and_resolved_tricks(trained_tiny_rm, prepared_tiny, tmp_path):
+    import csv
+
+    config = _config(trained_tiny_rm, prepared_tiny[0], tmp_path, "ppo.tricks.reward_clip=false", "ppo.kl_coef=0.2")
+    result = train_ppo(config)
+    out = tmp_path / "ppo"
+    tricks = json.loads((out / "tricks.json").read_text())
+    assert tricks["reward_clip"] is False and tricks["kl_coef"] == 0.2  # explicit params beat the preset
+    assert tricks["reward_norm"] is True  # the rest comes from ppo_max
+    history = result.history
+    warmup = config.ppo.critic_warmup_steps
+    assert all("loss/policy" not in r for r in history[:warmup]), "critic warm-up trains only the critic"
+    assert all("loss/policy" in r and "loss/ptx" in r for r in history[warmup:])
+    for key in (
+        "objective/scores", "objective/kl", "objective/entropy", "rollout/response_length", "rollout/eos_rate",
+        "rollout/repetition", "monitor/ppl_policy", "monitor/ppl_ref", "monitor/gold_score", "reward/running_std",
+        "loss/value", "val/clipfrac",
+    ):  # fmt: skip
+        assert all(key in r for r in history), key
+    # Before the first policy update the policy is the reference: KL 0, equal perplexities.
+    assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert history[0]["monitor/ppl_policy"] == pytest.approx(history[0]["monitor/ppl_ref"], rel=1e-5)
+    with open(out / "plots" / "train.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == list(range(1, config.ppo.steps + 1))
+    assert (out / "plots" / "ppo_curves.png").stat().st_size > 1000
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"step", "prompt", "response", "score", "gold_score"} <= set(samples[0])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == result.metrics and metrics["ppo/steps"] == config.ppo.steps
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_core.models.causal_lm import load_causal_lm
+
+    trained = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    sft = load_causal_lm(trained_tiny_rm[0] / "sft" / "model")
+    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, sft.state_dict()[k])]
+    assert changed, "the policy must have moved"
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(trained_tiny_rm, prepared_tiny, tmp_path, monkeypatch):
+    import torch
+
+    from rlhf_core.algos import ppo as algo
+    from rlhf_core.errors import RLHFError
+
+    real = algo.policy_loss
+
+    def nan_policy_loss(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return loss * torch.tensor(float("nan")), stats
+
+    monkeypatch.setattr(algo, "policy_loss", nan_policy_loss)
+    config = _config(trained_tiny_rm, prepared_tiny[0], tmp_path, "ppo.steps=6", "ppo.max_bad_steps=3")
+    with pytest.raises(RLHFError, match=r"3 non-finite updates in a row at iteration 3.*step-000002"):
+        train_ppo(config)
+    assert not (tmp_path / "ppo" / "model").exists()
+
+
+def test_bad_ppo_batch_sizes_and_warmup_are_config_errors(trained_tiny_rm, prepared_tiny, tmp_path):
+    from rlhf_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="multiple of ppo.minibatch_size"):
+        train_ppo(_config(trained_tiny_rm, prepared_tiny[0], tmp_path, "ppo.minibatch_size=3"))
+    with pytest.raises(ConfigError, match="leaves no policy update"):
+        train_ppo(_config(trained_tiny_rm, prepared_tiny[0], tmp_path, "ppo.critic_warmup_steps=4"))
+
+
+def test_ppo_without_reward_model_says_what_to_run(prepared_tiny, tmp_path):
+    from rlhf_core.errors import DataError
+
+    config = load_config(None, tiny_overrides(tmp_path))
+    import shutil
+
+    shutil.copytree(prepared_tiny[0] / "data", tmp_path / "data")
+    with pytest.raises(DataError, match="run `rlhf sft` first"):
+        train_ppo(config)
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_same_final_metrics(trained_tiny_rm, prepared_tiny, tmp_path):
+    """A run killed with SIGKILL after its second checkpoint and resumed ends exactly like an uninterrupted one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    out, _ = trained_tiny_rm
+    base = [*tiny_overrides(prepared_tiny[0]), f"paths.sft={out / 'sft'}", f"paths.rm={out / 'rm'}", "ppo.steps=6"]
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(run: str) -> list[str]:
+        cmd = [sys.executable, "-m", "rlhf_core.cli", "ppo", "--params", str(params)]
+        for override in [*base, f"paths.ppo={tmp_path / run}"]:
+            cmd += ["--set", override]
+        return cmd
+
+    subprocess.run(command("straight"), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+
+    proc = subprocess.Popen(command("killed"), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = tmp_path / "killed" / "checkpoints" / "step-000004"
+    deadline = time.time() + 240
+    while not second.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert second.is_dir(), "the run never wrote its second checkpoint"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "metrics.json").exists(), "killed too late to test anything"
+    resumed = subprocess.run(command("killed"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    killed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    straight.pop("ppo/seconds"), killed.pop("ppo/seconds")
+    assert killed == pytest.approx(straight, rel=1e-6, abs=1e-9)

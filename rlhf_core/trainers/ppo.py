@@ -384,6 +384,7 @@ def train_ppo(config: Config, logger: Logger | None = None) -> PPOResult:
                 if tricks["advantage_clip"]:
                     mb_adv = algo.clip_advantages(mb_adv, ppo.advantage_clip)
                 losses = {}
+                bad = False  # a non-finite loss or gradient in this minibatch (its update is skipped)
                 if train_policy:
                     with models.policy.autocast():
                         logits = _response_logits(models.policy.forward, ids[idx], mask[idx], qw, width)
@@ -419,12 +420,11 @@ def train_ppo(config: Config, logger: Logger | None = None) -> PPOResult:
                     )
                     if _finite_everywhere(total):
                         models.policy.backward(total)
-                        stepped = models.policy.step()
-                        bad_in_a_row = 0 if stepped else bad_in_a_row + 1
+                        bad |= not models.policy.step()  # False: a non-finite gradient was dropped
                         if models.policy.last_grad_norm is not None:
                             losses["policy/grad_norm"] = models.policy.last_grad_norm
                     else:
-                        bad_in_a_row += 1
+                        bad = True
                 with models.critic.autocast():
                     values = models.critic.forward(
                         input_ids=ids[idx], attention_mask=mask[idx], position_ids=_positions(mask[idx])
@@ -440,10 +440,10 @@ def train_ppo(config: Config, logger: Logger | None = None) -> PPOResult:
                 )
                 if _finite_everywhere(vf_loss):
                     models.critic.backward(ppo.vf_coef * vf_loss)
-                    stepped = models.critic.step()
-                    bad_in_a_row = 0 if stepped else bad_in_a_row + 1
+                    bad |= not models.critic.step()
                 else:
-                    bad_in_a_row += 1
+                    bad = True
+                bad_in_a_row = bad_in_a_row + 1 if bad else 0
                 losses.update({"loss/value": float(vf_loss.detach()), "val/clipfrac": float(vf_stats["clipfrac"])})
                 for key, value in losses.items():
                     sums.setdefault(key, []).append(value)
