@@ -3,10 +3,11 @@
     .venv/bin/python bench/rm_hh_rlhf.py [--hh ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz]
 
 Proves that the real-data path works end to end and reports, honestly, how far a tiny model trained from scratch
-on ~1,700 pairs gets. The file's pairs are split by prompt: about 330 chosen responses for SFT, then a 90/10
-split of the rest for RM training and testing (a few dozen prompts go to the PPO/eval splits the pipeline
-requires). Two baselines put the accuracy in context: chance (50%) and "prefer the longer response", a known
-strong heuristic on HH-RLHF. Writes ``bench/results/rm_hh_rlhf.json`` and prints a table.
+gets. Pairs whose prompt or responses exceed the token limits below are skipped (counted in stats.json); the
+rest are split by prompt in the proportions of ``SPLITS``: a few hundred chosen responses for SFT, then a 90/10
+split for RM training and testing (a few dozen prompts go to the PPO/eval splits the pipeline requires). Two
+baselines put the accuracy in context: chance (50%) and "prefer the longer response", a known strong heuristic
+on helpful-style HH-RLHF data. Writes ``bench/results/rm_hh_rlhf.json`` and prints a table.
 """
 
 from __future__ import annotations
