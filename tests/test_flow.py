@@ -29,7 +29,7 @@ def test_flow_runs_all_stages_with_nested_mlflow_runs(prefect_harness, tmp_path)
     overrides = [*tiny_overrides(tmp_path, tracking=True), "sft.max_steps=4"]
     outputs = rlhf(params_file=str(params), overrides=overrides)
 
-    assert list(outputs) == list(FLOW_STAGES) == ["prepare", "sft", "rm", "rm-eval"]
+    assert list(outputs) == list(FLOW_STAGES) == ["prepare", "sft", "rm", "rm-eval", "ppo"]
     assert (tmp_path / "data" / "splits" / "sft_train.jsonl").is_file()
     assert outputs["sft"]["model"] == str(tmp_path / "sft" / "model")
     assert json.loads((tmp_path / "sft" / "metrics.json").read_text())["sft/steps"] == 4
@@ -56,3 +56,6 @@ def test_flow_runs_all_stages_with_nested_mlflow_runs(prefect_harness, tmp_path)
     assert "rm/accuracy" in children["rm"].data.metrics
     assert "rm_eval/gold_accuracy" in children["rm-eval"].data.metrics
     assert "plots" in {a.path for a in client.list_artifacts(children["rm-eval"].info.run_id)}
+    ppo_run = children["ppo"]
+    assert "objective/kl" in ppo_run.data.metrics and "rollout/response_length" in ppo_run.data.metrics
+    assert ppo_run.data.params["ppo.resolved.reward_norm"] == "True"

@@ -71,7 +71,6 @@ def _response_logits(model, ids, mask, query_width: int, width: int) -> torch.Te
 @torch.no_grad()
 def generate(policy, tokenizer, query_ids, query_mask, cfg, max_new_tokens: int) -> torch.Tensor:
     """``(B, T)`` sampled response tokens (pad after EOS), T <= max_new_tokens."""
-    policy.eval()
     output = policy.generate(
         input_ids=query_ids,
         attention_mask=query_mask,
@@ -84,7 +83,6 @@ def generate(policy, tokenizer, query_ids, query_mask, cfg, max_new_tokens: int)
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    policy.train()
     return output[:, query_ids.shape[1] :]
 
 
@@ -126,6 +124,10 @@ class _Models:
         self.critic = distributed.make_engine(
             critic, _optim(ppo, ppo.critic_lr, clip, total_critic_steps), total_critic_steps, ctx, config.distributed
         )
+        # Dropout off everywhere ("N implementation details" #13): log-probs of the rollout and of the update
+        # must come from the same function, or the ratio is noise. Gradients flow in eval mode all the same.
+        self.policy.unwrapped().eval()
+        self.critic.unwrapped().eval()
 
 
 def _optim(ppo, lr: float, max_grad_norm: float | None, total_steps: int) -> OptimConfig:
@@ -518,6 +520,9 @@ def train_ppo(config: Config, logger: Logger | None = None) -> PPOResult:
         with atomic_directory(model_dir) as tmp:
             models.policy.unwrapped().save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+        comparison = _eval_comparison(
+            config, models.policy.unwrapped(), models.reference, models.reward_model, tokenizer, judge, ctx.device
+        )
         tail = history[-min(5, len(history)) :]
         keys = [
             "objective/scores",
@@ -537,6 +542,7 @@ def train_ppo(config: Config, logger: Logger | None = None) -> PPOResult:
                 "ppo/collapse_warnings": monitor["warnings"],
                 "ppo/stopped_early": int(stopped_early),
                 "ppo/skipped_updates": history[-1]["ppo/skipped_updates"],
+                **comparison,
                 "ppo/seconds": round(time.time() - started, 2),
             }
         )
@@ -553,6 +559,56 @@ def train_ppo(config: Config, logger: Logger | None = None) -> PPOResult:
         logger.log_artifact(out / "plots", "plots")
     distributed.barrier()
     return PPOResult(out, model_dir, out / "metrics.json", metrics, history)
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float, float]:
+    """Mean and its normal-approximation 95% interval."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(n - 1, 1))
+    half = 1.959964 * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+@torch.no_grad()
+def _eval_comparison(config: Config, policy, reference, reward_model, tokenizer, judge: _Judge, device) -> dict:
+    """RM and gold scores of the SFT policy and the PPO policy on the held-out ``eval`` prompts, sampled with the
+    paper's evaluation settings (``eval.*``) from the same seed; means with 95% intervals."""
+    prompts = [r["prompt"] for r in load_split(config.paths.data, "eval", config.data)]
+    query_ids, query_mask = left_pad([encode_query(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    query_ids, query_mask = query_ids.to(device), query_mask.to(device)
+    out: dict = {}
+    for name, model in (("sft", reference), ("policy", policy)):
+        with torch.random.fork_rng():
+            torch.manual_seed(config.eval.seed)
+            chunks = [
+                generate(model, tokenizer, query_ids[i : i + 64], query_mask[i : i + 64], config.eval,
+                         config.data.max_response_tokens)
+                for i in range(0, len(prompts), 64)
+            ]  # fmt: skip
+        width = max(c.shape[1] for c in chunks)
+        responses = _pad_right(chunks, width, tokenizer.pad_token_id)
+        response_mask = eos_response_mask(responses, tokenizer.eos_token_id)
+        responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, tokenizer.pad_token_id))
+        ids, mask = torch.cat([query_ids, responses], 1), torch.cat([query_mask, response_mask], 1)
+        rm = reward_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits.squeeze(-1)
+        mean, low, high = _mean_ci(rm.float().tolist())
+        out.update({f"ppo/eval_rm_score_{name}": mean, f"ppo/eval_rm_score_{name}_ci_low": low,
+                    f"ppo/eval_rm_score_{name}_ci_high": high})  # fmt: skip
+        out[f"ppo/eval_response_length_{name}"] = float(response_mask.sum(1).float().mean())
+        texts = [t.strip() for t in tokenizer.batch_decode(responses, skip_special_tokens=True)]
+        gold = judge.scores(prompts, texts)
+        if gold is not None:
+            mean, low, high = _mean_ci(gold)
+            out.update({f"ppo/eval_gold_score_{name}": mean, f"ppo/eval_gold_score_{name}_ci_low": low,
+                        f"ppo/eval_gold_score_{name}_ci_high": high})  # fmt: skip
+            out[f"_gold_{name}"] = gold
+    if "_gold_sft" in out:
+        diffs = [a - b for a, b in zip(out.pop("_gold_policy"), out.pop("_gold_sft"), strict=True)]
+        mean, low, high = _mean_ci(diffs)
+        out.update({"ppo/eval_gold_gain": mean, "ppo/eval_gold_gain_ci_low": low, "ppo/eval_gold_gain_ci_high": high})
+    out["ppo/eval_prompts"] = len(prompts)
+    return out
 
 
 def _finite_everywhere(loss: torch.Tensor) -> bool:
