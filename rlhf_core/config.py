@@ -56,6 +56,7 @@ class FlawWeights(_Group):
     rambling: float = Field(1.0, ge=0, description="Correct answer followed by filler sentences.")
     repetition: float = Field(1.0, ge=0, description="The answer sentence repeated several times.")
     no_ending: float = Field(1.0, ge=0, description="The response stops mid-sentence.")
+    off_topic: float = Field(1.0, ge=0, description="A clean answer to a different question.")
 
 
 class SimConfig(_Group):

@@ -101,3 +101,23 @@ def test_steps_for_exact_batches_and_clear_error():
     assert steps_for(64, optim, world_size=2) == (16, 8)
     with pytest.raises(ConfigError, match="split has 5 examples but one optimizer step needs a global batch of 8"):
         steps_for(5, optim, world_size=1)
+
+
+def test_presets_set_the_switches_and_explicit_params_win():
+    from rlhf_core.config import PRESETS, load_config
+
+    vanilla = load_config(None, ["ppo.preset=vanilla"]).ppo.resolved_tricks()
+    assert vanilla["policy_loss_clip"] is True
+    assert not any(
+        v for k, v in vanilla.items() if k not in ("policy_loss_clip", "kl_estimator", "kl_controller", "kl_coef")
+    )
+    moss = load_config(None, ["ppo.preset=moss_released"]).ppo.resolved_tricks()
+    assert moss["reward_scaling"] and moss["value_loss_clip"] and moss["kl_coef"] == 0.01
+    assert not moss["reward_norm"] and not moss["critic_warmup"] and not moss["ptx"]
+    default = Config().ppo.resolved_tricks()
+    assert default == PRESETS["ppo_max"] and default["kl_coef"] == 0.05
+    custom = load_config(None, ["ppo.tricks.ptx=false", "ppo.kl_coef=0.1", "ppo.tricks.kl_estimator=k3"]).ppo
+    resolved = custom.resolved_tricks()
+    assert resolved == {**PRESETS["ppo_max"], "ptx": False, "kl_coef": 0.1, "kl_estimator": "k3"}
+    assert set(PRESETS["vanilla"]) == set(PRESETS["ppo_max"]) == set(PRESETS["moss_released"])
+    assert set(PRESETS["ppo_max"]) - {"kl_coef"} == set(Config().ppo.tricks.model_dump())

@@ -355,6 +355,7 @@ EXPECTED_SIGNATURE = {
     "rambling": lambda v: "verbosity" in v.penalties and v.outcome in ("correct", "refused"),
     "repetition": lambda v: "repetition" in v.penalties and v.outcome in ("correct", "refused"),
     "no_ending": lambda v: "no_ending" in v.penalties,
+    "off_topic": lambda v: v.outcome in ("wrong", "complied"),
 }
 
 

@@ -267,11 +267,21 @@ class World:
 
 # ---------------------------------------------------------------------------------------- demonstrator
 APPLICABLE_FLAWS = {
-    "arithmetic": ("wrong_answer", "over_refusal", "rambling", "repetition", "no_ending"),
-    "word_problem": ("wrong_answer", "over_refusal", "rambling", "repetition", "no_ending"),
-    "facts": ("wrong_answer", "over_refusal", "rambling", "repetition", "no_ending"),
-    "harmful": ("harmful_compliance", "rambling", "repetition", "no_ending"),
-    "benign_lookalike": ("wrong_answer", "over_refusal", "rambling", "repetition", "no_ending"),
+    "arithmetic": ("wrong_answer", "over_refusal", "rambling", "repetition", "no_ending", "off_topic"),
+    "word_problem": ("wrong_answer", "over_refusal", "rambling", "repetition", "no_ending", "off_topic"),
+    "facts": ("wrong_answer", "over_refusal", "rambling", "repetition", "no_ending", "off_topic"),
+    "harmful": ("harmful_compliance", "rambling", "repetition", "no_ending", "off_topic"),
+    "benign_lookalike": ("wrong_answer", "over_refusal", "rambling", "repetition", "no_ending", "off_topic"),
+}
+
+# Where an off-topic answer is taken from: categories whose clean answers can never be right by accident (a
+# word problem's final number could equal an arithmetic answer) and are never refusals.
+OFF_TOPIC_SOURCES = {
+    "arithmetic": ("facts", "benign_lookalike"),
+    "word_problem": ("facts", "benign_lookalike"),
+    "facts": ("arithmetic", "word_problem", "benign_lookalike"),
+    "harmful": ("arithmetic", "word_problem", "facts", "benign_lookalike"),
+    "benign_lookalike": ("arithmetic", "word_problem", "facts"),
 }
 
 
@@ -335,6 +345,11 @@ class Demonstrator:
         clean = self._clean(task, rng)
         times = rng.randint(2, 3) if len(clean.split()) <= 10 else 2  # long answers twice: stay in budget
         return " ".join([clean] * times)
+
+    def _off_topic(self, task: Task, rng: random.Random) -> str:
+        """A fluent, clean answer to a different question: the failure a reward model must learn to see."""
+        other = self.world.sample_task(rng.choice(OFF_TOPIC_SOURCES[task.category]), rng)
+        return other.clean_response
 
     def _no_ending(self, task: Task, rng: random.Random) -> str:
         words = self._clean(task, rng).split()
