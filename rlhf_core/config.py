@@ -280,13 +280,15 @@ class PPOConfig(_Group):
         "ppo_max", description="Trick preset; ppo.tricks.* and ppo.kl_coef override single switches."
     )
     tricks: TricksConfig = Field(default_factory=TricksConfig, description="Per-trick overrides of the preset.")
-    steps: int = Field(60, ge=1, description="PPO iterations (rollout, then update), critic warm-up included.")
+    steps: int = Field(150, ge=1, description="PPO iterations (rollout, then update), critic warm-up included.")
     rollout_size: int = Field(64, ge=1, description="Samples per experience buffer (paper: 128).")
     minibatch_size: int = Field(32, ge=1, description="Samples per PPO minibatch (paper: 32).")
     forward_batch_size: int = Field(64, ge=1, description="Sequences per no-grad forward pass during rollout.")
     epochs: int = Field(1, ge=1, description="Passes over the buffer (paper sec. 5.4: 1).")
-    policy_lr: float = Field(5e-7, gt=0, le=1, description="Policy learning rate (paper/code: 5e-7 for 7B).")
-    critic_lr: float = Field(1.65e-6, gt=0, le=1, description="Critic learning rate (paper: 1.65e-6).")
+    policy_lr: float = Field(
+        3e-5, gt=0, le=1, description="Policy learning rate (paper/code: 5e-7 for 7B; the tiny model needs more)."
+    )
+    critic_lr: float = Field(1e-4, gt=0, le=1, description="Critic learning rate (paper: 1.65e-6 for 7B).")
     warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up in optimizer steps (paper: 10% of steps).")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("constant", description="Decay after warm-up.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak.")
