@@ -157,3 +157,23 @@ def test_sigkilled_run_resumes_to_the_same_final_metrics(trained_tiny_rm, prepar
     killed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     straight.pop("ppo/seconds"), killed.pop("ppo/seconds")
     assert killed == pytest.approx(straight, rel=1e-6, abs=1e-9)
+
+
+def test_deepspeed_zero2_ppo_matches_plain_torch(trained_tiny_rm, prepared_tiny, tmp_path):
+    from rlhf_core import distributed
+
+    plain = train_ppo(_config(trained_tiny_rm, prepared_tiny[0], tmp_path / "torch"))
+    zero2 = train_ppo(
+        _config(
+            trained_tiny_rm,
+            prepared_tiny[0],
+            tmp_path / "ds",
+            "distributed.engine=deepspeed",
+            "distributed.zero_stage=2",
+        )
+    )
+    distributed.shutdown()
+    for key in ("objective/kl", "objective/scores", "loss/value", "rollout/response_length"):
+        a = [r[key] for r in plain.history]
+        b = [r[key] for r in zero2.history]
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5), key
