@@ -283,6 +283,9 @@ class PPOConfig(_Group):
     steps: int = Field(150, ge=1, description="PPO iterations (rollout, then update), critic warm-up included.")
     rollout_size: int = Field(64, ge=1, description="Samples per experience buffer (paper: 128).")
     minibatch_size: int = Field(32, ge=1, description="Samples per PPO minibatch (paper: 32).")
+    micro_batch_size: int = Field(
+        32, ge=1, description="Sequences per forward/backward per process; micro-batches accumulate to a minibatch."
+    )
     forward_batch_size: int = Field(64, ge=1, description="Sequences per no-grad forward pass during rollout.")
     epochs: int = Field(1, ge=1, description="Passes over the buffer (paper sec. 5.4: 1).")
     policy_lr: float = Field(

@@ -56,6 +56,7 @@ TINY = [
     "ppo.steps=4",
     "ppo.rollout_size=8",
     "ppo.minibatch_size=4",
+    "ppo.micro_batch_size=2",
     "ppo.forward_batch_size=8",
     "ppo.critic_warmup_steps=1",
     "ppo.policy_lr=1e-4",

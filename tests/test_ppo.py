@@ -177,3 +177,44 @@ def test_deepspeed_zero2_ppo_matches_plain_torch(trained_tiny_rm, prepared_tiny,
         a = [r[key] for r in plain.history]
         b = [r[key] for r in zero2.history]
         assert b == pytest.approx(a, rel=1e-4, abs=1e-5), key
+
+
+def test_collapse_monitor_warns_tags_and_stops_keeping_the_last_healthy_checkpoint(
+    trained_tiny_rm, prepared_tiny, tmp_path
+):
+    """A KL bound no update can satisfy: KL is measured on the rollout, so the first policy update (iteration 2)
+    trips it at iteration 3; the run stops there and saves the policy of the last healthy checkpoint (step 2)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = _config(
+        trained_tiny_rm,
+        prepared_tiny[0],
+        tmp_path,
+        "ppo.collapse_kl=1e-9",
+        "ppo.stop_on_collapse=true",
+        "ppo.checkpoint_every=1",
+        "ppo.critic_warmup_steps=1",
+    )
+
+    class Tags:
+        tags: dict = {}
+
+        def log_metrics(self, *a, **k): ...
+        def log_params(self, *a, **k): ...
+        def log_artifact(self, *a, **k): ...
+        def set_tags(self, tags):
+            self.tags.update(tags)
+
+    logger = Tags()
+    result = train_ppo(config, logger)
+    assert result.metrics["ppo/stopped_early"] == 1
+    assert len(result.history) < config.ppo.steps
+    assert result.history[-1]["monitor/collapse_warnings"] == 1
+    assert "KL" in logger.tags["collapse_warning"]
+    assert [r["step"] for r in result.history] == [1, 2, 3]
+    kept = AutoModelForCausalLM.from_pretrained(result.model_dir).state_dict()
+    healthy = torch.load(tmp_path / "ppo" / "checkpoints" / "step-000002" / "policy" / "engine.pt", weights_only=False)
+    assert all(torch.equal(kept[k], v) for k, v in healthy["module"].items() if k in kept)
+    moved = torch.load(tmp_path / "ppo" / "checkpoints" / "step-000001" / "policy" / "engine.pt", weights_only=False)
+    assert any(not torch.equal(kept[k], v) for k, v in moved["module"].items() if k in kept), "step 2 updated it"

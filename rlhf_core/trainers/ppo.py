@@ -116,13 +116,17 @@ class _Models:
         clip = ppo.max_grad_norm if tricks["global_grad_clip"] else None
         self.policy = distributed.make_engine(
             policy,
-            _optim(ppo, ppo.policy_lr, clip, total_policy_steps),
+            _optim(ppo, ppo.policy_lr, clip, total_policy_steps, ctx.world_size),
             max(total_policy_steps, 1),
             ctx,
             config.distributed,
         )
         self.critic = distributed.make_engine(
-            critic, _optim(ppo, ppo.critic_lr, clip, total_critic_steps), total_critic_steps, ctx, config.distributed
+            critic,
+            _optim(ppo, ppo.critic_lr, clip, total_critic_steps, ctx.world_size),
+            total_critic_steps,
+            ctx,
+            config.distributed,
         )
         # Dropout off everywhere ("N implementation details" #13): log-probs of the rollout and of the update
         # must come from the same function, or the ratio is noise. Gradients flow in eval mode all the same.
@@ -130,11 +134,12 @@ class _Models:
         self.critic.unwrapped().eval()
 
 
-def _optim(ppo, lr: float, max_grad_norm: float | None, total_steps: int) -> OptimConfig:
+def _optim(ppo, lr: float, max_grad_norm: float | None, total_steps: int, world_size: int) -> OptimConfig:
+    """One optimizer step per minibatch: micro-batches of ``ppo.micro_batch_size`` accumulate to it."""
     return OptimConfig(
         seed=ppo.seed,
-        micro_batch_size=ppo.minibatch_size,
-        gradient_accumulation_steps=1,
+        micro_batch_size=ppo.micro_batch_size,
+        gradient_accumulation_steps=ppo.minibatch_size // world_size // ppo.micro_batch_size,
         lr=lr,
         lr_schedule=ppo.lr_schedule,
         warmup_ratio=min(ppo.warmup_steps / max(total_steps, 1), 0.99),
@@ -190,13 +195,14 @@ def train_ppo(config: Config, logger: Logger | None = None) -> PPOResult:
     out = Path(config.paths.ppo)
     data_dir = Path(config.paths.data)
     if (
-        ppo.rollout_size % (ppo.minibatch_size)
-        or ppo.rollout_size % ctx.world_size
+        ppo.rollout_size % ppo.minibatch_size
         or ppo.minibatch_size % ctx.world_size
+        or (ppo.minibatch_size // ctx.world_size) % ppo.micro_batch_size
     ):
         raise ConfigError(
             f"ppo.rollout_size={ppo.rollout_size} must be a multiple of ppo.minibatch_size={ppo.minibatch_size}, "
-            f"and both multiples of the {ctx.world_size} process(es)"
+            f"which must split evenly over {ctx.world_size} process(es) into micro-batches of "
+            f"ppo.micro_batch_size={ppo.micro_batch_size}"
         )
     distributed.seed_everything(ppo.seed + ctx.rank * 100_003)  # ranks sample different responses
     tokenizer = load_tokenizer(data_dir / "tokenizer")
@@ -225,6 +231,7 @@ def train_ppo(config: Config, logger: Logger | None = None) -> PPOResult:
     )
     local_rollout = ppo.rollout_size // ctx.world_size
     local_minibatch = ppo.minibatch_size // ctx.world_size
+    micro = ppo.micro_batch_size
     prompt_order = global_order(len(prompts), ppo.steps * ppo.rollout_size, ppo.seed)
     ptx_order = (
         global_order(len(sft_examples), ppo.steps * updates_per_iter * ppo.minibatch_size, ppo.seed + 1)
@@ -385,70 +392,70 @@ def train_ppo(config: Config, logger: Logger | None = None) -> PPOResult:
                     mb_adv = (mb_adv - adv_mean) * torch.rsqrt(torch.tensor(adv_var + 1e-8)) * mb_mask
                 if tricks["advantage_clip"]:
                     mb_adv = algo.clip_advantages(mb_adv, ppo.advantage_clip)
-                losses = {}
                 bad = False  # a non-finite loss or gradient in this minibatch (its update is skipped)
-                if train_policy:
-                    with models.policy.autocast():
-                        logits = _response_logits(models.policy.forward, ids[idx], mask[idx], qw, width)
-                    new_logprobs = algo.logprobs_from_logits(logits, responses[idx], ppo.temperature)
-                    pg_loss, pg_stats = algo.policy_loss(
-                        new_logprobs, roll["logprobs"][idx], mb_adv, mb_mask, ppo.cliprange, tricks["policy_loss_clip"]
-                    )
-                    total = pg_loss
-                    if tricks["entropy_bonus"]:
-                        ent_loss, _ = algo.entropy_loss(algo.entropy_from_logits(logits, ppo.temperature), mb_mask)
-                        total = total + ppo.entropy_coef * ent_loss
-                    if tricks["ptx"]:
-                        u = (step - warmup_iters) * updates_per_iter + epoch * minibatches + m
-                        chosen = ptx_order[u * ppo.minibatch_size : (u + 1) * ppo.minibatch_size]
-                        mine = chosen[ctx.rank * local_minibatch : (ctx.rank + 1) * local_minibatch]
-                        batch = {
-                            k: v.to(ctx.device) for k, v in collate_sft([sft_examples[i] for i in mine], pad_id).items()
-                        }
+                for j in range(0, local_minibatch, micro):
+                    chunk, c_mask, c_adv = idx[j : j + micro], mb_mask[j : j + micro], mb_adv[j : j + micro]
+                    losses = {}
+                    if train_policy:
                         with models.policy.autocast():
-                            ptx_logits = models.policy.forward(
-                                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                            ).logits
-                        ptx, _ = sft_loss(ptx_logits.float(), batch["labels"])
-                        total = total + ppo.ptx_coef * ptx
-                        losses["loss/ptx"] = float(ptx.detach())
-                    losses.update(
-                        {
-                            "loss/policy": float(pg_loss.detach()),
-                            "policy/approxkl": float(pg_stats["approxkl"]),
-                            "policy/clipfrac": float(pg_stats["clipfrac"]),
-                            "policy/ratio_mean": float(pg_stats["ratio_mean"]),
-                        }
-                    )
-                    if _finite_everywhere(total):
-                        models.policy.backward(total)
-                        bad |= not models.policy.step()  # False: a non-finite gradient was dropped
-                        if models.policy.last_grad_norm is not None:
+                            logits = _response_logits(models.policy.forward, ids[chunk], mask[chunk], qw, width)
+                        new_logprobs = algo.logprobs_from_logits(logits, responses[chunk], ppo.temperature)
+                        pg_loss, pg_stats = algo.policy_loss(
+                            new_logprobs,
+                            roll["logprobs"][chunk],
+                            c_adv,
+                            c_mask,
+                            ppo.cliprange,
+                            tricks["policy_loss_clip"],
+                        )
+                        total = pg_loss
+                        if tricks["entropy_bonus"]:
+                            entropy = algo.entropy_from_logits(logits, ppo.temperature)
+                            total = total + ppo.entropy_coef * algo.entropy_loss(entropy, c_mask)[0]
+                        if tricks["ptx"]:
+                            # The u-th policy update takes the u-th global batch of demonstrations, sliced like the
+                            # rollout: this rank's share, then this micro-batch's part of it.
+                            u = (step - warmup_iters) * updates_per_iter + epoch * minibatches + m
+                            chosen = ptx_order[u * ppo.minibatch_size : (u + 1) * ppo.minibatch_size]
+                            mine = chosen[ctx.rank * local_minibatch : (ctx.rank + 1) * local_minibatch][j : j + micro]
+                            batch = collate_sft([sft_examples[i] for i in mine], pad_id)
+                            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+                            with models.policy.autocast():
+                                ptx_logits = models.policy.forward(
+                                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                                ).logits
+                            ptx, _ = sft_loss(ptx_logits.float(), batch["labels"])
+                            total = total + ppo.ptx_coef * ptx
+                            losses["loss/ptx"] = float(ptx.detach())
+                        losses.update(
+                            {
+                                "loss/policy": float(pg_loss.detach()),
+                                "policy/approxkl": float(pg_stats["approxkl"]),
+                                "policy/clipfrac": float(pg_stats["clipfrac"]),
+                                "policy/ratio_mean": float(pg_stats["ratio_mean"]),
+                            }
+                        )
+                        bad |= _backward_and_step(models.policy, total)
+                        if models.policy.last_grad_norm is not None and j + micro >= local_minibatch:
                             losses["policy/grad_norm"] = models.policy.last_grad_norm
-                    else:
-                        bad = True
-                with models.critic.autocast():
-                    values = models.critic.forward(
-                        input_ids=ids[idx], attention_mask=mask[idx], position_ids=_positions(mask[idx])
+                    with models.critic.autocast():
+                        values = models.critic.forward(
+                            input_ids=ids[chunk], attention_mask=mask[chunk], position_ids=_positions(mask[chunk])
+                        )
+                    new_values = values[:, qw - 1 : qw - 1 + width].float()
+                    vf_loss, vf_stats = algo.value_loss(
+                        new_values,
+                        roll["values"][chunk],
+                        returns[chunk],
+                        c_mask,
+                        ppo.cliprange_value,
+                        tricks["value_loss_clip"],
                     )
-                new_values = values[:, qw - 1 : qw - 1 + width].float()
-                vf_loss, vf_stats = algo.value_loss(
-                    new_values,
-                    roll["values"][idx],
-                    returns[idx],
-                    mb_mask,
-                    ppo.cliprange_value,
-                    tricks["value_loss_clip"],
-                )
-                if _finite_everywhere(vf_loss):
-                    models.critic.backward(ppo.vf_coef * vf_loss)
-                    bad |= not models.critic.step()
-                else:
-                    bad = True
+                    bad |= _backward_and_step(models.critic, ppo.vf_coef * vf_loss)
+                    losses.update({"loss/value": float(vf_loss.detach()), "val/clipfrac": float(vf_stats["clipfrac"])})
+                    for key, value in losses.items():
+                        sums.setdefault(key, []).append(value)
                 bad_in_a_row = bad_in_a_row + 1 if bad else 0
-                losses.update({"loss/value": float(vf_loss.detach()), "val/clipfrac": float(vf_stats["clipfrac"])})
-                for key, value in losses.items():
-                    sums.setdefault(key, []).append(value)
                 if bad_in_a_row >= ppo.max_bad_steps:
                     last = list_checkpoints(checkpoint_root)
                     raise RLHFError(
@@ -609,6 +616,22 @@ def _eval_comparison(config: Config, policy, reference, reward_model, tokenizer,
         out.update({"ppo/eval_gold_gain": mean, "ppo/eval_gold_gain_ci_low": low, "ppo/eval_gold_gain_ci_high": high})
     out["ppo/eval_prompts"] = len(prompts)
     return out
+
+
+def _backward_and_step(engine, loss: torch.Tensor) -> bool:
+    """Backward one micro-batch and count it (the engine steps at the accumulation boundary). True when the loss
+    or the update's gradient was non-finite, i.e. the update is (or will be) skipped.
+
+    The torch engine drops a whole update whose gradient norm is non-finite, so a NaN loss may flow into it and
+    poisons exactly that update. DeepSpeed would apply NaN gradients, so there the bad micro-batch is left out
+    and the update applies the finite rest of the minibatch.
+    """
+    finite = _finite_everywhere(loss)
+    skipped_before = engine.skipped_steps
+    if finite or isinstance(engine, distributed.TorchEngine):
+        engine.backward(loss)
+    engine.step()
+    return not finite or engine.skipped_steps > skipped_before
 
 
 def _finite_everywhere(loss: torch.Tensor) -> bool:
