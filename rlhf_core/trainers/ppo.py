@@ -38,6 +38,7 @@ from rlhf_core.errors import ConfigError, DataError, RLHFError
 from rlhf_core.io import atomic_directory, atomic_write_json, atomic_write_jsonl, read_json
 from rlhf_core.models.causal_lm import load_causal_lm
 from rlhf_core.models.critic import load_critic
+from rlhf_core.models.generation import pad_right, sample, sample_responses
 from rlhf_core.models.reward import load_reward_model
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import save_figure
@@ -66,28 +67,6 @@ def _response_logits(model, ids, mask, query_width: int, width: int) -> torch.Te
     """Logits predicting each response token: position ``query_width - 1 + t`` predicts response token t."""
     logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
     return logits[:, query_width - 1 : query_width - 1 + width].float()
-
-
-@torch.no_grad()
-def generate(policy, tokenizer, query_ids, query_mask, cfg, max_new_tokens: int) -> torch.Tensor:
-    """``(B, T)`` sampled response tokens (pad after EOS), T <= max_new_tokens."""
-    output = policy.generate(
-        input_ids=query_ids,
-        attention_mask=query_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=True,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=0,
-        repetition_penalty=cfg.repetition_penalty,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return output[:, query_ids.shape[1] :]
-
-
-def _pad_right(tensors: list[torch.Tensor], width: int, value: int) -> torch.Tensor:
-    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -288,7 +267,7 @@ def train_ppo(config: Config, logger: Logger | None = None) -> PPOResult:
         query_ids, query_mask = query_ids.to(ctx.device), query_mask.to(ctx.device)
         fb = ppo.forward_batch_size
         chunks = [
-            generate(
+            sample(
                 policy_module,
                 tokenizer,
                 query_ids[i : i + fb],
@@ -299,7 +278,7 @@ def train_ppo(config: Config, logger: Logger | None = None) -> PPOResult:
             for i in range(0, len(batch_prompts), fb)
         ]
         width = max(c.shape[1] for c in chunks)
-        responses = _pad_right(chunks, width, pad_id)
+        responses = pad_right(chunks, width, pad_id)
         response_mask = eos_response_mask(responses, eos_id)
         responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, pad_id))
         ids = torch.cat([query_ids, responses], dim=1)
@@ -582,28 +561,19 @@ def _eval_comparison(config: Config, policy, reference, reward_model, tokenizer,
     """RM and gold scores of the SFT policy and the PPO policy on the held-out ``eval`` prompts, sampled with the
     paper's evaluation settings (``eval.*``) from the same seed; means with 95% intervals."""
     prompts = [r["prompt"] for r in load_split(config.paths.data, "eval", config.data)]
-    query_ids, query_mask = left_pad([encode_query(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
-    query_ids, query_mask = query_ids.to(device), query_mask.to(device)
     out: dict = {}
     for name, model in (("sft", reference), ("policy", policy)):
-        with torch.random.fork_rng():
-            torch.manual_seed(config.eval.seed)
-            chunks = [
-                generate(model, tokenizer, query_ids[i : i + 64], query_mask[i : i + 64], config.eval,
-                         config.data.max_response_tokens)
-                for i in range(0, len(prompts), 64)
-            ]  # fmt: skip
-        width = max(c.shape[1] for c in chunks)
-        responses = _pad_right(chunks, width, tokenizer.pad_token_id)
-        response_mask = eos_response_mask(responses, tokenizer.eos_token_id)
-        responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, tokenizer.pad_token_id))
-        ids, mask = torch.cat([query_ids, responses], 1), torch.cat([query_mask, response_mask], 1)
+        got = sample_responses(
+            model, tokenizer, prompts, config.eval, config.data.max_response_tokens, config.eval.seed, device
+        )
+        response_mask, texts = got["response_mask"], got["texts"]
+        ids = torch.cat([got["query_ids"], got["responses"]], 1)
+        mask = torch.cat([got["query_mask"], response_mask], 1)
         rm = reward_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits.squeeze(-1)
         mean, low, high = _mean_ci(rm.float().tolist())
         out.update({f"ppo/eval_rm_score_{name}": mean, f"ppo/eval_rm_score_{name}_ci_low": low,
                     f"ppo/eval_rm_score_{name}_ci_high": high})  # fmt: skip
         out[f"ppo/eval_response_length_{name}"] = float(response_mask.sum(1).float().mean())
-        texts = [t.strip() for t in tokenizer.batch_decode(responses, skip_special_tokens=True)]
         gold = judge.scores(prompts, texts)
         if gold is not None:
             mean, low, high = _mean_ci(gold)

@@ -1,0 +1,62 @@
+"""Sampling responses from a causal LM the way the paper does (temperature, nucleus, repetition penalty, EOS)."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_core.data.tokenize import encode_query, eos_response_mask, left_pad
+
+
+@torch.no_grad()
+def sample(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens: int) -> torch.Tensor:
+    """``(B, T)`` sampled response tokens (pad after EOS), T <= max_new_tokens. ``sampling`` has temperature,
+    top_p and repetition_penalty; top-k is off (the paper samples with nucleus only)."""
+    output = model.generate(
+        input_ids=query_ids,
+        attention_mask=query_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=0,
+        repetition_penalty=sampling.repetition_penalty,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return output[:, query_ids.shape[1] :]
+
+
+def pad_right(tensors: list[torch.Tensor], width: int, value: int) -> torch.Tensor:
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
+
+
+@torch.no_grad()
+def sample_responses(
+    model, tokenizer, prompts: list[str], sampling, max_new_tokens: int, seed: int, device, batch_size: int = 64
+) -> dict:
+    """One sampled response per prompt from a fixed seed (the caller's RNG state is left untouched).
+
+    Returns ``query_ids``/``query_mask`` (left-padded), ``responses``/``response_mask`` (pad after the first EOS)
+    and the decoded ``texts``.
+    """
+    query_ids, query_mask = left_pad([encode_query(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    query_ids, query_mask = query_ids.to(device), query_mask.to(device)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        chunks = [
+            sample(model, tokenizer, query_ids[i : i + batch_size], query_mask[i : i + batch_size], sampling,
+                   max_new_tokens)
+            for i in range(0, len(prompts), batch_size)
+        ]  # fmt: skip
+    width = max(c.shape[1] for c in chunks)
+    responses = pad_right(chunks, width, tokenizer.pad_token_id)
+    response_mask = eos_response_mask(responses, tokenizer.eos_token_id)
+    responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, tokenizer.pad_token_id))
+    texts = [t.strip() for t in tokenizer.batch_decode(responses, skip_special_tokens=True)]
+    return {
+        "query_ids": query_ids,
+        "query_mask": query_mask,
+        "responses": responses,
+        "response_mask": response_mask,
+        "texts": texts,
+    }
