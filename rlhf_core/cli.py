@@ -97,6 +97,12 @@ def ppo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     _run_single("ppo", params, set_)
 
 
+@app.command("eval")
+def eval_(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Win rate of the PPO policy against the SFT policy, judged by the gold judge and the reward model."""
+    _run_single("eval", params, set_)
+
+
 @app.command()
 def run(
     params: ParamsOpt = Path("params.yaml"),
@@ -199,6 +205,19 @@ def _print_summary(config, outputs: dict, seconds: float, prefect: bool) -> None
         if "ppo/monitor_gold_score" in m:
             line += f", gold score {m['ppo/monitor_gold_score']:.2f}"
         table.add_row(f"PPO ({config.ppo.preset}), last iterations", line)
+    eval_path = Path(config.paths.eval) / "metrics.json"
+    if "eval" in outputs and eval_path.is_file():
+        m = read_json(eval_path)
+        for judge in ("gold", "rm"):
+            if f"eval/{judge}/win_rate" in m:
+                table.add_row(
+                    f"PPO vs SFT, {judge} judge: win / tie / lose",
+                    f"{m[f'eval/{judge}/win']:.1%} / {m[f'eval/{judge}/tie']:.1%} / {m[f'eval/{judge}/lose']:.1%}; "
+                    f"win rate {m[f'eval/{judge}/win_rate']:.1%} [{m[f'eval/{judge}/win_rate_ci_low']:.1%}, "
+                    f"{m[f'eval/{judge}/win_rate_ci_high']:.1%}]",
+                )
+        if "eval/overoptimisation_gap" in m:
+            table.add_row("over-optimisation (RM minus gold win rate)", f"{m['eval/overoptimisation_gap']:+.1%}")
     for stage, artifacts in outputs.items():
         for name, path in artifacts.items():
             table.add_row(f"{stage}: {name}", str(path))

@@ -351,6 +351,11 @@ class EvalConfig(_Group):
     top_p: float = Field(0.9, gt=0, le=1, description="Paper sec. 6.1: 0.9.")
     repetition_penalty: float = Field(1.1, ge=1, description="Paper sec. 6.1: 1.1.")
     bootstrap_samples: int = Field(1000, ge=100, description="Resamples for the 95% intervals.")
+    rm_tie_margin: float = Field(
+        0.0, ge=0, description="The RM judge calls a tie when the two scores differ by at most this much."
+    )
+    batch_size: int = Field(64, ge=1, description="Prompts sampled or scored per forward pass.")
+    num_examples: int = Field(20, ge=0, description="Example pairs in the table (judge disagreements first).")
 
 
 class DistributedConfig(_Group):

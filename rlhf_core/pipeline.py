@@ -11,6 +11,7 @@ import os
 from rlhf_core.config import Config
 from rlhf_core.data.prepare import prepare_data
 from rlhf_core.tracking import stage_run
+from rlhf_core.trainers.eval import evaluate_win_rate
 from rlhf_core.trainers.ppo import train_ppo
 from rlhf_core.trainers.rm import train_reward_model
 from rlhf_core.trainers.rm_eval import evaluate_reward_model
@@ -23,6 +24,7 @@ STAGES = {
     "rm": train_reward_model,
     "rm-eval": evaluate_reward_model,
     "ppo": train_ppo,
+    "eval": evaluate_win_rate,
 }
 
 

@@ -34,4 +34,16 @@ def ppo_task(config: Config, parent_run_id: str | None = None) -> dict[str, str]
     return run_stage("ppo", config, parent_run_id)
 
 
-STAGE_TASKS = {"prepare": prepare_task, "sft": sft_task, "rm": rm_task, "rm-eval": rm_eval_task, "ppo": ppo_task}
+@task(name="eval", retries=0)
+def eval_task(config: Config, parent_run_id: str | None = None) -> dict[str, str]:
+    return run_stage("eval", config, parent_run_id)
+
+
+STAGE_TASKS = {
+    "prepare": prepare_task,
+    "sft": sft_task,
+    "rm": rm_task,
+    "rm-eval": rm_eval_task,
+    "ppo": ppo_task,
+    "eval": eval_task,
+}

@@ -29,7 +29,7 @@ def test_flow_runs_all_stages_with_nested_mlflow_runs(prefect_harness, tmp_path)
     overrides = [*tiny_overrides(tmp_path, tracking=True), "sft.max_steps=4"]
     outputs = rlhf(params_file=str(params), overrides=overrides)
 
-    assert list(outputs) == list(FLOW_STAGES) == ["prepare", "sft", "rm", "rm-eval", "ppo"]
+    assert list(outputs) == list(FLOW_STAGES) == ["prepare", "sft", "rm", "rm-eval", "ppo", "eval"]
     assert (tmp_path / "data" / "splits" / "sft_train.jsonl").is_file()
     assert outputs["sft"]["model"] == str(tmp_path / "sft" / "model")
     assert json.loads((tmp_path / "sft" / "metrics.json").read_text())["sft/steps"] == 4

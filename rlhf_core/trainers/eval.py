@@ -1,0 +1,206 @@
+"""The `eval` stage: win rate of the PPO policy against the SFT policy (paper sec. 6, fig. 10).
+
+Both policies answer every ``eval`` prompt once, sampled with the paper's settings (top-p 0.9, temperature 0.8,
+repetition penalty 1.1) from the same seed. Two judges compare each pair: the gold judge (the simulated domain's
+stand-in for the paper's human and GPT-4 judges) and the reward model. Verdicts are win / tie / lose for the PPO
+policy; the win rate counts ties half. The RM-judged win rate minus the gold-judged one measures reward
+over-optimisation: how much of what PPO gained only the reward model sees.
+
+Outputs under ``paths.eval``: ``metrics.json`` (DVC metrics), ``pairs.jsonl`` (both answers, scores and
+verdicts per prompt), ``examples.md`` (a table of example pairs, judge disagreements first), ``plots/``
+(``win_rates.png`` like the paper's fig. 10 and its CSV) and ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf_core.config import Config, save_config
+from rlhf_core.data.rows import load_split
+from rlhf_core.errors import DataError
+from rlhf_core.eval.stats import VERDICTS, bootstrap_intervals, compare, markdown_table, win_tie_lose
+from rlhf_core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from rlhf_core.models.causal_lm import load_causal_lm
+from rlhf_core.models.generation import sample_responses
+from rlhf_core.models.reward import load_reward_model
+from rlhf_core.models.tokenizer import load_tokenizer
+from rlhf_core.plots import save_figure
+from rlhf_core.tracking import Logger, NullLogger
+
+HARMLESS_CATEGORIES = ("harmful",)  # the paper's fig. 10 splits harmless from helpful prompts
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    output_dir: Path
+    metrics_path: Path
+    metrics: dict
+
+    def artifacts(self) -> dict[str, str]:
+        return {"metrics": str(self.metrics_path), "plots": str(self.output_dir / "plots")}
+
+
+@torch.no_grad()
+def _rm_scores(reward_model, got: dict, batch_size: int) -> list[float]:
+    ids = torch.cat([got["query_ids"], got["responses"]], 1)
+    mask = torch.cat([got["query_mask"], got["response_mask"]], 1)
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    scores = []
+    for i in range(0, len(ids), batch_size):
+        sl = slice(i, i + batch_size)
+        logits = reward_model(input_ids=ids[sl], attention_mask=mask[sl], position_ids=positions[sl]).logits
+        scores += logits.squeeze(-1).float().tolist()
+    return scores
+
+
+def _summary(verdicts: list[str], prefix: str, config: Config) -> dict[str, float]:
+    stats = win_tie_lose(verdicts)
+    intervals = bootstrap_intervals(verdicts, config.eval.bootstrap_samples, config.eval.seed)
+    out = {f"{prefix}{k}": v for k, v in stats.items()}
+    for key, (low, high) in intervals.items():
+        out[f"{prefix}{key}_ci_low"], out[f"{prefix}{key}_ci_high"] = low, high
+    out[f"{prefix}n"] = len(verdicts)
+    return out
+
+
+def _groups(pairs: list[dict]) -> dict[str, list[dict]]:
+    groups = {"all": pairs}
+    if any("category" in p for p in pairs):
+        groups["harmless"] = [p for p in pairs if p.get("category") in HARMLESS_CATEGORIES]
+        groups["helpful"] = [p for p in pairs if p.get("category") not in HARMLESS_CATEGORIES]
+        for category in sorted({p["category"] for p in pairs if "category" in p}):
+            groups[category] = [p for p in pairs if p.get("category") == category]
+    return {name: rows for name, rows in groups.items() if rows}
+
+
+def _plot(metrics: dict, judges: list[str], groups: list[str], directory: Path) -> None:
+    """Paper fig. 10: stacked win / tie / lose bars per judge and prompt group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(judge, group) for judge in judges for group in groups]
+    lines = ["judge,group,win,tie,lose,win_rate"]
+    for judge, group in rows:
+        prefix = f"eval/{judge}/" if group == "all" else f"eval/{judge}/{group}/"
+        lines.append(f"{judge},{group}," + ",".join(f"{metrics[prefix + k]:.4f}" for k in (*VERDICTS, "win_rate")))
+    atomic_write_text(directory / "win_rates.csv", "\n".join(lines) + "\n")
+
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2), dpi=100)
+    colours = {"win": "tab:green", "tie": "tab:gray", "lose": "tab:red"}
+    labels = []
+    for y, (judge, group) in enumerate(rows):
+        prefix = f"eval/{judge}/" if group == "all" else f"eval/{judge}/{group}/"
+        left = 0.0
+        for verdict in VERDICTS:
+            share = metrics[prefix + verdict]
+            ax.barh(y, share, left=left, color=colours[verdict], label=verdict if y == 0 else None)
+            if share >= 0.06:
+                ax.text(left + share / 2, y, f"{share:.0%}", ha="center", va="center", fontsize=8, color="white")
+            left += share
+        labels.append(f"{judge} judge, {group}")
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of prompts (PPO policy vs SFT policy)")
+    ax.set_title("eval: win / tie / lose of PPO against SFT (paper fig. 10)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, directory / "win_rates.png")
+
+
+def evaluate_win_rate(config: Config, logger: Logger | None = None) -> EvalResult:
+    """Sample both policies on the eval prompts, judge every pair twice, and report win/tie/lose."""
+    logger = logger or NullLogger()
+    started = time.time()
+    data_dir, out = Path(config.paths.data), Path(config.paths.eval)
+    models = {"sft": Path(config.paths.sft) / "model", "ppo": Path(config.paths.ppo) / "model"}
+    rm_dir = Path(config.paths.rm) / "model"
+    for path, stage in ((models["sft"], "sft"), (models["ppo"], "ppo"), (rm_dir, "rm")):
+        if not (path / "config.json").is_file():
+            raise DataError(f"no model at {path} (run `rlhf {stage}` first)")
+    tokenizer = load_tokenizer(data_dir / "tokenizer")
+    rows = load_split(data_dir, "eval", config.data)
+    prompts = [r["prompt"] for r in rows]
+    reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id).eval()
+    answers, rm_scores = {}, {}
+    for name, path in models.items():
+        policy = load_causal_lm(path, tokenizer).eval()
+        got = sample_responses(
+            policy,
+            tokenizer,
+            prompts,
+            config.eval,
+            config.data.max_response_tokens,
+            config.eval.seed,
+            torch.device("cpu"),
+            config.eval.batch_size,
+        )
+        answers[name] = got["texts"]
+        rm_scores[name] = _rm_scores(reward_model, got, config.eval.batch_size)
+
+    gold_judge = None
+    if config.data.source == "sim":
+        from rlhf_core.data.judge import GoldJudge
+        from rlhf_core.data.sources import build_world
+
+        gold_judge = GoldJudge(build_world(config.data))
+    pairs = []
+    for i, row in enumerate(rows):
+        pair = {
+            "prompt": row["prompt"],
+            **({"category": row["category"]} if "category" in row else {}),
+            "sft": answers["sft"][i],
+            "ppo": answers["ppo"][i],
+            "rm_sft": rm_scores["sft"][i],
+            "rm_ppo": rm_scores["ppo"][i],
+            "rm_verdict": compare(rm_scores["ppo"][i], rm_scores["sft"][i], config.eval.rm_tie_margin),
+        }
+        if gold_judge is not None:
+            pair["gold_sft"] = gold_judge.score(row["prompt"], pair["sft"])
+            pair["gold_ppo"] = gold_judge.score(row["prompt"], pair["ppo"])
+            pair["gold_verdict"] = compare(pair["gold_ppo"], pair["gold_sft"])
+        pairs.append(pair)
+
+    judges = ["gold", "rm"] if gold_judge is not None else ["rm"]
+    metrics: dict = {}
+    groups = _groups(pairs)
+    for judge in judges:
+        for group, members in groups.items():
+            prefix = f"eval/{judge}/" if group == "all" else f"eval/{judge}/{group}/"
+            metrics.update(_summary([p[f"{judge}_verdict"] for p in members], prefix, config))
+    primary = judges[0]
+    for key in (*VERDICTS, "win_rate", "win_rate_ci_low", "win_rate_ci_high"):
+        metrics[f"eval/{key}"] = metrics[f"eval/{primary}/{key}"]
+    metrics["eval/primary_judge"] = primary
+    if gold_judge is not None:
+        # What PPO gained in the reward model's eyes but not in the gold judge's: reward over-optimisation.
+        metrics["eval/overoptimisation_gap"] = metrics["eval/rm/win_rate"] - metrics["eval/gold/win_rate"]
+        metrics["eval/gold_score_sft"] = sum(p["gold_sft"] for p in pairs) / len(pairs)
+        metrics["eval/gold_score_ppo"] = sum(p["gold_ppo"] for p in pairs) / len(pairs)
+    metrics["eval/seconds"] = round(time.time() - started, 2)
+
+    plot_groups = [g for g in ("all", "harmless", "helpful") if g in groups]
+    _plot(metrics, judges, plot_groups, out / "plots")
+    disagree = [p for p in pairs if gold_judge is not None and p["gold_verdict"] != p["rm_verdict"]]
+    agree = [p for p in pairs if p not in disagree]
+    examples = (disagree + agree)[: config.eval.num_examples]
+    columns = ["category", "prompt", "sft", "ppo", "rm_verdict"] + (["gold_verdict"] if gold_judge else [])
+    atomic_write_text(
+        out / "examples.md",
+        f"# Example pairs: PPO policy vs SFT policy ({len(disagree)} of {len(pairs)} pairs where the judges "
+        "disagree come first)\n\n" + markdown_table(examples, columns),
+    )
+    atomic_write_jsonl(out / "pairs.jsonl", pairs)
+    atomic_write_json(out / "metrics.json", metrics)
+    save_config(config, out / "config.yaml")
+    logger.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+    for name in ("metrics.json", "pairs.jsonl", "examples.md", "config.yaml"):
+        logger.log_artifact(out / name, None)
+    logger.log_artifact(out / "plots", "plots")
+    return EvalResult(out, out / "metrics.json", metrics)

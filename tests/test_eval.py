@@ -1,0 +1,112 @@
+"""Win-rate evaluation: verdict rules, win-rate arithmetic and intervals by hand, and the eval stage's outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhf_core.eval.stats import bootstrap_intervals, compare, win_tie_lose
+
+FLIP = {"win": "lose", "lose": "win", "tie": "tie"}
+
+
+def test_compare_rules_and_position_swap():
+    assert compare(2.0, 1.0) == "win" and compare(1.0, 2.0) == "lose" and compare(1.5, 1.5) == "tie"
+    assert compare(1.05, 1.0, tie_margin=0.1) == "tie" and compare(1.2, 1.0, tie_margin=0.1) == "win"
+    assert compare(0.5, 0.75, tie_margin=0.25) == "tie"  # a difference equal to the margin is still a tie
+    for a, b, margin in [(0.3, -0.2, 0.0), (2.0, 2.0, 0.0), (0.1, 0.15, 0.1), (-1.0, 1.0, 0.5)]:
+        assert compare(b, a, margin) == FLIP[compare(a, b, margin)]  # swapping positions swaps win and lose
+
+
+def test_win_tie_lose_by_hand():
+    stats = win_tie_lose(["win", "win", "tie", "lose"])
+    assert stats == {"win": 0.5, "tie": 0.25, "lose": 0.25, "win_rate": 0.625}  # ties count half
+    assert win_tie_lose(["tie"] * 3)["win_rate"] == 0.5
+    with pytest.raises(ValueError, match="no verdicts"):
+        win_tie_lose([])
+    with pytest.raises(ValueError, match="unknown verdicts"):
+        win_tie_lose(["win", "draw"])
+
+
+def test_bootstrap_intervals_bracket_the_estimate_and_are_reproducible():
+    verdicts = ["win"] * 30 + ["tie"] * 10 + ["lose"] * 20
+    a = bootstrap_intervals(verdicts, 500, seed=3)
+    assert a == bootstrap_intervals(verdicts, 500, seed=3)
+    point = win_tie_lose(verdicts)
+    for key, (low, high) in a.items():
+        assert low <= point[key] <= high, key
+    # Binomial-ish width: the win rate 0.583 over 60 prompts has a standard error near 0.06.
+    low, high = a["win_rate"]
+    assert 0.15 < high - low < 0.35
+    assert bootstrap_intervals(["win"] * 5, 200, seed=0)["win_rate"] == (1.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_eval(trained_tiny_rm, prepared_tiny, tmp_path_factory):
+    from rlhf_core.config import load_config
+    from rlhf_core.trainers.eval import evaluate_win_rate
+    from rlhf_core.trainers.ppo import train_ppo
+    from tests.conftest import tiny_overrides
+
+    out, _ = trained_tiny_rm
+    root = tmp_path_factory.mktemp("eval_stage")
+    config = load_config(
+        None,
+        [
+            *tiny_overrides(prepared_tiny[0]),
+            f"paths.sft={out / 'sft'}",
+            f"paths.rm={out / 'rm'}",
+            f"paths.ppo={root / 'ppo'}",
+            f"paths.eval={root / 'eval'}",
+            "eval.bootstrap_samples=200",
+            "eval.num_examples=5",
+        ],
+    )
+    train_ppo(config)
+    return root, config, evaluate_win_rate(config)
+
+
+def test_eval_outputs_are_consistent_with_the_pairs(tiny_eval):
+    root, config, result = tiny_eval
+    metrics = result.metrics
+    assert json.loads((root / "eval" / "metrics.json").read_text()) == metrics
+    pairs = [json.loads(line) for line in (root / "eval" / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == config.data.splits.eval == metrics["eval/gold/n"]
+    for p in pairs:
+        assert p["gold_verdict"] == compare(p["gold_ppo"], p["gold_sft"])
+        assert p["rm_verdict"] == compare(p["rm_ppo"], p["rm_sft"], config.eval.rm_tie_margin)
+        if p["sft"] == p["ppo"]:
+            assert p["gold_verdict"] == p["rm_verdict"] == "tie"  # identical answers always tie
+    for judge in ("gold", "rm"):
+        expected = win_tie_lose([p[f"{judge}_verdict"] for p in pairs])
+        for key, value in expected.items():
+            assert metrics[f"eval/{judge}/{key}"] == pytest.approx(value)
+        low, high = metrics[f"eval/{judge}/win_rate_ci_low"], metrics[f"eval/{judge}/win_rate_ci_high"]
+        assert low <= metrics[f"eval/{judge}/win_rate"] <= high
+    assert metrics["eval/win_rate"] == metrics["eval/gold/win_rate"]  # gold is the primary judge on sim
+    assert metrics["eval/overoptimisation_gap"] == pytest.approx(
+        metrics["eval/rm/win_rate"] - metrics["eval/gold/win_rate"]
+    )
+    assert metrics["eval/gold/harmless/n"] + metrics["eval/gold/helpful/n"] == len(pairs)
+    assert (root / "eval" / "plots" / "win_rates.png").stat().st_size > 1000
+    csv_rows = (root / "eval" / "plots" / "win_rates.csv").read_text().splitlines()
+    assert csv_rows[0] == "judge,group,win,tie,lose,win_rate" and len(csv_rows) == 1 + 2 * 3
+    table = [line for line in (root / "eval" / "examples.md").read_text().splitlines() if line[:1] == "|"]
+    assert len(table) == 2 + config.eval.num_examples
+
+
+def test_eval_without_a_ppo_policy_says_what_to_run(trained_tiny_rm, prepared_tiny, tmp_path):
+    from rlhf_core.config import load_config
+    from rlhf_core.errors import DataError
+    from rlhf_core.trainers.eval import evaluate_win_rate
+    from tests.conftest import tiny_overrides
+
+    out, _ = trained_tiny_rm
+    config = load_config(
+        None,
+        [*tiny_overrides(prepared_tiny[0]), f"paths.sft={out / 'sft'}", f"paths.rm={out / 'rm'}",
+         f"paths.ppo={tmp_path / 'ppo'}"],
+    )  # fmt: skip
+    with pytest.raises(DataError, match="run `rlhf ppo` first"):
+        evaluate_win_rate(config)
