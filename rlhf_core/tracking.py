@@ -104,11 +104,27 @@ def _client(config: Config):
     return client, experiment_id
 
 
+def data_version(config: Config) -> str:
+    """A short hash naming the data: the data settings plus, for file sources, the files' contents. The simulated
+    domain is a pure function of its settings (and the code, which the git_commit tag names)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(config.data.model_dump(), sort_keys=True).encode())
+    for path in (config.data.path, config.data.sft_file, config.data.rm_file, config.data.ppo_file):
+        if path and Path(path).is_file():
+            digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    return digest.hexdigest()[:12]
+
+
 def _base_tags(config: Config) -> dict[str, str]:
     return {
         "git_commit": git_commit(),
         "data.source": config.data.source,
         "data.seed": str(config.data.seed),
+        "data_version": data_version(config),
+        "preset": config.ppo.preset,
+        "seed": str(config.ppo.seed),
         "distributed.engine": config.distributed.engine,
     }
 

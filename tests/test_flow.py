@@ -39,6 +39,9 @@ def test_flow_runs_all_stages_with_nested_mlflow_runs(prefect_harness, tmp_path)
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
     assert len(parents) == 1
+    tags = parents[0].data.tags
+    assert tags["preset"] == "ppo_max" and tags["seed"] == "42" and len(tags["data_version"]) == 12
+    assert tags["git_commit"]
     children = {
         r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
     }
