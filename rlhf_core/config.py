@@ -375,6 +375,9 @@ class TrackingConfig(_Group):
         "sqlite:///mlflow.db", description="MLflow tracking URI; default: a local SQLite store, no server."
     )
     experiment: str = Field("rlhf-ppo-max", min_length=1, description="MLflow experiment name.")
+    registered_model: str = Field(
+        "rlhf-ppo-max-policy", min_length=1, description="Model-registry name of the PPO policy (a version per run)."
+    )
 
 
 class PathsConfig(_Group):

@@ -28,6 +28,7 @@ class Logger(Protocol):
     def log_params(self, params: dict) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def register_model(self, path: str | Path, name: str) -> str | None: ...
 
 
 class NullLogger:
@@ -46,6 +47,9 @@ class NullLogger:
 
     def set_tags(self, tags):
         pass
+
+    def register_model(self, path, name):
+        return None
 
 
 class MLflowLogger:
@@ -84,6 +88,22 @@ class MLflowLogger:
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
+
+    def register_model(self, path: str | Path, name: str) -> str | None:
+        """Log the model directory as this run's ``model`` artifact and register it as a new version of ``name``
+        in the MLflow model registry; returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        self.client.log_artifacts(self.run_id, str(path), "model")
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/model"
+        version = self.client.create_model_version(name, source=source, run_id=self.run_id)
+        self.client.set_model_version_tag(name, version.version, "kind", "hf_causal_lm_directory")
+        return version.version
 
 
 def git_commit() -> str:

@@ -62,3 +62,6 @@ def test_flow_runs_all_stages_with_nested_mlflow_runs(prefect_harness, tmp_path)
     ppo_run = children["ppo"]
     assert "objective/kl" in ppo_run.data.metrics and "rollout/response_length" in ppo_run.data.metrics
     assert ppo_run.data.params["ppo.resolved.reward_norm"] == "True"
+    versions = client.search_model_versions("name='rlhf-ppo-max-policy'")
+    assert [v.run_id for v in versions] == [ppo_run.info.run_id]  # the final policy is in the model registry
+    assert "model/model.safetensors" in {a.path for a in client.list_artifacts(ppo_run.info.run_id, "model")}

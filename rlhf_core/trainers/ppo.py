@@ -543,6 +543,7 @@ def train_ppo(config: Config, logger: Logger | None = None) -> PPOResult:
         for name in ("metrics.json", "tricks.json", "samples.jsonl", "config.yaml"):
             logger.log_artifact(out / name, None)
         logger.log_artifact(out / "plots", "plots")
+        logger.register_model(model_dir, config.tracking.registered_model)
     distributed.barrier()
     return PPOResult(out, model_dir, out / "metrics.json", metrics, history)
 
