@@ -20,8 +20,10 @@ def rlhf(
     params_file: str = "params.yaml",
     overrides: list[str] | None = None,
     stages: list[str] | None = None,
+    force: bool = False,
 ) -> dict[str, dict[str, str]]:
-    """Run ``stages`` (default: all) with ``params_file`` plus ``group.key=value`` overrides."""
+    """Run ``stages`` (default: all) with ``params_file`` plus ``group.key=value`` overrides; stages whose
+    inputs and params are unchanged are skipped unless ``force``."""
     config = load_config(params_file, overrides or [])
     selected = list(stages or FLOW_STAGES)
     unknown = [s for s in selected if s not in STAGE_TASKS]
@@ -31,7 +33,7 @@ def rlhf(
     with pipeline_run(config, name="rlhf") as parent:
         for stage in FLOW_STAGES:
             if stage in selected:
-                outputs[stage] = STAGE_TASKS[stage](config, parent.run_id)
+                outputs[stage] = STAGE_TASKS[stage](config, parent.run_id, not force)
     return outputs
 
 

@@ -109,6 +109,7 @@ def run(
     set_: SetOpt = None,
     stages: Annotated[str | None, typer.Option(help="Comma-separated subset, e.g. prepare,sft.")] = None,
     prefect: Annotated[bool, typer.Option(help="Orchestrate with the Prefect flow 'rlhf'.")] = True,
+    force: Annotated[bool, typer.Option(help="Rerun stages whose inputs and params are unchanged.")] = False,
 ) -> None:
     """Run the whole pipeline (the Prefect flow 'rlhf' by default) and print a summary."""
     apply_defaults()
@@ -126,7 +127,7 @@ def run(
         if prefect:
             from flows.rlhf import rlhf as rlhf_flow
 
-            outputs = rlhf_flow(params_file=str(params), overrides=list(set_ or []), stages=selected)
+            outputs = rlhf_flow(params_file=str(params), overrides=list(set_ or []), stages=selected, force=force)
         else:
             from rlhf_core.pipeline import run_stage
             from rlhf_core.tracking import pipeline_run
@@ -135,7 +136,7 @@ def run(
             with pipeline_run(config, name="rlhf") as parent:
                 for stage in STAGES:
                     if stage in selected:
-                        outputs[stage] = run_stage(stage, config, parent.run_id)
+                        outputs[stage] = run_stage(stage, config, parent.run_id, skip_unchanged=not force)
     except RLHFError as exc:
         _fail(exc)
         return

@@ -1,5 +1,6 @@
-"""One Prefect task per stage. Retries stay off: a training stage is not idempotent mid-way (issue 5 adds
-skipping of unchanged stages)."""
+"""One Prefect task per stage. Each returns its artifact paths and skips itself when its params, code and
+upstream stages are unchanged since its last successful run (``rlhf_core.pipeline``). Retries stay off: a
+training stage is not idempotent mid-way (PPO resumes from its own checkpoints instead)."""
 
 from __future__ import annotations
 
@@ -10,33 +11,33 @@ from rlhf_core.pipeline import run_stage
 
 
 @task(name="prepare", retries=0)
-def prepare_task(config: Config, parent_run_id: str | None = None) -> dict[str, str]:
-    return run_stage("prepare", config, parent_run_id)
+def prepare_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
+    return run_stage("prepare", config, parent_run_id, skip_unchanged)
 
 
 @task(name="sft", retries=0)
-def sft_task(config: Config, parent_run_id: str | None = None) -> dict[str, str]:
-    return run_stage("sft", config, parent_run_id)
+def sft_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
+    return run_stage("sft", config, parent_run_id, skip_unchanged)
 
 
 @task(name="rm", retries=0)
-def rm_task(config: Config, parent_run_id: str | None = None) -> dict[str, str]:
-    return run_stage("rm", config, parent_run_id)
+def rm_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
+    return run_stage("rm", config, parent_run_id, skip_unchanged)
 
 
 @task(name="rm-eval", retries=0)
-def rm_eval_task(config: Config, parent_run_id: str | None = None) -> dict[str, str]:
-    return run_stage("rm-eval", config, parent_run_id)
+def rm_eval_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
+    return run_stage("rm-eval", config, parent_run_id, skip_unchanged)
 
 
 @task(name="ppo", retries=0)
-def ppo_task(config: Config, parent_run_id: str | None = None) -> dict[str, str]:
-    return run_stage("ppo", config, parent_run_id)
+def ppo_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
+    return run_stage("ppo", config, parent_run_id, skip_unchanged)
 
 
 @task(name="eval", retries=0)
-def eval_task(config: Config, parent_run_id: str | None = None) -> dict[str, str]:
-    return run_stage("eval", config, parent_run_id)
+def eval_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
+    return run_stage("eval", config, parent_run_id, skip_unchanged)
 
 
 STAGE_TASKS = {

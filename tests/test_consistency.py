@@ -80,3 +80,12 @@ def test_every_stage_declares_the_project_code_it_imports():
                     path = name.replace(".", "/")
                     module_file = f"{path}.py" if (REPO / f"{path}.py").exists() else path
                     assert _declared(module_file, deps), f"{stage}: imports {name} but dvc.yaml lacks it"
+
+
+def test_stage_params_match_dvc_and_upstream_covers_every_stage():
+    from rlhf_core.pipeline import STAGE_PARAMS, UPSTREAM
+
+    assert {stage: spec.get("params", []) for stage, spec in DVC.items()} == STAGE_PARAMS
+    assert list(UPSTREAM) == list(STAGES)
+    for stage, upstream in UPSTREAM.items():
+        assert all(list(STAGES).index(u) < list(STAGES).index(stage) for u in upstream)
