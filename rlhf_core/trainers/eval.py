@@ -91,7 +91,7 @@ def _plot(metrics: dict, judges: list[str], groups: list[str], directory: Path) 
         lines.append(f"{judge},{group}," + ",".join(f"{metrics[prefix + k]:.4f}" for k in (*VERDICTS, "win_rate")))
     atomic_write_text(directory / "win_rates.csv", "\n".join(lines) + "\n")
 
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2), dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.6), dpi=100)
     colours = {"win": "tab:green", "tie": "tab:gray", "lose": "tab:red"}
     labels = []
     for y, (judge, group) in enumerate(rows):
@@ -109,7 +109,7 @@ def _plot(metrics: dict, judges: list[str], groups: list[str], directory: Path) 
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of prompts (PPO policy vs SFT policy)")
     ax.set_title("eval: win / tie / lose of PPO against SFT (paper fig. 10)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     save_figure(fig, directory / "win_rates.png")
 
