@@ -59,3 +59,8 @@ def eos_response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
     is_eos = (responses == eos_id).long()
     after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
     return (~after_eos).long()
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding, so scoring a left-padded sequence sees the positions generation used."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)

@@ -107,3 +107,20 @@ def save_reward_model(state_dict: dict[str, torch.Tensor], template: RewardModel
     with atomic_directory(path) as tmp:
         template.reward_model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+
+
+@torch.no_grad()
+def score_samples(reward_model: torch.nn.Module, samples: dict, batch_size: int | None = None) -> torch.Tensor:
+    """``(N,)`` scores of ``models.generation.sample_responses`` output (left-padded queries + generated
+    responses), in batches of ``batch_size`` (default: all at once)."""
+    from rlhf_core.data.tokenize import position_ids
+
+    ids = torch.cat([samples["query_ids"], samples["responses"]], 1)
+    mask = torch.cat([samples["query_mask"], samples["response_mask"]], 1)
+    step = batch_size or len(ids)
+    scores = [
+        reward_model(input_ids=ids[i : i + step], attention_mask=mask[i : i + step],
+                     position_ids=position_ids(mask[i : i + step])).logits.squeeze(-1).float()
+        for i in range(0, len(ids), step)
+    ]  # fmt: skip
+    return torch.cat(scores)

@@ -14,7 +14,6 @@ verdicts per prompt), ``examples.md`` (a table of example pairs, judge disagreem
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,35 +25,13 @@ from rlhf_core.eval.stats import VERDICTS, bootstrap_intervals, compare, markdow
 from rlhf_core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from rlhf_core.models.causal_lm import load_causal_lm
 from rlhf_core.models.generation import sample_responses
-from rlhf_core.models.reward import load_reward_model
+from rlhf_core.models.reward import load_reward_model, score_samples
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import save_figure
 from rlhf_core.tracking import Logger, NullLogger
+from rlhf_core.trainers.results import EvaluationResult
 
 HARMLESS_CATEGORIES = ("harmful",)  # the paper's fig. 10 splits harmless from helpful prompts
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    output_dir: Path
-    metrics_path: Path
-    metrics: dict
-
-    def artifacts(self) -> dict[str, str]:
-        return {"metrics": str(self.metrics_path), "plots": str(self.output_dir / "plots")}
-
-
-@torch.no_grad()
-def _rm_scores(reward_model, got: dict, batch_size: int) -> list[float]:
-    ids = torch.cat([got["query_ids"], got["responses"]], 1)
-    mask = torch.cat([got["query_mask"], got["response_mask"]], 1)
-    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
-    scores = []
-    for i in range(0, len(ids), batch_size):
-        sl = slice(i, i + batch_size)
-        logits = reward_model(input_ids=ids[sl], attention_mask=mask[sl], position_ids=positions[sl]).logits
-        scores += logits.squeeze(-1).float().tolist()
-    return scores
 
 
 def _summary(verdicts: list[str], prefix: str, config: Config) -> dict[str, float]:
@@ -114,7 +91,7 @@ def _plot(metrics: dict, judges: list[str], groups: list[str], directory: Path) 
     save_figure(fig, directory / "win_rates.png")
 
 
-def evaluate_win_rate(config: Config, logger: Logger | None = None) -> EvalResult:
+def evaluate_win_rate(config: Config, logger: Logger | None = None) -> EvaluationResult:
     """Sample both policies on the eval prompts, judge every pair twice, and report win/tie/lose."""
     logger = logger or NullLogger()
     started = time.time()
@@ -142,7 +119,7 @@ def evaluate_win_rate(config: Config, logger: Logger | None = None) -> EvalResul
             config.eval.batch_size,
         )
         answers[name] = got["texts"]
-        rm_scores[name] = _rm_scores(reward_model, got, config.eval.batch_size)
+        rm_scores[name] = score_samples(reward_model, got, config.eval.batch_size).tolist()
 
     gold_judge = None
     if config.data.source == "sim":
@@ -203,4 +180,4 @@ def evaluate_win_rate(config: Config, logger: Logger | None = None) -> EvalResul
     for name in ("metrics.json", "pairs.jsonl", "examples.md", "config.yaml"):
         logger.log_artifact(out / name, None)
     logger.log_artifact(out / "plots", "plots")
-    return EvalResult(out, out / "metrics.json", metrics)
+    return EvaluationResult(out, out / "metrics.json", metrics)

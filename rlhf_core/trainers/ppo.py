@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,39 +32,30 @@ from rlhf_core.checkpoint import config_fingerprint, list_checkpoints, load_chec
 from rlhf_core.config import Config, OptimConfig, save_config
 from rlhf_core.data.order import global_order
 from rlhf_core.data.rows import load_split
-from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response, eos_response_mask, left_pad
+from rlhf_core.data.tokenize import (
+    collate_sft,
+    encode_query,
+    encode_response,
+    eos_response_mask,
+    left_pad,
+    position_ids,
+)
 from rlhf_core.errors import ConfigError, DataError, RLHFError
 from rlhf_core.io import atomic_directory, atomic_write_json, atomic_write_jsonl, read_json
 from rlhf_core.models.causal_lm import load_causal_lm
 from rlhf_core.models.critic import load_critic
 from rlhf_core.models.generation import pad_right, sample, sample_responses
-from rlhf_core.models.reward import load_reward_model
+from rlhf_core.models.reward import load_reward_model, score_samples
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import save_figure
 from rlhf_core.tracking import Logger, NullLogger
-
-
-@dataclass(frozen=True)
-class PPOResult:
-    output_dir: Path
-    model_dir: Path
-    metrics_path: Path
-    metrics: dict
-    history: list[dict]
-
-    def artifacts(self) -> dict[str, str]:
-        return {"model": str(self.model_dir), "metrics": str(self.metrics_path)}
+from rlhf_core.trainers.results import TrainingResult
 
 
 # ------------------------------------------------------------------------------------------ rollout pieces
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding, so scoring sees the positions generation used."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
 def _response_logits(model, ids, mask, query_width: int, width: int) -> torch.Tensor:
     """Logits predicting each response token: position ``query_width - 1 + t`` predicts response token t."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
     return logits[:, query_width - 1 : query_width - 1 + width].float()
 
 
@@ -164,7 +154,7 @@ class _Judge:
         return [self.judge.score(p, r) for p, r in zip(prompts, responses, strict=True)]
 
 
-def train_ppo(config: Config, logger: Logger | None = None) -> PPOResult:
+def train_ppo(config: Config, logger: Logger | None = None) -> TrainingResult:
     """Optimise the SFT policy against the reward model with PPO (preset and tricks from ``config.ppo``)."""
     logger = logger or NullLogger()
     started = time.time()
@@ -298,10 +288,10 @@ def train_ppo(config: Config, logger: Logger | None = None) -> PPOResult:
                 parts["nll"].append(-algo.logprobs_from_logits(logits, tokens))
                 parts["ref_nll"].append(-algo.logprobs_from_logits(ref_logits, tokens))
                 parts["entropy"].append(algo.entropy_from_logits(logits, ppo.temperature))
-                values = critic_module(ids[sl], mask[sl], _positions(mask[sl]))
+                values = critic_module(ids[sl], mask[sl], position_ids(mask[sl]))
                 parts["values"].append(values[:, qw - 1 : qw - 1 + width].float())
                 rm_logits = models.reward_model(
-                    input_ids=ids[sl], attention_mask=mask[sl], position_ids=_positions(mask[sl])
+                    input_ids=ids[sl], attention_mask=mask[sl], position_ids=position_ids(mask[sl])
                 ).logits
                 parts["scores"].append(rm_logits.squeeze(-1).float())
         roll = {k: torch.cat(v) for k, v in parts.items()}
@@ -419,7 +409,7 @@ def train_ppo(config: Config, logger: Logger | None = None) -> PPOResult:
                             losses["policy/grad_norm"] = models.policy.last_grad_norm
                     with models.critic.autocast():
                         values = models.critic.forward(
-                            input_ids=ids[chunk], attention_mask=mask[chunk], position_ids=_positions(mask[chunk])
+                            input_ids=ids[chunk], attention_mask=mask[chunk], position_ids=position_ids(mask[chunk])
                         )
                     new_values = values[:, qw - 1 : qw - 1 + width].float()
                     vf_loss, vf_stats = algo.value_loss(
@@ -545,7 +535,7 @@ def train_ppo(config: Config, logger: Logger | None = None) -> PPOResult:
         logger.log_artifact(out / "plots", "plots")
         logger.register_model(model_dir, config.tracking.registered_model)
     distributed.barrier()
-    return PPOResult(out, model_dir, out / "metrics.json", metrics, history)
+    return TrainingResult(out, model_dir, out / "metrics.json", metrics, history)
 
 
 def _mean_ci(values: list[float]) -> tuple[float, float, float]:
@@ -568,9 +558,7 @@ def _eval_comparison(config: Config, policy, reference, reward_model, tokenizer,
             model, tokenizer, prompts, config.eval, config.data.max_response_tokens, config.eval.seed, device
         )
         response_mask, texts = got["response_mask"], got["texts"]
-        ids = torch.cat([got["query_ids"], got["responses"]], 1)
-        mask = torch.cat([got["query_mask"], response_mask], 1)
-        rm = reward_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits.squeeze(-1)
+        rm = score_samples(reward_model, got)
         mean, low, high = _mean_ci(rm.float().tolist())
         out.update({f"ppo/eval_rm_score_{name}": mean, f"ppo/eval_rm_score_{name}_ci_low": low,
                     f"ppo/eval_rm_score_{name}_ci_high": high})  # fmt: skip

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,24 +29,14 @@ from rlhf_core.data.rows import load_split
 from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response, eos_response_mask, left_pad
 from rlhf_core.errors import DataError
 from rlhf_core.io import atomic_write_json
+from rlhf_core.models.generation import sample
 from rlhf_core.models.reward import load_reward_model, reward_model_for_training, reward_scores, save_reward_model
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import write_curves
 from rlhf_core.tracking import Logger, NullLogger
+from rlhf_core.trainers.results import TrainingResult
 
 Pair = tuple[list[int], list[int], list[int]]  # (query ids, chosen response ids, rejected response ids)
-
-
-@dataclass(frozen=True)
-class RMResult:
-    output_dir: Path
-    model_dir: Path
-    metrics_path: Path
-    metrics: dict
-    history: list[dict]
-
-    def artifacts(self) -> dict[str, str]:
-        return {"model": str(self.model_dir), "metrics": str(self.metrics_path)}
 
 
 def encode_pairs(tokenizer, rows: list[dict]) -> list[Pair]:
@@ -124,22 +113,12 @@ def reward_statistics(config: Config, rm_dir: Path, tokenizer, ctx) -> dict:
         for start in range(0, len(prompts), batch_size):
             queries = [encode_query(tokenizer, p) for p in prompts[start : start + batch_size]]
             input_ids, attention_mask = left_pad(queries, tokenizer.pad_token_id)
-            output = policy.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=config.data.max_response_tokens,
-                do_sample=True,
-                temperature=config.ppo.temperature,
-                top_p=config.ppo.top_p,
-                top_k=0,
-                repetition_penalty=config.ppo.repetition_penalty,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
+            responses = sample(
+                policy, tokenizer, input_ids, attention_mask, config.ppo, config.data.max_response_tokens
             )
+            output = torch.cat([input_ids, responses], dim=1)
             # Scored as PPO will: query + response as generated (left-padded; the head reads the last real token).
-            full_mask = torch.cat(
-                [attention_mask, eos_response_mask(output[:, input_ids.shape[1] :], tokenizer.eos_token_id)], 1
-            )
+            full_mask = torch.cat([attention_mask, eos_response_mask(responses, tokenizer.eos_token_id)], 1)
             scores = reward_scores(reward_model, output, full_mask).double()
             sums += torch.stack([scores.sum(), scores.pow(2).sum(), torch.tensor(float(len(scores)))])
     total, total_sq, count = distributed.all_reduce_sum(sums).tolist()
@@ -160,7 +139,7 @@ def reward_statistics(config: Config, rm_dir: Path, tokenizer, ctx) -> dict:
     }
 
 
-def train_reward_model(config: Config, logger: Logger | None = None) -> RMResult:
+def train_reward_model(config: Config, logger: Logger | None = None) -> TrainingResult:
     """Train the reward model on ``rm_train`` (minus a validation hold-out); keep the best checkpoint."""
     logger = logger or NullLogger()
     started = time.time()
@@ -286,4 +265,4 @@ def train_reward_model(config: Config, logger: Logger | None = None) -> RMResult
             logger.log_artifact(out / name, None if name != "plots" else "plots")
         logger.log_artifact(model_dir / "reward_stats.json", None)
     distributed.barrier()
-    return RMResult(out, model_dir, out / "metrics.json", metrics, history)
+    return TrainingResult(out, model_dir, out / "metrics.json", metrics, history)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,16 +28,7 @@ from rlhf_core.models.reward import load_reward_model, reward_scores
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import save_figure
 from rlhf_core.tracking import Logger, NullLogger
-
-
-@dataclass(frozen=True)
-class RMEvalResult:
-    output_dir: Path
-    metrics_path: Path
-    metrics: dict
-
-    def artifacts(self) -> dict[str, str]:
-        return {"metrics": str(self.metrics_path), "plots": str(self.output_dir / "plots")}
+from rlhf_core.trainers.results import EvaluationResult
 
 
 @torch.no_grad()
@@ -211,7 +201,7 @@ def _confident_errors(records: list[dict], limit: int) -> list[dict]:
     return table
 
 
-def evaluate_reward_model(config: Config, logger: Logger | None = None) -> RMEvalResult:
+def evaluate_reward_model(config: Config, logger: Logger | None = None) -> EvaluationResult:
     """Score every ``rm_test`` pair with the trained reward model and write accuracies, plots and tables."""
     logger = logger or NullLogger()
     started = time.time()
@@ -285,4 +275,4 @@ def evaluate_reward_model(config: Config, logger: Logger | None = None) -> RMEva
     for name in ("metrics.json", "confident_errors.md", "confident_errors.jsonl", "config.yaml"):
         logger.log_artifact(out / name, None)
     logger.log_artifact(plots, "plots")
-    return RMEvalResult(out, out / "metrics.json", metrics)
+    return EvaluationResult(out, out / "metrics.json", metrics)

@@ -13,7 +13,6 @@ whole global batch, so 2 processes x 1 micro-batch reproduce 1 process x 2 micro
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,18 +29,7 @@ from rlhf_core.models.causal_lm import initial_policy, load_causal_lm
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import write_curves
 from rlhf_core.tracking import Logger, NullLogger
-
-
-@dataclass(frozen=True)
-class SFTResult:
-    output_dir: Path
-    model_dir: Path
-    metrics_path: Path
-    metrics: dict
-    history: list[dict]
-
-    def artifacts(self) -> dict[str, str]:
-        return {"model": str(self.model_dir), "metrics": str(self.metrics_path)}
+from rlhf_core.trainers.results import TrainingResult
 
 
 def _encode(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
@@ -117,7 +105,7 @@ def _sample_generations(config: Config, model_dir: Path, tokenizer, val_rows: li
     return samples, metrics
 
 
-def train_sft(config: Config, logger: Logger | None = None) -> SFTResult:
+def train_sft(config: Config, logger: Logger | None = None) -> TrainingResult:
     """Fine-tune the initial policy on ``sft_train``; validate on ``sft_val``; save the policy."""
     logger = logger or NullLogger()
     started = time.time()
@@ -209,4 +197,4 @@ def train_sft(config: Config, logger: Logger | None = None) -> SFTResult:
         for name in ("metrics.json", "samples.jsonl", "config.yaml", "plots"):
             logger.log_artifact(out / name, None if name != "plots" else "plots")
     distributed.barrier()
-    return SFTResult(out, model_dir, out / "metrics.json", metrics, history)
+    return TrainingResult(out, model_dir, out / "metrics.json", metrics, history)
