@@ -9,6 +9,7 @@ from __future__ import annotations
 from prefect import flow
 
 from rlhf_core.config import load_config
+from rlhf_core.pipeline import log_stage_metrics
 from rlhf_core.tracking import pipeline_run
 from tasks.stages import STAGE_TASKS
 
@@ -34,6 +35,7 @@ def rlhf(
         for stage in FLOW_STAGES:
             if stage in selected:
                 outputs[stage] = STAGE_TASKS[stage](config, parent.run_id, not force)
+        log_stage_metrics(config, parent, selected)
     return outputs
 
 

@@ -129,7 +129,7 @@ def run(
 
             outputs = rlhf_flow(params_file=str(params), overrides=list(set_ or []), stages=selected, force=force)
         else:
-            from rlhf_core.pipeline import run_stage
+            from rlhf_core.pipeline import log_stage_metrics, run_stage
             from rlhf_core.tracking import pipeline_run
 
             outputs = {}
@@ -137,6 +137,7 @@ def run(
                 for stage in STAGES:
                     if stage in selected:
                         outputs[stage] = run_stage(stage, config, parent.run_id, skip_unchanged=not force)
+                log_stage_metrics(config, parent, selected)
     except RLHFError as exc:
         _fail(exc)
         return

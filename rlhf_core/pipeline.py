@@ -148,3 +148,17 @@ def run_stage(
         stamp = {"stage": stage, "fingerprint": stage_fingerprint(config, stage), "artifacts": artifacts}
         atomic_write_json(Path(stage_output_dir(config, stage)) / STAMP, stamp)
     return artifacts
+
+
+def log_stage_metrics(config: Config, logger, stages) -> None:
+    """Copy the numeric metrics of each stage's ``metrics.json`` (run now or skipped as unchanged) onto the
+    pipeline's parent run, so two pipeline runs (say ``ppo_max`` and ``vanilla``) compare on one row in the
+    MLflow UI."""
+    from rlhf_core.io import read_json
+
+    for stage in stages:
+        path = Path(stage_output_dir(config, stage)) / "metrics.json"
+        if stage == "prepare" or not path.is_file():
+            continue  # prepare's stats.json is nested counts, logged by its own run
+        metrics = read_json(path)
+        logger.log_metrics({k: float(v) for k, v in metrics.items() if type(v) in (int, float)})

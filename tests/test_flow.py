@@ -42,6 +42,8 @@ def test_flow_runs_all_stages_with_nested_mlflow_runs(prefect_harness, tmp_path)
     tags = parents[0].data.tags
     assert tags["preset"] == "ppo_max" and tags["seed"] == "42" and len(tags["data_version"]) == 12
     assert tags["git_commit"]
+    parent_metrics = parents[0].data.metrics  # every stage's headline metrics on the parent, for comparisons
+    assert {"sft/ppl", "rm_eval/gold_accuracy", "ppo/objective_kl", "eval/win_rate"} <= set(parent_metrics)
     children = {
         r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
     }
@@ -65,3 +67,17 @@ def test_flow_runs_all_stages_with_nested_mlflow_runs(prefect_harness, tmp_path)
     versions = client.search_model_versions("name='rlhf-ppo-max-policy'")
     assert [v.run_id for v in versions] == [ppo_run.info.run_id]  # the final policy is in the model registry
     assert "model/model.safetensors" in {a.path for a in client.list_artifacts(ppo_run.info.run_id, "model")}
+
+
+def test_retries_only_where_safe_and_never_for_config_or_data_errors():
+    from prefect.states import Failed
+
+    from rlhf_core.errors import ConfigError, DataError
+    from tasks import stages
+
+    retries = {t.name: t.retries for t in stages.STAGE_TASKS.values()}
+    assert retries == {"prepare": 1, "sft": 0, "rm": 0, "rm-eval": 1, "ppo": 1, "eval": 1}
+    condition = stages.ppo_task.retry_condition_fn
+    assert condition(None, None, Failed(data=OSError("disk hiccup")))
+    assert not condition(None, None, Failed(data=ConfigError("ppo.steps: bad")))
+    assert not condition(None, None, Failed(data=DataError("ppo.jsonl:3: empty prompt")))
