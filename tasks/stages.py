@@ -15,7 +15,6 @@ from rlhf_core.config import Config
 from rlhf_core.errors import RLHFError
 from rlhf_core.pipeline import run_stage
 
-
 RETRY_DELAY_SECONDS = 5
 
 
