@@ -203,6 +203,13 @@ class RMConfig(OptimConfig):
         description="Validation metric that picks the saved checkpoint: ranking loss (lower) or accuracy "
         "(higher). The loss is the less noisy choice on a few hundred pairs.",
     )
+    mismatch_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Extra training pairs, as a share of rm_train, that prefer a prompt's own chosen response to "
+        "another prompt's (teaches the RM to check the answer fits the question; 0: off, as in the paper).",
+    )
     reward_stats_prompts: int = Field(
         256,
         ge=1,

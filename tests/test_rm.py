@@ -16,7 +16,7 @@ from rlhf_core.errors import ConfigError, DataError
 from rlhf_core.io import atomic_write_jsonl
 from rlhf_core.models.reward import reward_model_for_training, reward_scores, save_reward_model
 from rlhf_core.models.tokenizer import load_tokenizer
-from rlhf_core.trainers.rm import collate_pairs, encode_pairs, train_reward_model
+from rlhf_core.trainers.rm import collate_pairs, encode_pairs, mismatched_pairs, train_reward_model
 from rlhf_core.trainers.rm_eval import evaluate_reward_model
 from tests.conftest import policy_dir as _policy_dir
 from tests.conftest import run_torchrun, tiny_overrides
@@ -257,3 +257,20 @@ def test_two_process_zero2_rm_reproduces_single_process(trained_tiny_rm, prepare
             assert [float(y[k]) for k in keys] == pytest.approx([float(x[k]) for k in keys], rel=1e-4), name
     stats = [json.loads((tmp_path / run / "model" / "reward_stats.json").read_text()) for run in ("single", "double")]
     assert stats[0]["count"] == stats[1]["count"] == 8
+
+
+def test_mismatched_pairs_prefer_the_own_answer_to_another_prompts():
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(10)]
+    rows.append({"prompt": "q10", "chosen": "a0", "rejected": "b10"})  # shares its answer text with q0
+    extra = mismatched_pairs(rows, fraction=0.5, seed=3)
+    assert 0 < len(extra) <= round(0.5 * len(rows))
+    by_prompt = {r["prompt"]: r for r in rows}
+    other_answers = {r["chosen"] for r in rows}
+    for pair in extra:
+        assert pair["chosen"] == by_prompt[pair["prompt"]]["chosen"]  # the prompt's own chosen answer ...
+        assert pair["rejected"] in other_answers and pair["rejected"] != pair["chosen"]  # ... beats another's
+    assert extra == mismatched_pairs(rows, fraction=0.5, seed=3)  # seeded
+    assert mismatched_pairs(rows, fraction=0.0, seed=3) == []
+    refusal = "I can't help."
+    same_text = [{"prompt": "x", "chosen": refusal, "rejected": "r"}, {"prompt": "y", "chosen": refusal}]
+    assert mismatched_pairs(same_text, fraction=1.0, seed=0) == []  # identical texts make no pair

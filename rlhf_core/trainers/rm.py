@@ -66,6 +66,27 @@ def split_train_val(rows: list[dict], fraction: float, seed: int) -> tuple[list[
     return [r for i, r in enumerate(rows) if i not in val_ids], [r for i, r in enumerate(rows) if i in val_ids]
 
 
+def mismatched_pairs(rows: list[dict], fraction: float, seed: int) -> list[dict]:
+    """Extra pairs that prefer a prompt's own chosen response to the chosen response of another prompt.
+
+    A reward model that scores a fluent answer without checking that it answers *this* prompt is the opening
+    PPO finds first (an off-topic answer collects a high reward). These pairs, ``fraction`` x len(rows) of
+    them, teach the relation directly; pairs whose two texts are equal (e.g. the same refusal) are not made.
+    """
+    count = round(fraction * len(rows))
+    if count == 0 or len(rows) < 2:
+        return []
+    generator = torch.Generator().manual_seed(seed)
+    own = torch.randint(len(rows), (count,), generator=generator).tolist()
+    shift = torch.randint(1, len(rows), (count,), generator=generator).tolist()  # never the row itself
+    extra = []
+    for i, k in zip(own, shift, strict=True):
+        row, other = rows[i], rows[(i + k) % len(rows)]
+        if other["prompt"] != row["prompt"] and other["chosen"].strip() != row["chosen"].strip():
+            extra.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": other["chosen"]})
+    return extra
+
+
 def _to_device(engine, pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     return {k: v.to(engine.device) for k, v in collate_pairs(pairs, pad_id).items()}
 
@@ -150,6 +171,7 @@ def train_reward_model(config: Config, logger: Logger | None = None) -> Training
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     pad_id = tokenizer.pad_token_id
     train_rows, val_rows = split_train_val(load_split(data_dir, "rm_train", config.data), opt.val_fraction, opt.seed)
+    train_rows = train_rows + mismatched_pairs(train_rows, opt.mismatch_fraction, opt.seed)
     train, val = encode_pairs(tokenizer, train_rows), encode_pairs(tokenizer, val_rows)
     global_batch, total_steps = steps_for(len(train), opt, ctx.world_size)
 
