@@ -45,11 +45,10 @@ def dvc_project(tmp_path_factory) -> Path:
     project = tmp_path_factory.mktemp("dvc") / "project"
     project.mkdir()
     shutil.copytree(REPO / "rlhf_core", project / "rlhf_core", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):  # the real .gitignore: metrics must reach git
         shutil.copy(REPO / name, project / name)
     config = load_config(REPO / "params.yaml", [*TINY, "tracking.enabled=false"])
     (project / "params.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    (project / ".gitignore").write_text("__pycache__/\n")
     _run(["git", "init", "-q"], project)
     _run(["dvc", "init", "-q"], project)
     _run(["git", "add", "-A"], project)
@@ -93,5 +92,6 @@ def test_dvc_exp_run_compares_a_preset(dvc_project):
             params = ((run.get("data") or {}).get("params") or {}).get("params.yaml", {}).get("data", {})
             metrics = ((run.get("data") or {}).get("metrics") or {}).get("outputs/eval/metrics.json", {})
             if params and "eval/win_rate" in metrics.get("data", {}):
-                presets.add(params["ppo"]["preset"])
-    assert presets == {"ppo_max", "vanilla"}
+                presets.add((run["rev"], params["ppo"]["preset"]))
+    # The baseline commit and the experiment both carry their metrics (not only the workspace).
+    assert {preset for rev, preset in presets if rev != "workspace"} == {"ppo_max", "vanilla"}
