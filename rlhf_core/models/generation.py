@@ -9,19 +9,26 @@ from rlhf_core.data.tokenize import encode_query, eos_response_mask, left_pad
 
 @torch.no_grad()
 def sample(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens: int) -> torch.Tensor:
-    """``(B, T)`` sampled response tokens (pad after EOS), T <= max_new_tokens. ``sampling`` has temperature,
-    top_p and repetition_penalty; top-k is off (the paper samples with nucleus only)."""
+    """``(B, T)`` response tokens (pad after EOS), T <= max_new_tokens. ``sampling`` has temperature, top_p and
+    repetition_penalty; top-k is off (the paper samples with nucleus only). ``sampling=None`` decodes greedily."""
+    decoding = (
+        {"do_sample": False}
+        if sampling is None
+        else {
+            "do_sample": True,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": 0,
+            "repetition_penalty": sampling.repetition_penalty,
+        }
+    )
     output = model.generate(
         input_ids=query_ids,
         attention_mask=query_mask,
         max_new_tokens=max_new_tokens,
-        do_sample=True,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=0,
-        repetition_penalty=sampling.repetition_penalty,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **decoding,
     )
     return output[:, query_ids.shape[1] :]
 

@@ -26,6 +26,7 @@ from rlhf_core.data.rows import load_split
 from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response, left_pad
 from rlhf_core.io import atomic_directory, atomic_write_json, atomic_write_jsonl
 from rlhf_core.models.causal_lm import initial_policy, load_causal_lm
+from rlhf_core.models.generation import sample
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import write_curves
 from rlhf_core.tracking import Logger, NullLogger
@@ -62,15 +63,8 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     for start in range(0, len(prompts), batch_size):
         queries = [encode_query(tokenizer, p) for p in prompts[start : start + batch_size]]
         input_ids, attention_mask = left_pad(queries, tokenizer.pad_token_id)
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        responses += tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+        output = sample(model, tokenizer, input_ids, attention_mask, None, max_new_tokens)
+        responses += tokenizer.batch_decode(output, skip_special_tokens=True)
     return [r.strip() for r in responses]
 
 
