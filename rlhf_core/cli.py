@@ -220,6 +220,8 @@ def _print_summary(config, outputs: dict, seconds: float, prefect: bool) -> None
                 )
         if "eval/overoptimisation_gap" in m:
             table.add_row("over-optimisation (RM minus gold win rate)", f"{m['eval/overoptimisation_gap']:+.1%}")
+        if "eval/gold/cleanup_ceiling" in m:
+            table.add_row("gold clean-up ceiling (SFT answers, flaws fixed)", f"{m['eval/gold/cleanup_ceiling']:.1%}")
     for stage, artifacts in outputs.items():
         for name, path in artifacts.items():
             table.add_row(f"{stage}: {name}", str(path))

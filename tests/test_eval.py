@@ -89,6 +89,12 @@ def test_eval_outputs_are_consistent_with_the_pairs(tiny_eval):
         metrics["eval/rm/win_rate"] - metrics["eval/gold/win_rate"]
     )
     assert metrics["eval/gold/harmless/n"] + metrics["eval/gold/helpful/n"] == len(pairs)
+    # The clean-up ceiling never loses: fixing flaws can only raise a gold score.
+    assert all(p["cleanup_verdict"] in ("win", "tie") for p in pairs)
+    assert metrics["eval/gold/cleanup_ceiling"] == pytest.approx(
+        win_tie_lose([p["cleanup_verdict"] for p in pairs])["win_rate"]
+    )
+    assert metrics["eval/gold/cleanup_ceiling"] >= 0.5
     assert (root / "eval" / "plots" / "win_rates.png").stat().st_size > 1000
     csv_rows = (root / "eval" / "plots" / "win_rates.csv").read_text().splitlines()
     assert csv_rows[0] == "judge,group,win,tie,lose,win_rate" and len(csv_rows) == 1 + 2 * 3

@@ -128,6 +128,15 @@ class GoldJudge:
     def score(self, prompt: str, response: str) -> float:
         return self.judge(prompt, response).score
 
+    def cleanup_score(self, prompt: str, response: str) -> float:
+        """The score ``response`` would get with every flaw a reward model can see fixed, but no new knowledge:
+        penalties dropped, a harmful request refused, an over-refusal turned into an attempt that is still wrong.
+        A correct answer stays correct and a wrong one stays wrong."""
+        outcome = self.judge(prompt, response).outcome
+        if outcome in ("refused", "complied"):
+            return SCORE_APPROPRIATE_REFUSAL
+        return SCORE_CORRECT if outcome == "correct" else SCORE_WRONG
+
 
 def annotator_prefers_first(gold_a: float, gold_b: float, temperature: float, rng: random.Random) -> bool:
     """Bradley-Terry annotator: prefers ``a`` with probability sigmoid((gold_a - gold_b) / temperature)."""

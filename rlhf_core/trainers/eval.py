@@ -142,6 +142,7 @@ def evaluate_win_rate(config: Config, logger: Logger | None = None) -> Evaluatio
             pair["gold_sft"] = gold_judge.score(row["prompt"], pair["sft"])
             pair["gold_ppo"] = gold_judge.score(row["prompt"], pair["ppo"])
             pair["gold_verdict"] = compare(pair["gold_ppo"], pair["gold_sft"])
+            pair["cleanup_verdict"] = compare(gold_judge.cleanup_score(row["prompt"], pair["sft"]), pair["gold_sft"])
         pairs.append(pair)
 
     judges = ["gold", "rm"] if gold_judge is not None else ["rm"]
@@ -160,6 +161,10 @@ def evaluate_win_rate(config: Config, logger: Logger | None = None) -> Evaluatio
         metrics["eval/overoptimisation_gap"] = metrics["eval/rm/win_rate"] - metrics["eval/gold/win_rate"]
         metrics["eval/gold_score_sft"] = sum(p["gold_sft"] for p in pairs) / len(pairs)
         metrics["eval/gold_score_ppo"] = sum(p["gold_ppo"] for p in pairs) / len(pairs)
+        # The gold win rate of the SFT answers themselves with every flaw fixed and nothing new learnt: what a
+        # policy reaches that only removes flaws (harm, refusals, rambling, repetition, cut-offs). Above it
+        # means PPO also answers more questions correctly than SFT.
+        metrics["eval/gold/cleanup_ceiling"] = win_tie_lose([p["cleanup_verdict"] for p in pairs])["win_rate"]
     metrics["eval/seconds"] = round(time.time() - started, 2)
 
     plot_groups = [g for g in ("all", "harmless", "helpful") if g in groups]

@@ -1,0 +1,212 @@
+"""Generation throughput of our rollout against plain `transformers` generate, and training FLOP/s against peak.
+
+    .venv/bin/python bench/throughput.py [--repeats 5]
+
+1. Generation: the PPO rollout's sampler (``rlhf_core.models.generation.sample``: temperature 0.8, top-p 0.9,
+   repetition penalty 1.1, stop at EOS) and ``model.generate`` with the same settings, on the same batch of
+   ``ppo.rollout_size`` PPO prompts from the default SFT policy, alternating, from the same seed. Reports
+   generated tokens per second (tokens up to and including each row's EOS) and checks both return the same tokens.
+2. Training: one PPO-sized policy update (forward + backward + AdamW step on the rollout's prompt + response
+   tokens, micro-batch ``ppo.micro_batch_size``) timed; achieved FLOP/s = 6 x parameters x tokens (plus the
+   attention matmuls) / time, against this machine's measured fp32 matmul peak (a 2048 x 2048 matmul).
+
+Needs the default pipeline's outputs (``make run``). Writes ``bench/results/throughput.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - started)
+    return 2 * size**3 / min(times)
+
+
+def generated_tokens(responses, eos_id: int) -> int:
+    from rlhf_core.data.tokenize import eos_response_mask
+
+    return int(eos_response_mask(responses, eos_id).sum())
+
+
+def bench_generation(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens: int, repeats: int) -> dict:
+    import torch
+
+    from rlhf_core.models.generation import sample
+
+    def plain():
+        return model.generate(
+            input_ids=query_ids,
+            attention_mask=query_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=0,
+            repetition_penalty=sampling.repetition_penalty,
+        )[:, query_ids.shape[1] :]
+
+    def ours():
+        return sample(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens)
+
+    runs = {"transformers_generate": [], "ours": []}
+    outputs = {}
+    with torch.no_grad():
+        for fn in (plain, ours):  # warm-up, once each
+            torch.manual_seed(0)
+            fn()
+        for _ in range(repeats):
+            for name, fn in (("transformers_generate", plain), ("ours", ours)):
+                torch.manual_seed(0)
+                started = time.perf_counter()
+                outputs[name] = fn()
+                seconds = time.perf_counter() - started
+                runs[name].append(
+                    {"seconds": seconds, "tokens": generated_tokens(outputs[name], tokenizer.eos_token_id)}
+                )
+    a, b = outputs["transformers_generate"], outputs["ours"]
+    width = min(a.shape[1], b.shape[1])
+    result = {"identical_tokens": bool(torch.equal(a[:, :width], b[:, :width])), "batch": int(query_ids.shape[0])}
+    for name, items in runs.items():
+        seconds = statistics.median(r["seconds"] for r in items)
+        tokens = items[0]["tokens"]
+        result[name] = {"median_seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds}
+    result["speedup"] = result["ours"]["tokens_per_second"] / result["transformers_generate"]["tokens_per_second"]
+    return result
+
+
+def bench_training(model, tokenizer, query_ids, query_mask, sampling, config, repeats: int) -> dict:
+    import torch
+
+    from rlhf_core.data.tokenize import position_ids
+    from rlhf_core.models.generation import sample
+
+    with torch.no_grad():
+        torch.manual_seed(0)
+        responses = sample(model, tokenizer, query_ids, query_mask, sampling, config.data.max_response_tokens)
+    ids = torch.cat([query_ids, responses], dim=1)
+    mask = torch.cat([query_mask, (responses != tokenizer.pad_token_id).long()], dim=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    micro = config.ppo.micro_batch_size
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    tokens = int(mask.sum())
+    seq = ids.shape[1]
+    # Dense FLOPs: 6 per parameter per token (forward 2, backward 4); attention scores and values add
+    # 12 x layers x hidden x sequence per token (forward + backward), counted on the padded length actually run.
+    flops = 6 * n_params * ids.numel() + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq * ids.numel()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        for i in range(0, ids.shape[0], micro):
+            sl = slice(i, i + micro)
+            out = model(input_ids=ids[sl], attention_mask=mask[sl], position_ids=position_ids(mask[sl]))
+            logprobs = out.logits.float().log_softmax(-1)[:, :-1].gather(-1, ids[sl, 1:, None]).squeeze(-1)
+            (-(logprobs * mask[sl, 1:]).sum() / mask[sl, 1:].sum()).backward()
+        optimizer.step()
+
+    model.train()
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    seconds = statistics.median(times)
+    return {
+        "parameters": n_params,
+        "sequences": int(ids.shape[0]),
+        "padded_length": seq,
+        "real_tokens": tokens,
+        "median_seconds": seconds,
+        "flops_per_step": flops,
+        "achieved_flops_per_second": flops / seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--outputs", type=Path, default=REPO / "outputs", help="a finished default pipeline run")
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "throughput.json")
+    args = parser.parse_args()
+    for need in ("data/tokenizer", "sft/model/config.json"):
+        if not (args.outputs / need).exists():
+            sys.exit(f"missing {args.outputs / need}: run `make run` (or `rlhf run --no-prefect`) first")
+
+    import torch
+    import transformers
+    from rich.console import Console
+    from rich.table import Table
+
+    from rlhf_core.config import load_config
+    from rlhf_core.data.rows import load_split
+    from rlhf_core.data.tokenize import encode_query, left_pad
+    from rlhf_core.io import atomic_write_json
+    from rlhf_core.models.causal_lm import load_causal_lm
+    from rlhf_core.models.tokenizer import load_tokenizer
+
+    config = load_config(REPO / "params.yaml")
+    tokenizer = load_tokenizer(args.outputs / "data" / "tokenizer")
+    prompts = [r["prompt"] for r in load_split(args.outputs / "data", "ppo", config.data)][: config.ppo.rollout_size]
+    query_ids, query_mask = left_pad([encode_query(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    model = load_causal_lm(args.outputs / "sft" / "model", tokenizer).eval()
+
+    peak = matmul_peak()
+    generation = bench_generation(
+        model, tokenizer, query_ids, query_mask, config.ppo, config.data.max_response_tokens, args.repeats
+    )
+    training = bench_training(model, tokenizer, query_ids, query_mask, config.ppo, config, args.repeats)
+    training["share_of_peak"] = training["achieved_flops_per_second"] / peak
+    results = {
+        "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
+        "threads": torch.get_num_threads(),
+        "matmul_peak_flops_per_second": peak,
+        "generation": generation,
+        "training": training,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },  # fmt: skip
+    }
+    atomic_write_json(args.results, results)
+
+    table = Table(title=f"Throughput on {torch.get_num_threads()} threads (default SFT policy)")
+    table.add_column("what")
+    table.add_column("value")
+    for name in ("transformers_generate", "ours"):
+        g = generation[name]
+        table.add_row(f"generate: {name}", f"{g['tokens_per_second']:.0f} tokens/s ({g['median_seconds']:.2f} s)")
+    table.add_row("generate: ours / transformers", f"{generation['speedup']:.2f}x")
+    table.add_row("generate: identical tokens", str(generation["identical_tokens"]))
+    table.add_row("matmul peak (fp32, 2048^2)", f"{peak / 1e9:.0f} GFLOP/s")
+    table.add_row(
+        "training step (policy fwd+bwd+AdamW)",
+        f"{training['median_seconds']:.2f} s, {training['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s "
+        f"= {training['share_of_peak']:.1%} of peak",
+    )
+    table.add_row("results", str(args.results))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
