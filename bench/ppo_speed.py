@@ -1,0 +1,539 @@
+"""PPO speed against the peer: our trainer and TRL's PPOTrainer on the same workload, alternating in one run.
+
+    .venv/bin/python bench/ppo_speed.py                           # 3 repeats x (ours, TRL), 20 iterations each
+    .venv/bin/python bench/ppo_speed.py --iterations 2 --repeats 1  # smoke run
+
+The workload is the default pipeline's PPO stage: the tiny Llama SFT policy (outputs/sft), the reward model
+(outputs/rm, also the critic's / value model's initialisation), the byte-level BPE tokenizer and the PPO prompts
+(outputs/data), 64 samples per rollout, minibatches of 32, one epoch, at most 80 new tokens, temperature 0.8, stop
+at EOS, k1 KL penalty with a fixed coefficient 0.05, GAE (gamma 1, lambda 0.9), clipped policy and value losses,
+advantage whitening. Both trainers get the same prompts in the same order, token for token: our trainer's
+prompt order and ``encode_query`` ids are written to a spec file for the TRL side. Where one trainer cannot do
+what the other does, the other is set to match (nucleus sampling and repetition penalty off, PPO-ptx, critic
+warm-up, reward normalisation and gradient clipping off on our side); what still differs is listed in
+``DIFFERENCES`` and printed under the table.
+
+TRL (trl 1.12.0, the last release with a PPO trainer, ``trl.experimental.ppo``) is never a project dependency:
+bench/setup_trl_venv.sh installs it into ``.venv-trl`` (run here when needed) and bench/_trl_ppo_worker.py runs it
+there. Every run is a fresh subprocess, so its peak memory is its own maximum resident set size (``wait4``).
+Runs alternate ours / TRL, the first of each pair swapping every repeat, so a drift in machine load hits both.
+Each run does ``--warmup`` + ``--iterations`` PPO iterations; the warm-up ones are left out.
+
+Reported per trainer: samples/s and generated tokens/s (over whole iterations), seconds per iteration split into
+generation / scoring (reward, reference, value forwards, advantages) / training (the PPO update and the
+iteration's bookkeeping up to the next rollout), peak RSS; and the ratio ours/TRL of each. Our phases are the
+trainer's own ``time/generation|scoring|training`` history entries (plus the bookkeeping after ``time/training``,
+timed up to the next rollout); TRL's are timed around the functions its ``train()`` calls (see
+bench/_trl_ppo_worker.py). Writes ``bench/results/ppo_speed.json`` (settings, versions, every run's
+per-iteration numbers) and prints a table. Needs the default pipeline's outputs (``make run``). Timings are only
+meaningful on an otherwise idle machine: the load average before and after is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SETUP_SCRIPT = REPO / "bench" / "setup_trl_venv.sh"
+TRL_WORKER = REPO / "bench" / "_trl_ppo_worker.py"
+
+# Our side: PPO-max with the switches TRL has no counterpart for turned off, and sampling TRL can do.
+OURS_OVERRIDES = [
+    "tracking.enabled=false",
+    "ppo.preset=ppo_max",
+    "ppo.tricks.ptx=false",  # TRL has no PPO-ptx (it would add an SFT forward/backward per micro-batch)
+    "ppo.tricks.critic_warmup=false",  # TRL updates the policy from the first iteration
+    "ppo.tricks.reward_norm=false",  # TRL uses the raw reward-model score
+    "ppo.tricks.reward_clip=false",
+    "ppo.tricks.global_grad_clip=false",  # TRL's PPO loop never clips gradients
+    "ppo.top_p=1.0",  # TRL samples with temperature only: no nucleus ...
+    "ppo.repetition_penalty=1.0",  # ... and no repetition penalty
+    "ppo.checkpoint_every=1000000",  # no checkpoints (TRL: save_strategy="no")
+    "ppo.resume=never",
+]
+
+# What still differs after the settings above (printed with the results and stored in the JSON).
+DIFFERENCES = [
+    "Rollout log-probs: TRL takes the policy's log-probs from the logits generate() returns (output_scores=True), "
+    "so its scoring phase runs 3 forwards (reference, value, reward); ours runs 4 (a separate policy forward, which "
+    "also gives the entropy and perplexity it monitors). TRL keeps the (batch, steps, vocab) logits of the whole "
+    "generation for that.",
+    "Update: TRL wraps policy and value model in one module with one AdamW (one learning rate, "
+    "ours' policy_lr, for both) and one backward of policy + vf_coef x value loss per micro-batch; ours has two "
+    "engines (policy and critic, own optimizers and learning rates 3e-5 / 1e-4) and two backward passes. Same "
+    "forward/backward work; TRL's default AdamW is torch's fused kernel (adamw_torch_fused), ours the default "
+    "torch.optim.AdamW.",
+    "Per-iteration extras: TRL computes the full-vocabulary entropy of every update micro-batch (no_grad), reads its "
+    "metrics with .item(), and runs gc.collect() twice per iteration (after the rollout and at its end), which walks "
+    "the whole Python heap of the process; ours computes entropy, policy and reference perplexity, repetition rate "
+    "and decodes the responses to text, plus its collapse monitor.",
+    "Advantage whitening: TRL whitens over the whole rollout once, ours per minibatch; value loss: TRL 0.5 x the "
+    "clipped squared error, averaged over response positions + 1; the score goes on the token after EOS in TRL, on "
+    "EOS in ours. None of these changes the amount of computation.",
+    "Responses: same prompts, sampler and seed, and both use torch's global generator for sampling only, so the two "
+    "usually draw the very same responses; small differences in the updates can make later ones differ (and with "
+    "them the generation time). The table counts the iterations whose response token totals match.",
+    "Left out of ours: the gold-judge scores of the simulated domain (monitoring only; the bench switches them off) "
+    "and the evaluation on held-out prompts after the last iteration (not timed either way). Left out of TRL: its "
+    "periodic sample generations (num_sample_generations=0). Neither saves checkpoints.",
+    "Both run in fp32 without gradient checkpointing (TRL's PPOConfig defaults to bf16 and gradient checkpointing; "
+    "set off here) and with dropout off.",
+]
+
+PHASES = ("generation", "scoring", "training")
+
+
+# ---------------------------------------------------------------------------------------------- workload
+def required_inputs(base: Path) -> list[Path]:
+    return [
+        base / "data" / "tokenizer",
+        base / "data" / "splits" / "ppo.jsonl",
+        base / "sft" / "model" / "config.json",
+        base / "rm" / "model" / "config.json",
+    ]
+
+
+def ours_overrides(base: Path, ppo_dir: Path, steps: int, extra: list[str]) -> list[str]:
+    return [
+        *OURS_OVERRIDES,
+        *(f"paths.{name}={base / name}" for name in ("data", "sft", "rm")),
+        f"paths.ppo={ppo_dir}",
+        f"ppo.steps={steps}",
+        *extra,
+    ]
+
+
+def workload(config, steps: int) -> tuple[list[list[list[int]]], dict]:
+    """Our trainer's prompt batches (token ids, in its order) and the settings the TRL side copies."""
+    from rlhf_core.data.order import global_order
+    from rlhf_core.data.rows import load_split
+    from rlhf_core.data.tokenize import encode_query
+    from rlhf_core.models.tokenizer import load_tokenizer
+
+    ppo = config.ppo
+    tricks = ppo.resolved_tricks()
+    tokenizer = load_tokenizer(Path(config.paths.data) / "tokenizer")
+    prompts = [r["prompt"] for r in load_split(config.paths.data, "ppo", config.data)]
+    order = global_order(len(prompts), steps * ppo.rollout_size, ppo.seed)  # what train_ppo draws
+    batches = [
+        [encode_query(tokenizer, prompts[i]) for i in order[k * ppo.rollout_size : (k + 1) * ppo.rollout_size]]
+        for k in range(steps)
+    ]
+    settings = {
+        "seed": ppo.seed,
+        "rollout_size": ppo.rollout_size,
+        "minibatch_size": ppo.minibatch_size,
+        "micro_batch_size": ppo.micro_batch_size,
+        "forward_batch_size": ppo.forward_batch_size,
+        "epochs": ppo.epochs,
+        "max_new_tokens": config.data.max_response_tokens,
+        "temperature": ppo.temperature,
+        "top_p": ppo.top_p,
+        "repetition_penalty": ppo.repetition_penalty,
+        "kl_coef": tricks["kl_coef"],
+        "kl_estimator": tricks["kl_estimator"],
+        "kl_controller": tricks["kl_controller"],
+        "cliprange": ppo.cliprange,
+        "cliprange_value": ppo.cliprange_value,
+        "vf_coef": ppo.vf_coef,
+        "gamma": ppo.gamma,
+        "lam": ppo.lam,
+        "policy_lr": ppo.policy_lr,
+        "critic_lr": ppo.critic_lr,
+        "weight_decay": ppo.weight_decay,
+        "adam_beta1": ppo.adam_beta1,
+        "adam_beta2": ppo.adam_beta2,
+        "adam_eps": ppo.adam_eps,
+        "critic_from_rm": tricks["critic_from_rm"],
+    }
+    # The TRL side can reproduce only this corner of our configuration; stop rather than compare different work.
+    unsupported = {
+        "top_p": settings["top_p"] != 1.0,
+        "repetition_penalty": settings["repetition_penalty"] != 1.0,
+        "kl_estimator": settings["kl_estimator"] not in ("k1", "k3"),
+        "kl_controller": settings["kl_controller"] != "fixed",
+        "kl_penalty": not tricks["kl_penalty"],
+        "ptx": tricks["ptx"],
+        "critic_warmup": tricks["critic_warmup"],
+        "critic_from_rm": not tricks["critic_from_rm"],
+        "entropy_bonus": tricks["entropy_bonus"],
+        "micro_batch_size": ppo.micro_batch_size != ppo.minibatch_size,
+        "missing_eos_penalty": ppo.missing_eos_penalty is not None,
+        "lr_schedule": ppo.lr_schedule != "constant" or ppo.warmup_steps,
+    }
+    bad = [name for name, flag in unsupported.items() if flag]
+    if bad:
+        sys.exit(f"ppo_speed: the TRL side cannot run this configuration ({', '.join(bad)}); drop those --set")
+    return batches, settings
+
+
+# ---------------------------------------------------------------------------------------------- our worker
+def run_ours_worker(spec_path: Path, out_path: Path) -> None:
+    """One run of our trainer in this (fresh) process; writes its per-iteration numbers to ``out_path``."""
+    import resource
+
+    started = time.perf_counter()
+    spec = json.loads(spec_path.read_text())
+    from rlhf_core.env import apply_defaults
+
+    apply_defaults()  # before transformers is imported
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    import transformers
+
+    import rlhf_core.trainers.ppo as ppo_stage
+    from rlhf_core.config import load_config
+    from rlhf_core.io import atomic_write_json
+
+    config = load_config(REPO / "params.yaml", spec["overrides"])
+    left_out = []
+    # Not part of the compared workload (see DIFFERENCES): the sim-only gold judge and the post-training eval.
+    if hasattr(ppo_stage, "_Judge"):
+        ppo_stage._Judge.scores = lambda self, prompts, responses: None
+        left_out.append("gold judge")
+    if hasattr(ppo_stage, "_eval_comparison"):
+        ppo_stage._eval_comparison = lambda *args, **kwargs: {}
+        left_out.append("final eval comparison")
+    # One generate call per forward_batch_size prompts; the first call of each iteration marks its start.
+    calls_per_iteration = -(-config.ppo.rollout_size // config.ppo.forward_batch_size)
+    seen = {"calls": 0, "starts": [], "widths": []}
+    original_sample = ppo_stage.sample
+
+    def sample(*args, **kwargs):
+        if seen["calls"] % calls_per_iteration == 0:
+            if not seen["starts"]:
+                seen["rss_kib"] = _rss_kib()
+                seen["setup_seconds"] = time.perf_counter() - started
+            seen["starts"].append(time.perf_counter())
+            seen["widths"].append(0)
+        seen["calls"] += 1
+        out = original_sample(*args, **kwargs)
+        seen["widths"][-1] = max(seen["widths"][-1], int(out.shape[1]))
+        return out
+
+    ppo_stage.sample = sample
+    result = ppo_stage.train_ppo(config)
+    history = result.history
+    if len(seen["starts"]) != len(history):
+        sys.exit(f"ppo_speed: timed {len(seen['starts'])} rollouts for {len(history)} iterations")
+    # The iteration's bookkeeping after its `time/training` (collapse monitor, sample table, progress bar) is in no
+    # phase of ours; TRL's counterpart is in its training phase. Measured as the gap to the next iteration's start
+    # and added to training; the last iteration, which has no next start, gets the mean of the others.
+    phases = [sum(r[f"time/{p}"] for p in PHASES) for r in history]
+    starts = seen["starts"]
+    tails = [max(starts[i + 1] - starts[i] - phases[i], 0.0) for i in range(len(history) - 1)]
+    tails.append(sum(tails) / len(tails) if tails else 0.0)
+    rollout = config.ppo.rollout_size
+    records = [
+        {
+            "iteration": r["step"],
+            "generation": r["time/generation"],
+            "scoring": r["time/scoring"],
+            "training": r["time/training"] + tail,
+            "training_tail": tail,
+            "response_tokens": round(r["rollout/response_length"] * rollout),
+            "samples": rollout,
+            "eos_rate": r["rollout/eos_rate"],
+            "generated_width": width,
+            "objective/scores": r["objective/scores"],
+            "objective/kl": r["objective/kl"],
+        }
+        for r, width, tail in zip(history, seen["widths"], tails, strict=True)
+    ]
+    atomic_write_json(
+        out_path,
+        {
+            "trainer": "ours",
+            "records": records,
+            "setup_seconds": seen["setup_seconds"],
+            "rss_kib_at_first_iteration": seen["rss_kib"],
+            "self_max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "torch_threads": torch.get_num_threads(),
+            "left_out": left_out,
+            "versions": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            },
+        },
+    )
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- the parent
+def setup_trl_venv(venv: Path) -> str:
+    """Run bench/setup_trl_venv.sh (idempotent); returns its versions line."""
+    done = subprocess.run(
+        ["bash", str(SETUP_SCRIPT)], env={**os.environ, "VENV": str(venv)}, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        sys.exit(f"ppo_speed: {SETUP_SCRIPT.name} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def run_child(command: list[str], log: Path) -> tuple[int, float, int, float]:
+    """Run ``command`` with output to ``log``: (exit code, wall seconds, its peak RSS in KiB and its CPU seconds,
+    both from wait4)."""
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen from waiting again
+    return process.returncode, time.perf_counter() - started, usage.ru_maxrss, usage.ru_utime + usage.ru_stime
+
+
+def summarise(runs: list[dict], warmup: int) -> dict:
+    """Pooled over the measured iterations of every run of one trainer."""
+    measured = [rec for run in runs for rec in run["records"][warmup:]]
+    n = len(measured)
+    total = {key: sum(rec[key] for rec in measured) for key in (*PHASES, "response_tokens", "samples")}
+    seconds = sum(total[p] for p in PHASES)
+    per_run = [sum(rec[p] for rec in run["records"][warmup:] for p in PHASES) / len(run["records"][warmup:])
+               for run in runs]  # fmt: skip
+    summary = {
+        "runs": len(runs),
+        "iterations": n,
+        "samples_per_second": total["samples"] / seconds,
+        "tokens_per_second": total["response_tokens"] / seconds,
+        "generation_tokens_per_second": total["response_tokens"] / total["generation"],
+        "seconds_per_iteration": seconds / n,
+        **{f"{p}_seconds_per_iteration": total[p] / n for p in PHASES},
+        "seconds_per_iteration_per_run": per_run,
+        "response_length": total["response_tokens"] / total["samples"],
+        "eos_rate": sum(rec["eos_rate"] for rec in measured) / n,
+        "peak_rss_mib": max(run["max_rss_kib"] for run in runs) / 1024,
+        "rss_at_first_iteration_mib": max(run["rss_kib_at_first_iteration"] for run in runs) / 1024,
+        "setup_seconds": sum(run["setup_seconds"] for run in runs) / len(runs),
+    }
+    widths = [rec["generated_width"] for rec in measured if rec.get("generated_width") is not None]
+    summary["generated_width"] = sum(widths) / len(widths) if widths else None
+    tails = [rec["training_tail"] for rec in measured if "training_tail" in rec]
+    if tails:
+        summary["training_tail_seconds_per_iteration"] = sum(tails) / len(tails)
+    return summary
+
+
+# (label, summary key, format)
+ROWS = [
+    ("samples / s", "samples_per_second", "{:.2f}"),
+    ("generated tokens / s", "tokens_per_second", "{:.1f}"),
+    ("  tokens / s during generation", "generation_tokens_per_second", "{:.1f}"),
+    ("s / iteration", "seconds_per_iteration", "{:.3f}"),
+    ("  generation", "generation_seconds_per_iteration", "{:.3f}"),
+    ("  scoring", "scoring_seconds_per_iteration", "{:.3f}"),
+    ("  training", "training_seconds_per_iteration", "{:.3f}"),
+    ("    of which after the update", "training_tail_seconds_per_iteration", "{:.3f}"),
+    ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
+    ("  RSS at first iteration (MiB)", "rss_at_first_iteration_mib", "{:.0f}"),
+    ("mean response length (tokens)", "response_length", "{:.1f}"),
+    ("mean generated width (tokens)", "generated_width", "{:.1f}"),
+]
+
+
+def print_table(summary: dict, ratios: dict, args, contended: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = (
+        f"PPO speed: ours vs TRL {summary['trl_version']}, {args.repeats} run(s) x {args.iterations} iteration(s) "
+        f"each (+{args.warmup} warm-up left out)"
+    )
+    if contended:
+        title += "\n[bold red]CPU was busy: contended timings, not a measurement[/]"
+    table = Table(title=title)
+    for column in ("", "ours", "TRL", "ours / TRL"):
+        table.add_column(column, justify="left" if not column else "right")
+    ours, trl = summary["ours"], summary["trl"]
+    for label, key, fmt in ROWS:
+        a, b = ours.get(key), trl.get(key)
+        table.add_row(
+            label,
+            fmt.format(a) if a is not None else "-",
+            fmt.format(b) if b is not None else "-",
+            f"{ratios[key]:.2f}" if key in ratios else "-",
+        )
+    table.add_row(
+        "s / iteration per run",
+        " ".join(f"{v:.2f}" for v in ours["seconds_per_iteration_per_run"]),
+        " ".join(f"{v:.2f}" for v in trl["seconds_per_iteration_per_run"]),
+        "",
+    )
+    same, total = summary["iterations_with_equal_response_tokens"]
+    table.add_row("iterations with equal response tokens", f"{same} / {total}", "", "")
+    console = Console()
+    console.print(table)
+    speedup = trl["seconds_per_iteration"] / ours["seconds_per_iteration"]
+    console.print(
+        f"ours is {speedup:.2f}x TRL's speed per iteration ({'faster' if speedup >= 1 else 'slower'}); "
+        "ours / TRL < 1 on seconds and memory, > 1 on throughput means ours is better."
+    )
+    print("Remaining differences between the two runs:")
+    for item in DIFFERENCES:
+        print(f"  - {item}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=20, help="measured PPO iterations per run")
+    parser.add_argument("--warmup", type=int, default=1, help="leading iterations left out of each run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each trainer, alternating")
+    parser.add_argument("--base", type=Path, default=REPO / "outputs", help="pipeline outputs (data, sft, rm)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in both (default: torch's)")
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for our side")
+    parser.add_argument("--trl-venv", type=Path, default=REPO / ".venv-trl")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep run outputs and logs here")
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "ppo_speed.json")
+    parser.add_argument("--worker-ours", nargs=2, type=Path, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker_ours:
+        run_ours_worker(*args.worker_ours)
+        return
+    if args.iterations < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("--iterations and --repeats must be >= 1, --warmup >= 0")
+
+    base = args.base.resolve()
+    missing = [str(p) for p in required_inputs(base) if not p.exists()]
+    if missing:
+        sys.exit(
+            "ppo_speed: the default pipeline's outputs are missing:\n  "
+            + "\n  ".join(missing)
+            + "\nrun `make run` first (or pass --base DIR holding data/, sft/ and rm/)"
+        )
+
+    import torch
+    import transformers
+
+    from rlhf_core.config import load_config
+    from rlhf_core.env import apply_defaults
+    from rlhf_core.io import atomic_write_json
+
+    apply_defaults()
+    print("setting up .venv-trl (bench/setup_trl_venv.sh) ...", flush=True)
+    trl_versions_line = setup_trl_venv(args.trl_venv.resolve())
+    print(f"  {trl_versions_line}", flush=True)
+
+    steps = args.warmup + args.iterations
+    work = Path(args.work_dir).resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="ppo_speed_"))
+    work.mkdir(parents=True, exist_ok=True)
+    overrides = ours_overrides(base, work / "ours_ppo", steps, args.extra)
+    config = load_config(REPO / "params.yaml", overrides)
+    batches, settings = workload(config, steps)
+    spec_ours = work / "spec_ours.json"
+    spec_trl = work / "spec_trl.json"
+    spec_ours.write_text(json.dumps({"overrides": overrides, "threads": args.threads}))
+    spec_trl.write_text(
+        json.dumps(
+            {
+                "tokenizer": str(base / "data" / "tokenizer"),
+                "sft_model": str(base / "sft" / "model"),
+                "rm_model": str(base / "rm" / "model"),
+                "threads": args.threads,
+                "settings": settings,
+                "batches": batches,
+            }
+        )
+    )
+
+    load_before = os.getloadavg()
+    cpus = os.cpu_count() or 1
+    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+    for repeat in range(args.repeats):
+        order = ("ours", "trl") if repeat % 2 == 0 else ("trl", "ours")
+        for trainer in order:
+            out = work / f"{trainer}_{repeat}.json"
+            log = work / f"{trainer}_{repeat}.log"
+            if trainer == "ours":
+                shutil.rmtree(work / "ours_ppo", ignore_errors=True)
+                command = [sys.executable, str(Path(__file__).resolve()), "--worker-ours", str(spec_ours), str(out)]
+            else:
+                command = [str(args.trl_venv / "bin" / "python"), str(TRL_WORKER), str(spec_trl), str(out)]
+            print(f"[repeat {repeat + 1}/{args.repeats}] {trainer}: {steps} iterations ...", flush=True)
+            code, wall, max_rss, cpu = run_child(command, log)
+            if code != 0 or not out.is_file():
+                tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
+                sys.exit(f"ppo_speed: the {trainer} run failed (exit {code}); log {log}:\n{tail}")
+            run = json.loads(out.read_text())
+            run.update({"repeat": repeat + 1, "position": order.index(trainer) + 1, "wall_seconds": wall,
+                        "cpu_seconds": cpu, "max_rss_kib": max_rss})  # fmt: skip
+            runs[trainer].append(run)
+            measured = run["records"][args.warmup :]
+            per_iter = sum(r[p] for r in measured for p in PHASES) / len(measured)
+            print(f"    {per_iter:.2f} s / iteration, peak RSS {max_rss / 1024:.0f} MiB, {wall:.0f} s wall", flush=True)
+    load_after = os.getloadavg()
+
+    summary = {name: summarise(trainer_runs, args.warmup) for name, trainer_runs in runs.items()}
+    # Same seed and sampler: the two trainers usually draw the very same responses (checked by their lengths).
+    pairs = [
+        (a["response_tokens"], b["response_tokens"])
+        for ours_run, trl_run in zip(runs["ours"], runs["trl"], strict=True)
+        for a, b in zip(ours_run["records"], trl_run["records"], strict=True)
+    ]
+    summary["iterations_with_equal_response_tokens"] = [sum(a == b for a, b in pairs), len(pairs)]
+    summary["trl_version"] = runs["trl"][0]["versions"]["trl"]
+    ratios = {
+        key: summary["ours"][key] / summary["trl"][key]
+        for _, key, _ in ROWS
+        if summary["ours"].get(key) and summary["trl"].get(key)
+    }
+    # Something else was running when the benchmark started (the load after it includes the benchmark itself).
+    contended = load_before[0] > cpus * 0.5
+    results = {
+        "command": "python bench/ppo_speed.py " + " ".join(sys.argv[1:]),
+        "contended": contended,
+        "settings": {
+            "iterations": args.iterations,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "base": str(args.base),
+            "workload": settings,
+            "ours_overrides": [o for o in overrides if not o.startswith("paths.")],
+            "prompts_per_iteration": [len(b) for b in batches],
+        },
+        "summary": summary,
+        "ratios_ours_over_trl": ratios,
+        "differences": DIFFERENCES,
+        "runs": runs,
+        "machine": {
+            "cpu_count": cpus,
+            "platform": platform.platform(),
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+        },
+        "versions": {
+            "ours": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            },
+            "trl_venv": runs["trl"][0]["versions"],
+        },
+    }
+    atomic_write_json(args.results, results)
+    print_table(summary, ratios, args, contended)
+    print(f"results: {args.results}")
+    if args.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
