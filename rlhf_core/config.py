@@ -374,6 +374,12 @@ class DistributedConfig(_Group):
         "auto", description="torch.distributed backend; auto: nccl on GPU, gloo on CPU."
     )
     bf16: bool = Field(False, description="bfloat16 mixed precision (DeepSpeed bf16 / torch autocast).")
+    zero3_param_persistence_threshold: int = Field(
+        100_000,
+        ge=0,
+        description="ZeRO-3: parameters with fewer elements stay whole on every rank instead of being sharded "
+        "(DeepSpeed's stage3_param_persistence_threshold and its default; 0 shards every parameter).",
+    )
 
 
 class TrackingConfig(_Group):

@@ -4,6 +4,8 @@
 - :func:`seed_everything` seeds python, numpy and torch the same way on every rank;
 - :func:`make_engine` wraps a model + optimizer + schedule as a plain-torch loop or a DeepSpeed ZeRO engine
   behind one small interface (``backward``, ``step``, ``module``), so trainers never branch on the engine;
+- :func:`make_frozen` places an inference-only model (PPO's reference and reward model): on the device, or
+  sharded over the ranks under ZeRO-3;
 - :func:`all_reduce_sum` sums a tensor over ranks (global token counts, metrics).
 
 On CPU DeepSpeed uses gloo. Its shared-memory collective and FusedAdam are C++ ops that JIT-compile for about a
@@ -246,12 +248,41 @@ def deepspeed_config(optim: OptimConfig, cfg: DistributedConfig, world_size: int
             "stage": cfg.zero_stage,
             # ZeRO-3 shards parameters; gather them whole when the model is saved.
             **({"stage3_gather_16bit_weights_on_model_save": True} if cfg.zero_stage == 3 else {}),
+            **_zero3_sharding(cfg),
         },
         "bf16": {"enabled": cfg.bf16},
         "zero_allow_untested_optimizer": True,  # our client torch.optim.AdamW
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def frozen_deepspeed_config(cfg: DistributedConfig, micro_batch_size: int, world_size: int) -> dict:
+    """A ZeRO-3 config without optimizer for an inference-only model (PPO's reference and reward model): its
+    parameters are sharded over the ranks like a trained model's, and gathered layer by layer for each forward.
+
+    DeepSpeed requires batch sizes even without training; they are the forward batch and are never used to step.
+    """
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_size * world_size,
+        "zero_optimization": {"stage": 3, **_zero3_sharding(cfg)},
+        "bf16": {"enabled": cfg.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _zero3_sharding(cfg: DistributedConfig) -> dict:
+    if cfg.zero_stage != 3:
+        return {}
+    return {"stage3_param_persistence_threshold": cfg.zero3_param_persistence_threshold}
+
+
+def shards_parameters(ctx: DistContext, cfg: DistributedConfig) -> bool:
+    """True under DeepSpeed ZeRO-3: no rank holds whole parameters, so every forward is a collective."""
+    return ctx.engine == "deepspeed" and cfg.zero_stage == 3
 
 
 def make_engine(model, optim: OptimConfig, total_steps: int, ctx: DistContext, cfg: DistributedConfig):
@@ -282,6 +313,29 @@ def make_engine(model, optim: OptimConfig, total_steps: int, ctx: DistContext, c
         config=deepspeed_config(optim, cfg, ctx.world_size),
     )
     return DeepSpeedEngine(engine)
+
+
+@dataclass
+class FrozenModel:
+    """An inference-only model. ``module`` is what to call. Under ZeRO-3 it is sharded and ``engine`` keeps the
+    DeepSpeed engine alive: the engine's hooks gather each layer for its forward, and dropping it removes them."""
+
+    module: torch.nn.Module
+    engine: object | None = None
+
+
+def make_frozen(model, micro_batch_size: int, ctx: DistContext, cfg: DistributedConfig) -> FrozenModel:
+    """``model`` in eval mode without gradients: on the device as it is, or sharded over the ranks under ZeRO-3
+    (so per-GPU memory falls with the number of processes, as it does for the trained models)."""
+    model.eval().requires_grad_(False)
+    if not shards_parameters(ctx, cfg):
+        return FrozenModel(model.to(ctx.device))
+    deepspeed = _import_deepspeed()
+    engine, *_ = deepspeed.initialize(
+        model=model, config=frozen_deepspeed_config(cfg, micro_batch_size, ctx.world_size)
+    )
+    engine.module.eval()
+    return FrozenModel(engine.module, engine)
 
 
 def gather_full_state_dict(engine) -> dict[str, torch.Tensor] | None:

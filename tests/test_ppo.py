@@ -48,9 +48,10 @@ def test_outputs_metrics_samples_and_resolved_tricks(trained_tiny_rm, prepared_t
     for key in (
         "objective/scores", "objective/kl", "objective/entropy", "rollout/response_length", "rollout/eos_rate",
         "rollout/repetition", "monitor/ppl_policy", "monitor/ppl_ref", "monitor/gold_score", "reward/running_std",
-        "loss/value", "val/clipfrac",
+        "loss/value", "val/clipfrac", "time/generation", "time/scoring", "time/training",
     ):  # fmt: skip
         assert all(key in r for r in history), key
+    assert all(r[f"time/{phase}"] > 0 for r in history for phase in ("generation", "scoring", "training"))
     # Before the first policy update the policy is the reference: KL 0, equal perplexities.
     assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
     assert history[0]["monitor/ppl_policy"] == pytest.approx(history[0]["monitor/ppl_ref"], rel=1e-5)

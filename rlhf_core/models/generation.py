@@ -8,9 +8,15 @@ from rlhf_core.data.tokenize import encode_query, eos_response_mask, left_pad
 
 
 @torch.no_grad()
-def sample(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens: int) -> torch.Tensor:
+def sample(
+    model, tokenizer, query_ids, query_mask, sampling, max_new_tokens: int, synced_gpus: bool = False
+) -> torch.Tensor:
     """``(B, T)`` response tokens (pad after EOS), T <= max_new_tokens. ``sampling`` has temperature, top_p and
-    repetition_penalty; top-k is off (the paper samples with nucleus only). ``sampling=None`` decodes greedily."""
+    repetition_penalty; top-k is off (the paper samples with nucleus only). ``sampling=None`` decodes greedily.
+
+    ``synced_gpus``: a model sharded over several ranks (ZeRO-3) gathers its layers from every rank at each
+    forward, so a rank whose responses all ended keeps stepping (discarding the tokens) until every rank is done.
+    """
     decoding = (
         {"do_sample": False}
         if sampling is None
@@ -28,6 +34,7 @@ def sample(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens: in
         max_new_tokens=max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        synced_gpus=synced_gpus,
         **decoding,
     )
     return output[:, query_ids.shape[1] :]
@@ -39,9 +46,18 @@ def pad_right(tensors: list[torch.Tensor], width: int, value: int) -> torch.Tens
 
 @torch.no_grad()
 def sample_responses(
-    model, tokenizer, prompts: list[str], sampling, max_new_tokens: int, seed: int, device, batch_size: int = 64
+    model,
+    tokenizer,
+    prompts: list[str],
+    sampling,
+    max_new_tokens: int,
+    seed: int,
+    device,
+    batch_size: int = 64,
+    synced_gpus: bool = False,
 ) -> dict:
-    """One sampled response per prompt from a fixed seed (the caller's RNG state is left untouched).
+    """One sampled response per prompt from a fixed seed (the caller's RNG state is left untouched);
+    ``synced_gpus`` as in :func:`sample`.
 
     Returns ``query_ids``/``query_mask`` (left-padded), ``responses``/``response_mask`` (pad after the first EOS)
     and the decoded ``texts``.
@@ -52,7 +68,7 @@ def sample_responses(
         torch.manual_seed(seed)
         chunks = [
             sample(model, tokenizer, query_ids[i : i + batch_size], query_mask[i : i + batch_size], sampling,
-                   max_new_tokens)
+                   max_new_tokens, synced_gpus)
             for i in range(0, len(prompts), batch_size)
         ]  # fmt: skip
     width = max(c.shape[1] for c in chunks)

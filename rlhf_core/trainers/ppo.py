@@ -61,7 +61,12 @@ def _response_logits(model, ids, mask, query_width: int, width: int) -> torch.Te
 
 # ------------------------------------------------------------------------------------------ the stage
 class _Models:
-    """Policy and critic engines plus the frozen reference and reward model."""
+    """Policy and critic engines plus the frozen reference and reward model.
+
+    Under ZeRO-3 all four are sharded over the ranks (the frozen two without optimizer), so each of N ranks holds
+    about 1/N of every model; every forward then gathers layers from all ranks, which is why sampling runs with
+    ``synced_gpus`` and the final evaluation runs on every rank.
+    """
 
     def __init__(self, config: Config, tokenizer, ctx, total_policy_steps: int, total_critic_steps: int, tricks):
         ppo = config.ppo
@@ -69,14 +74,15 @@ class _Models:
         for path, stage in ((sft_dir, "sft"), (rm_dir, "rm")):
             if not (path / "config.json").is_file():
                 raise DataError(f"no model at {path} (run `rlhf {stage}` first)")
-        if ctx.engine == "deepspeed" and config.distributed.zero_stage == 3:
-            raise ConfigError(
-                "distributed.zero_stage=3 is not supported by the ppo stage yet (sampling would gather the "
-                "sharded policy at every token); use zero_stage 0-2"
-            )
-        self.reference = load_causal_lm(sft_dir, tokenizer).to(ctx.device).eval().requires_grad_(False)
-        self.reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id).to(ctx.device).eval()
-        self.reward_model.requires_grad_(False)
+        self.sharded = distributed.shards_parameters(ctx, config.distributed)
+        # Ranks stop sampling at different lengths; with sharded weights each must keep stepping until all are done.
+        self.synced_gpus = self.sharded and ctx.world_size > 1
+        # The FrozenModel objects stay referenced: under ZeRO-3 they keep the engines whose hooks gather weights.
+        self._frozen = [
+            distributed.make_frozen(model, ppo.forward_batch_size, ctx, config.distributed)
+            for model in (load_causal_lm(sft_dir, tokenizer), load_reward_model(rm_dir, tokenizer.pad_token_id))
+        ]
+        self.reference, self.reward_model = (frozen.module for frozen in self._frozen)
         self.reward_stats = (
             read_json(rm_dir / "reward_stats.json") if (rm_dir / "reward_stats.json").is_file() else None
         )
@@ -85,14 +91,14 @@ class _Models:
         clip = ppo.max_grad_norm if tricks["global_grad_clip"] else None
         self.policy = distributed.make_engine(
             policy,
-            _optim(ppo, ppo.policy_lr, clip, total_policy_steps, ctx.world_size),
+            ppo_optim(ppo, ppo.policy_lr, clip, total_policy_steps, ctx.world_size),
             max(total_policy_steps, 1),
             ctx,
             config.distributed,
         )
         self.critic = distributed.make_engine(
             critic,
-            _optim(ppo, ppo.critic_lr, clip, total_critic_steps, ctx.world_size),
+            ppo_optim(ppo, ppo.critic_lr, clip, total_critic_steps, ctx.world_size),
             total_critic_steps,
             ctx,
             config.distributed,
@@ -103,8 +109,24 @@ class _Models:
         self.critic.unwrapped().eval()
 
 
-def _optim(ppo, lr: float, max_grad_norm: float | None, total_steps: int, world_size: int) -> OptimConfig:
-    """One optimizer step per minibatch: micro-batches of ``ppo.micro_batch_size`` accumulate to it."""
+def check_batch_sizes(ppo, world_size: int) -> None:
+    """Rollout -> minibatches -> each process's micro-batches must divide exactly (bench/check_recipe.py checks a
+    recipe with it too)."""
+    if (
+        ppo.rollout_size % ppo.minibatch_size
+        or ppo.minibatch_size % world_size
+        or (ppo.minibatch_size // world_size) % ppo.micro_batch_size
+    ):
+        raise ConfigError(
+            f"ppo.rollout_size={ppo.rollout_size} must be a multiple of ppo.minibatch_size={ppo.minibatch_size}, "
+            f"which must split evenly over {world_size} process(es) into micro-batches of "
+            f"ppo.micro_batch_size={ppo.micro_batch_size}"
+        )
+
+
+def ppo_optim(ppo, lr: float, max_grad_norm: float | None, total_steps: int, world_size: int) -> OptimConfig:
+    """One optimizer step per minibatch: micro-batches of ``ppo.micro_batch_size`` accumulate to it (the policy's
+    and the critic's engine settings; bench/check_recipe.py validates them for a recipe)."""
     return OptimConfig(
         seed=ppo.seed,
         micro_batch_size=ppo.micro_batch_size,
@@ -163,16 +185,7 @@ def train_ppo(config: Config, logger: Logger | None = None) -> TrainingResult:
     tricks = ppo.resolved_tricks()
     out = Path(config.paths.ppo)
     data_dir = Path(config.paths.data)
-    if (
-        ppo.rollout_size % ppo.minibatch_size
-        or ppo.minibatch_size % ctx.world_size
-        or (ppo.minibatch_size // ctx.world_size) % ppo.micro_batch_size
-    ):
-        raise ConfigError(
-            f"ppo.rollout_size={ppo.rollout_size} must be a multiple of ppo.minibatch_size={ppo.minibatch_size}, "
-            f"which must split evenly over {ctx.world_size} process(es) into micro-batches of "
-            f"ppo.micro_batch_size={ppo.micro_batch_size}"
-        )
+    check_batch_sizes(ppo, ctx.world_size)
     distributed.seed_everything(ppo.seed + ctx.rank * 100_003)  # ranks sample different responses
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     prompts = [r["prompt"] for r in load_split(data_dir, "ppo", config.data)]
@@ -247,6 +260,8 @@ def train_ppo(config: Config, logger: Logger | None = None) -> TrainingResult:
     stopped_early = False
     for step in progress:
         record: dict = {"step": step + 1}
+        # Wall time per phase (generation / scoring / training): where an iteration's time goes (bench/).
+        phase_started = time.perf_counter()
         policy_module = models.policy.unwrapped()
         critic_module = models.critic.unwrapped()
 
@@ -264,6 +279,7 @@ def train_ppo(config: Config, logger: Logger | None = None) -> TrainingResult:
                 query_mask[i : i + fb],
                 ppo,
                 config.data.max_response_tokens,
+                models.synced_gpus,
             )
             for i in range(0, len(batch_prompts), fb)
         ]
@@ -274,6 +290,8 @@ def train_ppo(config: Config, logger: Logger | None = None) -> TrainingResult:
         ids = torch.cat([query_ids, responses], dim=1)
         mask = torch.cat([query_mask, response_mask], dim=1)
         qw = query_ids.shape[1]
+        record["time/generation"] = time.perf_counter() - phase_started
+        phase_started = time.perf_counter()
 
         # 2. score: log-probs (sampling temperature), reference log-probs, values, RM scores ------------------
         with torch.no_grad():
@@ -345,6 +363,8 @@ def train_ppo(config: Config, logger: Logger | None = None) -> TrainingResult:
         if gold is not None:
             record["monitor/gold_score"] = _global_mean(gold)
         kl_ctl.update(record["objective/kl"], ppo.rollout_size)
+        record["time/scoring"] = time.perf_counter() - phase_started
+        phase_started = time.perf_counter()
 
         # 6. epochs x minibatches ------------------------------------------------------------------------------
         train_policy = step >= warmup_iters
@@ -439,6 +459,7 @@ def train_ppo(config: Config, logger: Logger | None = None) -> TrainingResult:
         record["policy/lr"] = models.policy.current_lr()
         record["critic/lr"] = models.critic.current_lr()
         record["ppo/skipped_updates"] = models.policy.skipped_steps + models.critic.skipped_steps
+        record["time/training"] = time.perf_counter() - phase_started
 
         # Collapse monitor: the paper's early signals (sec. 5.2) --------------------------------------------------
         reasons = _collapse_reasons(record, monitor, ppo)
@@ -496,9 +517,20 @@ def train_ppo(config: Config, logger: Logger | None = None) -> TrainingResult:
         with atomic_directory(model_dir) as tmp:
             models.policy.unwrapped().save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+    if ctx.is_main or models.sharded:
+        # Sharded models answer only when every rank runs the same forwards: then every rank evaluates the same
+        # prompts from the same seed (what rank 0 alone computes otherwise), and rank 0 reports.
         comparison = _eval_comparison(
-            config, models.policy.unwrapped(), models.reference, models.reward_model, tokenizer, judge, ctx.device
+            config,
+            models.policy.unwrapped(),
+            models.reference,
+            models.reward_model,
+            tokenizer,
+            judge,
+            ctx.device,
+            models.synced_gpus,
         )
+    if ctx.is_main:
         tail = history[-min(5, len(history)) :]
         keys = [
             "objective/scores",
@@ -548,14 +580,23 @@ def _mean_ci(values: list[float]) -> tuple[float, float, float]:
 
 
 @torch.no_grad()
-def _eval_comparison(config: Config, policy, reference, reward_model, tokenizer, judge: _Judge, device) -> dict:
+def _eval_comparison(
+    config: Config, policy, reference, reward_model, tokenizer, judge: _Judge, device, synced_gpus: bool
+) -> dict:
     """RM and gold scores of the SFT policy and the PPO policy on the held-out ``eval`` prompts, sampled with the
     paper's evaluation settings (``eval.*``) from the same seed; means with 95% intervals."""
     prompts = [r["prompt"] for r in load_split(config.paths.data, "eval", config.data)]
     out: dict = {}
     for name, model in (("sft", reference), ("policy", policy)):
         got = sample_responses(
-            model, tokenizer, prompts, config.eval, config.data.max_response_tokens, config.eval.seed, device
+            model,
+            tokenizer,
+            prompts,
+            config.eval,
+            config.data.max_response_tokens,
+            config.eval.seed,
+            device,
+            synced_gpus=synced_gpus,
         )
         response_mask, texts = got["response_mask"], got["texts"]
         rm = score_samples(reward_model, got)
