@@ -145,6 +145,8 @@ def summarise(results: list[dict]) -> list[dict]:
             "seconds",
         ):
             row[key], row[f"{key}_std"] = mean_and_spread([r[key] for r in runs])
+        # The median, because a run that shared the CPU with another job takes several times longer.
+        row["seconds_median"] = statistics.median(r["seconds"] for r in runs)
         row["gold_win_rate_per_seed"] = [r["gold_win_rate"] for r in runs]
         row["over_optimisation_gap"] = row["rm_win_rate"] - row["gold_win_rate"]
         row["collapse_warnings"] = sum(r["collapse_warnings"] for r in runs)
@@ -198,7 +200,7 @@ def print_table(rows: list[dict], seeds: int) -> None:
         "length",
         "ppl",
         "collapse warnings",
-        "s / run",
+        "s / run (median)",
     ):
         table.add_column(column)
     for r in rows:
@@ -211,9 +213,28 @@ def print_table(rows: list[dict], seeds: int) -> None:
             f"{r['final_response_length']:.1f}",
             f"{r['final_ppl_policy']:.2f}",
             str(r["collapse_warnings"]),
-            f"{r['seconds']:.0f}",
+            f"{r['seconds_median']:.0f}",
         )
     Console().print(table)
+
+
+def markdown_table(rows: list[dict], seeds: list[int]) -> str:
+    """The table of BENCHMARKS.md."""
+    lines = [
+        f"| configuration | gold win rate (mean +- sd) | per seed ({', '.join(map(str, seeds))}) | RM win rate | "
+        "RM - gold | final KL | length | policy ppl | eval gold score | collapse warnings | s / run (median) |",
+        "| --- " * 11 + "|",
+    ]
+    for r in rows:
+        per_seed = ", ".join(f"{w:.1%}" for w in r["gold_win_rate_per_seed"])
+        lines.append(
+            f"| `{r['config']}` | {r['gold_win_rate']:.1%} +- {r['gold_win_rate_std']:.1%} | {per_seed} | "
+            f"{r['rm_win_rate']:.1%} | {r['over_optimisation_gap'] * 100:+.1f} pts | "
+            f"{r['final_kl']:.2f} +- {r['final_kl_std']:.2f} | {r['final_response_length']:.1f} | "
+            f"{r['final_ppl_policy']:.2f} | {r['eval_gold_score_policy']:.2f} | {r['collapse_warnings']} | "
+            f"{r['seconds_median']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -265,6 +286,7 @@ def main() -> None:
     )
     plot(results, args.results.with_name("stability_curves.png"))
     print_table(rows, len(args.seeds))
+    print(markdown_table(rows, args.seeds))
     print(f"results: {args.results}\nplot: {args.results.with_name('stability_curves.png')}")
 
 
