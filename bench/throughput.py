@@ -9,6 +9,11 @@
 2. Training: one PPO-sized policy update (forward + backward + AdamW step on the rollout's prompt + response
    tokens, micro-batch ``ppo.micro_batch_size``) timed; achieved FLOP/s = 6 x parameters x tokens (plus the
    attention matmuls) / time, against this machine's measured fp32 matmul peak (a 2048 x 2048 matmul).
+3. Response-only logits: PPO needs the policy's and reference's logits at the response positions only. The
+   trainer's forward (``trainers.ppo._response_logits``, ``logits_to_keep``) runs the LM head there; timed
+   against the whole-sequence forward sliced afterwards, alternating, for the rollout's no-grad scoring forward
+   and for a PPO policy-loss forward + backward, with the size of the logits each produces; checks the two give
+   the same logits.
 
 Needs the default pipeline's outputs (``make run``). Writes ``bench/results/throughput.json`` and prints a table.
 """
@@ -142,6 +147,63 @@ def bench_training(model, tokenizer, query_ids, query_mask, sampling, config, re
     }
 
 
+def bench_response_logits(model, tokenizer, query_ids, query_mask, sampling, config, repeats: int) -> dict:
+    import torch
+
+    from rlhf_core.algos.ppo import logprobs_from_logits
+    from rlhf_core.data.tokenize import eos_response_mask, position_ids
+    from rlhf_core.models.generation import sample
+    from rlhf_core.trainers.ppo import _response_logits
+
+    with torch.no_grad():
+        torch.manual_seed(0)
+        responses = sample(model, tokenizer, query_ids, query_mask, sampling, config.data.max_response_tokens)
+    response_mask = eos_response_mask(responses, tokenizer.eos_token_id)
+    ids = torch.cat([query_ids, responses], dim=1)
+    mask = torch.cat([query_mask, response_mask], dim=1)
+    qw, width = query_ids.shape[1], responses.shape[1]
+
+    def whole_sequence(sl):  # the plain way: every position's logits, sliced afterwards
+        logits = model(input_ids=ids[sl], attention_mask=mask[sl], position_ids=position_ids(mask[sl])).logits
+        return logits[:, qw - 1 : qw - 1 + width].float()
+
+    def response_only(sl):
+        return _response_logits(model, ids[sl], mask[sl], qw, width)
+
+    def scoring(forward):
+        with torch.no_grad():
+            return forward(slice(0, ids.shape[0]))
+
+    def update(forward):  # the policy-gradient part of a PPO update, one micro-batch at a time
+        model.zero_grad(set_to_none=True)
+        for i in range(0, ids.shape[0], config.ppo.micro_batch_size):
+            sl = slice(i, i + config.ppo.micro_batch_size)
+            logprobs = logprobs_from_logits(forward(sl), responses[sl], sampling.temperature)
+            (-(logprobs * response_mask[sl]).sum() / response_mask[sl].sum()).backward()
+
+    model.eval()
+    same = bool(torch.equal(scoring(whole_sequence), scoring(response_only)))
+    result = {"identical_logits": same, "sequences": int(ids.shape[0]), "query_width": qw, "response_width": width}
+    for phase, fn in (("scoring_forward", scoring), ("policy_update", update)):
+        times = {"whole_sequence": [], "response_only": []}
+        for forward in (whole_sequence, response_only):  # warm-up
+            fn(forward)
+        for _ in range(repeats):
+            for name, forward in (("whole_sequence", whole_sequence), ("response_only", response_only)):
+                started = time.perf_counter()
+                fn(forward)
+                times[name].append(time.perf_counter() - started)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        result[phase] = {**medians, "speedup": medians["whole_sequence"] / medians["response_only"]}
+    vocab = model.config.vocab_size
+    result["logits_mib"] = {  # fp32 logits of the whole rollout, as the LM head returns them
+        "whole_sequence": ids.shape[0] * ids.shape[1] * vocab * 4 / 2**20,
+        "response_only": ids.shape[0] * (width + 1) * vocab * 4 / 2**20,
+    }
+    model.zero_grad(set_to_none=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -176,12 +238,16 @@ def main() -> None:
     )
     training = bench_training(model, tokenizer, query_ids, query_mask, config.ppo, config, args.repeats)
     training["share_of_peak"] = training["achieved_flops_per_second"] / peak
+    response_logits = bench_response_logits(
+        model, tokenizer, query_ids, query_mask, config.ppo, config, max(args.repeats, 10)
+    )
     results = {
         "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
         "threads": torch.get_num_threads(),
         "matmul_peak_flops_per_second": peak,
         "generation": generation,
         "training": training,
+        "response_logits": response_logits,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -203,6 +269,17 @@ def main() -> None:
         "training step (policy fwd+bwd+AdamW)",
         f"{training['median_seconds']:.2f} s, {training['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s "
         f"= {training['share_of_peak']:.1%} of peak",
+    )
+    r = response_logits
+    for phase in ("scoring_forward", "policy_update"):
+        table.add_row(
+            f"{phase.replace('_', ' ')}: whole sequence / response-only logits",
+            f"{r[phase]['whole_sequence']:.3f} s / {r[phase]['response_only']:.3f} s = {r[phase]['speedup']:.2f}x",
+        )
+    table.add_row(
+        "logits of the rollout: whole sequence / response only",
+        f"{r['logits_mib']['whole_sequence']:.1f} / {r['logits_mib']['response_only']:.1f} MiB "
+        f"(query {r['query_width']}, response {r['response_width']} tokens); identical: {r['identical_logits']}",
     )
     table.add_row("results", str(args.results))
     Console().print(table)

@@ -220,3 +220,31 @@ def test_collapse_monitor_warns_tags_and_stops_keeping_the_last_healthy_checkpoi
     assert all(torch.equal(kept[k], v) for k, v in healthy["module"].items() if k in kept)
     moved = torch.load(tmp_path / "ppo" / "checkpoints" / "step-000001" / "policy" / "engine.pt", weights_only=False)
     assert any(not torch.equal(kept[k], v) for k, v in moved["module"].items() if k in kept), "step 2 updated it"
+
+
+def test_response_logits_are_the_full_forwards_response_slice():
+    """The LM head runs on the response positions only; the logits must be those of the whole forward, with a
+    left-padded query (position ids from the mask) and right padding after an early EOS."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_core.data.tokenize import position_ids
+    from rlhf_core.trainers.ppo import _response_logits
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=0)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    query = torch.tensor([[0, 0, 5, 6, 7], [4, 8, 9, 10, 11]])
+    query_mask = (query != 0).long()
+    responses = torch.tensor([[12, 13, 14, 15], [16, 17, 0, 0]])
+    response_mask = (responses != 0).long()
+    ids, mask = torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        got = _response_logits(model, ids, mask, query_width=5, width=4)
+    assert got.shape == (2, 4, 96)
+    torch.testing.assert_close(got, full[:, 4:8], rtol=1e-6, atol=1e-6)
+    # Position q - 1 + t predicts response token t: the first response logit is the last query position's.
+    torch.testing.assert_close(got[:, 0], full[:, 4], rtol=1e-6, atol=1e-6)

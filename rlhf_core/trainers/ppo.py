@@ -54,9 +54,15 @@ from rlhf_core.trainers.results import TrainingResult
 
 # ------------------------------------------------------------------------------------------ rollout pieces
 def _response_logits(model, ids, mask, query_width: int, width: int) -> torch.Tensor:
-    """Logits predicting each response token: position ``query_width - 1 + t`` predicts response token t."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-    return logits[:, query_width - 1 : query_width - 1 + width].float()
+    """Logits predicting each response token: position ``query_width - 1 + t`` predicts response token t.
+
+    ``ids`` is ``query_width + width`` wide, so these are the last ``width + 1`` positions but one. The LM head
+    runs on those only (``logits_to_keep``): the query's logits would be thrown away, and at a large vocabulary
+    they are the biggest activation of the forward (same logits, bit for bit; measured in BENCHMARKS.md).
+    """
+    assert ids.shape[1] == query_width + width, (ids.shape, query_width, width)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=width + 1).logits
+    return logits[:, :width].float()
 
 
 # ------------------------------------------------------------------------------------------ the stage
