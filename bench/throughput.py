@@ -6,6 +6,8 @@
    repetition penalty 1.1, stop at EOS) and ``model.generate`` with the same settings, on the same batch of
    ``ppo.rollout_size`` PPO prompts from the default SFT policy, alternating, from the same seed. Reports
    generated tokens per second (tokens up to and including each row's EOS) and checks both return the same tokens.
+   A third contender, a sampling loop written by hand around the KV cache (``kv_cache_loop``), shows what leaving
+   ``generate`` would gain.
 2. Training: one PPO-sized policy update (forward + backward + AdamW step on the rollout's prompt + response
    tokens, micro-batch ``ppo.micro_batch_size``) timed; achieved FLOP/s = 6 x parameters x tokens (plus the
    attention matmuls) / time, against this machine's measured fp32 matmul peak (a 2048 x 2048 matmul).
@@ -14,6 +16,8 @@
    against the whole-sequence forward sliced afterwards, alternating, for the rollout's no-grad scoring forward
    and for a PPO policy-loss forward + backward, with the size of the logits each produces; checks the two give
    the same logits.
+4. Rollout log-probs from ``generate``'s logits (TRL's shortcut, which saves the policy forward of scoring): their
+   largest and mean distance from the forward's log-probs over the response tokens.
 
 Needs the default pipeline's outputs (``make run``). Writes ``bench/results/throughput.json`` and prints a table.
 """
@@ -50,6 +54,47 @@ def generated_tokens(responses, eos_id: int) -> int:
     return int(eos_response_mask(responses, eos_id).sum())
 
 
+def kv_cache_loop(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens: int):
+    """A sampling loop written by hand around the model's KV cache, with generate's processors in generate's order
+    (repetition penalty over prompt + generated tokens, temperature, top-p; multinomial draw): how much a sampler
+    without `generate`'s machinery could gain. Returns the same tokens as `generate` from the same seed."""
+    import torch
+    from transformers import DynamicCache
+
+    from rlhf_core.data.tokenize import position_ids
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    cache = DynamicCache(config=model.config)
+    seen, mask = query_ids.clone(), query_mask
+    step_ids, positions = query_ids, position_ids(query_mask)
+    last_position = positions[:, -1:]
+    unfinished = torch.ones(query_ids.shape[0], dtype=torch.bool)
+    tokens = []
+    for t in range(max_new_tokens):
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1].float()  # fmt: skip
+        if sampling.repetition_penalty != 1.0:
+            picked = torch.gather(logits, 1, seen)
+            picked = torch.where(picked < 0, picked * sampling.repetition_penalty, picked / sampling.repetition_penalty)
+            logits = logits.scatter(1, seen, picked)
+        logits = logits / sampling.temperature
+        if sampling.top_p < 1.0:
+            ascending, order = torch.sort(logits)
+            drop = ascending.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
+            drop[:, -1] = False  # keep at least the most likely token
+            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        token = torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+        token = torch.where(unfinished, token, torch.full_like(token, pad))
+        tokens.append(token)
+        unfinished &= token != eos
+        if not unfinished.any():
+            break
+        seen = torch.cat([seen, token[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        step_ids, positions = token[:, None], last_position + t + 1
+    return torch.stack(tokens, 1)
+
+
 def bench_generation(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens: int, repeats: int) -> dict:
     import torch
 
@@ -72,14 +117,18 @@ def bench_generation(model, tokenizer, query_ids, query_mask, sampling, max_new_
     def ours():
         return sample(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens)
 
-    runs = {"transformers_generate": [], "ours": []}
+    def hand_written():
+        return kv_cache_loop(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens)
+
+    contenders = {"transformers_generate": plain, "ours": ours, "kv_cache_loop": hand_written}
+    runs = {name: [] for name in contenders}
     outputs = {}
     with torch.no_grad():
-        for fn in (plain, ours):  # warm-up, once each
+        for fn in contenders.values():  # warm-up, once each
             torch.manual_seed(0)
             fn()
         for _ in range(repeats):
-            for name, fn in (("transformers_generate", plain), ("ours", ours)):
+            for name, fn in contenders.items():
                 torch.manual_seed(0)
                 started = time.perf_counter()
                 outputs[name] = fn()
@@ -87,15 +136,53 @@ def bench_generation(model, tokenizer, query_ids, query_mask, sampling, max_new_
                 runs[name].append(
                     {"seconds": seconds, "tokens": generated_tokens(outputs[name], tokenizer.eos_token_id)}
                 )
-    a, b = outputs["transformers_generate"], outputs["ours"]
-    width = min(a.shape[1], b.shape[1])
-    result = {"identical_tokens": bool(torch.equal(a[:, :width], b[:, :width])), "batch": int(query_ids.shape[0])}
+    reference = outputs["transformers_generate"]
+    result = {"batch": int(query_ids.shape[0])}
     for name, items in runs.items():
         seconds = statistics.median(r["seconds"] for r in items)
         tokens = items[0]["tokens"]
-        result[name] = {"median_seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds}
-    result["speedup"] = result["ours"]["tokens_per_second"] / result["transformers_generate"]["tokens_per_second"]
+        width = min(reference.shape[1], outputs[name].shape[1])
+        same = bool(torch.equal(reference[:, :width], outputs[name][:, :width]))
+        result[name] = {
+            "median_seconds": seconds,
+            "tokens": tokens,
+            "tokens_per_second": tokens / seconds,
+            "same_tokens_as_generate": same,
+        }
+    result["identical_tokens"] = result["ours"]["same_tokens_as_generate"]
+    base = result["transformers_generate"]["tokens_per_second"]
+    result["speedup"] = result["ours"]["tokens_per_second"] / base
+    result["kv_cache_loop_speedup"] = result["kv_cache_loop"]["tokens_per_second"] / base
     return result
+
+
+def bench_generate_logits(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens: int) -> dict:
+    """TRL's shortcut: the rollout log-probs from the logits `generate` returns instead of a policy forward.
+    How far they are from the forward's (float rounding: cached vs whole-sequence attention)."""
+    import torch
+
+    from rlhf_core.algos.ppo import logprobs_from_logits
+    from rlhf_core.data.tokenize import eos_response_mask
+    from rlhf_core.trainers.ppo import _response_logits
+
+    with torch.no_grad():
+        torch.manual_seed(0)
+        out = model.generate(
+            input_ids=query_ids, attention_mask=query_mask, max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=True,
+            temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+            repetition_penalty=sampling.repetition_penalty, output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        responses = out.sequences[:, query_ids.shape[1] :]
+        response_mask = eos_response_mask(responses, tokenizer.eos_token_id)
+        responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, tokenizer.pad_token_id))
+        from_generate = logprobs_from_logits(torch.stack(out.logits, 1).float(), responses, sampling.temperature)
+        ids = torch.cat([query_ids, responses], 1)
+        mask = torch.cat([query_mask, response_mask], 1)
+        logits = _response_logits(model, ids, mask, query_ids.shape[1], responses.shape[1])
+        from_forward = logprobs_from_logits(logits, responses, sampling.temperature)
+    gap = (from_generate - from_forward).abs()[response_mask.bool()]
+    return {"response_tokens": int(gap.numel()), "max_abs_diff": float(gap.max()), "mean_abs_diff": float(gap.mean())}
 
 
 def bench_training(model, tokenizer, query_ids, query_mask, sampling, config, repeats: int) -> dict:
@@ -238,6 +325,9 @@ def main() -> None:
     )
     training = bench_training(model, tokenizer, query_ids, query_mask, config.ppo, config, args.repeats)
     training["share_of_peak"] = training["achieved_flops_per_second"] / peak
+    generate_logits = bench_generate_logits(
+        model, tokenizer, query_ids, query_mask, config.ppo, config.data.max_response_tokens
+    )
     response_logits = bench_response_logits(
         model, tokenizer, query_ids, query_mask, config.ppo, config, max(args.repeats, 10)
     )
@@ -248,6 +338,7 @@ def main() -> None:
         "generation": generation,
         "training": training,
         "response_logits": response_logits,
+        "generate_logits": generate_logits,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -259,11 +350,15 @@ def main() -> None:
     table = Table(title=f"Throughput on {torch.get_num_threads()} threads (default SFT policy)")
     table.add_column("what")
     table.add_column("value")
-    for name in ("transformers_generate", "ours"):
+    for name in ("transformers_generate", "ours", "kv_cache_loop"):
         g = generation[name]
-        table.add_row(f"generate: {name}", f"{g['tokens_per_second']:.0f} tokens/s ({g['median_seconds']:.2f} s)")
+        table.add_row(
+            f"generate: {name}",
+            f"{g['tokens_per_second']:.0f} tokens/s ({g['median_seconds']:.2f} s), "
+            f"same tokens as generate: {g['same_tokens_as_generate']}",
+        )
     table.add_row("generate: ours / transformers", f"{generation['speedup']:.2f}x")
-    table.add_row("generate: identical tokens", str(generation["identical_tokens"]))
+    table.add_row("generate: hand-written KV-cache loop / transformers", f"{generation['kv_cache_loop_speedup']:.2f}x")
     table.add_row("matmul peak (fp32, 2048^2)", f"{peak / 1e9:.0f} GFLOP/s")
     table.add_row(
         "training step (policy fwd+bwd+AdamW)",
@@ -281,8 +376,13 @@ def main() -> None:
         f"{r['logits_mib']['whole_sequence']:.1f} / {r['logits_mib']['response_only']:.1f} MiB "
         f"(query {r['query_width']}, response {r['response_width']} tokens); identical: {r['identical_logits']}",
     )
+    table.add_row(
+        "rollout log-probs from generate's logits vs a forward",
+        f"max |diff| {generate_logits['max_abs_diff']:.1e}, mean {generate_logits['mean_abs_diff']:.1e} "
+        f"over {generate_logits['response_tokens']} response tokens",
+    )
     table.add_row("results", str(args.results))
-    Console().print(table)
+    Console(width=140).print(table)
 
 
 if __name__ == "__main__":
