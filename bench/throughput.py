@@ -18,6 +18,7 @@
    the same logits.
 4. Rollout log-probs from ``generate``'s logits (TRL's shortcut, which saves the policy forward of scoring): their
    largest and mean distance from the forward's log-probs over the response tokens.
+5. One sampling step's token draw: ``torch.multinomial`` against an inverse-CDF draw, milliseconds per call.
 
 Needs the default pipeline's outputs (``make run``). Writes ``bench/results/throughput.json`` and prints a table.
 """
@@ -153,6 +154,27 @@ def bench_generation(model, tokenizer, query_ids, query_mask, sampling, max_new_
     base = result["transformers_generate"]["tokens_per_second"]
     result["speedup"] = result["ours"]["tokens_per_second"] / base
     result["kv_cache_loop_speedup"] = result["kv_cache_loop"]["tokens_per_second"] / base
+    return result
+
+
+def bench_token_draw(batch: int, vocab: int, repeats: int = 200) -> dict:
+    """One sampling step's draw: ``torch.multinomial`` (for one sample it is the exponential race, argmax of p / q
+    with q ~ Exp(1) drawn for every vocabulary entry) against the inverse CDF (one uniform per row, searched in the
+    cumulative distribution). The same distribution, different tokens from the same seed."""
+    import torch
+
+    probs = torch.rand(batch, vocab).softmax(-1)
+    draws = {
+        "multinomial": lambda: torch.multinomial(probs, 1),
+        "inverse_cdf": lambda: torch.searchsorted(probs.cumsum(-1), torch.rand(batch, 1)).clamp_(max=vocab - 1),
+    }
+    result = {"batch": batch, "vocab": vocab}
+    for name, draw in draws.items():
+        draw()  # warm-up
+        started = time.perf_counter()
+        for _ in range(repeats):
+            draw()
+        result[f"{name}_ms"] = 1e3 * (time.perf_counter() - started) / repeats
     return result
 
 
@@ -328,6 +350,7 @@ def main() -> None:
     generate_logits = bench_generate_logits(
         model, tokenizer, query_ids, query_mask, config.ppo, config.data.max_response_tokens
     )
+    token_draw = bench_token_draw(query_ids.shape[0], model.config.vocab_size)
     response_logits = bench_response_logits(
         model, tokenizer, query_ids, query_mask, config.ppo, config, max(args.repeats, 10)
     )
@@ -339,6 +362,7 @@ def main() -> None:
         "training": training,
         "response_logits": response_logits,
         "generate_logits": generate_logits,
+        "token_draw": token_draw,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -380,6 +404,10 @@ def main() -> None:
         "rollout log-probs from generate's logits vs a forward",
         f"max |diff| {generate_logits['max_abs_diff']:.1e}, mean {generate_logits['mean_abs_diff']:.1e} "
         f"over {generate_logits['response_tokens']} response tokens",
+    )
+    table.add_row(
+        f"one token draw, {token_draw['batch']} x {token_draw['vocab']}: multinomial / inverse CDF",
+        f"{token_draw['multinomial_ms']:.3f} / {token_draw['inverse_cdf_ms']:.3f} ms",
     )
     table.add_row("results", str(args.results))
     Console(width=140).print(table)
