@@ -38,6 +38,7 @@ CONFIGS: dict[str, list[str]] = {
     "ppo_max-no_value_clip": ["ppo.preset=ppo_max", "ppo.tricks.value_loss_clip=false"],
 }
 DEFAULT_SEEDS = (42, 1, 2)
+SMOOTHING = 10  # iterations in the plot's moving average
 # Curves of the paper's figures 4, 5 and 14 (train.csv columns), with the gold score the paper cannot have.
 CURVES = {
     "objective/scores": "reward-model score",
@@ -148,10 +149,32 @@ def summarise(results: list[dict]) -> list[dict]:
         # The median, because a run that shared the CPU with another job takes several times longer.
         row["seconds_median"] = statistics.median(r["seconds"] for r in runs)
         row["gold_win_rate_per_seed"] = [r["gold_win_rate"] for r in runs]
+        # Over-optimisation along the way (the paper's fig. 4 / Gao et al.): where the reward-model score and the
+        # gold score of the rollouts end, and the best the gold score reached, as 10-iteration means.
+        for key, curve in (("rollout_rm_score", "objective/scores"), ("rollout_gold_score", "monitor/gold_score")):
+            row[f"{key}_last{SMOOTHING}"] = statistics.fmean(
+                statistics.fmean(_finite(r["curves"][curve])[-SMOOTHING:]) for r in runs
+            )
+        row[f"rollout_gold_score_best{SMOOTHING}"] = statistics.fmean(
+            max(smooth(_finite(r["curves"]["monitor/gold_score"]))[SMOOTHING - 1 :]) for r in runs
+        )
         row["over_optimisation_gap"] = row["rm_win_rate"] - row["gold_win_rate"]
         row["collapse_warnings"] = sum(r["collapse_warnings"] for r in runs)
         rows.append(row)
     return rows
+
+
+def _finite(values: list[float | None]) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def smooth(values: list[float]) -> list[float]:
+    """Trailing moving average over SMOOTHING iterations (fewer at the start): one rollout of 64 samples is noisy."""
+    out = []
+    for i in range(len(values)):
+        window = [v for v in values[max(0, i + 1 - SMOOTHING) : i + 1] if math.isfinite(v)]
+        out.append(statistics.fmean(window) if window else float("nan"))
+    return out
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -171,17 +194,22 @@ def plot(results: list[dict], path: Path) -> None:
             length = min(len(c) for c in runs)
             steps = list(range(1, length + 1))
             per_step = [[c[s] for c in runs if c[s] is not None and math.isfinite(c[s])] for s in range(length)]
-            mean = [statistics.fmean(v) if v else float("nan") for v in per_step]
-            low = [min(v) if v else float("nan") for v in per_step]
-            high = [max(v) if v else float("nan") for v in per_step]
-            ax.plot(steps, mean, color=colours(i), label=name, linewidth=1.2)
+            mean = smooth([statistics.fmean(v) if v else float("nan") for v in per_step])
+            low = smooth([min(v) if v else float("nan") for v in per_step])
+            high = smooth([max(v) if v else float("nan") for v in per_step])
+            # Ablations dashed, so that one identical to ppo_max (value clip off) does not hide it.
+            style = "--" if name.startswith("ppo_max-") else "-"
+            ax.plot(steps, mean, color=colours(i), label=name, linewidth=1.2, linestyle=style)
             ax.fill_between(steps, low, high, color=colours(i), alpha=0.15, linewidth=0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("PPO step")
         if key == "objective/kl":
             ax.set_yscale("symlog", linthresh=1.0)
     axes[0].legend(fontsize=7)
-    fig.suptitle("PPO presets and ablations: mean over seeds (band: min to max)", fontsize=11)
+    fig.suptitle(
+        f"PPO presets and ablations: mean over seeds (band: min to max), moving average over {SMOOTHING} iterations",
+        fontsize=11,
+    )
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -233,6 +261,17 @@ def markdown_table(rows: list[dict], seeds: list[int]) -> str:
             f"{r['final_kl']:.2f} +- {r['final_kl_std']:.2f} | {r['final_response_length']:.1f} | "
             f"{r['final_ppl_policy']:.2f} | {r['eval_gold_score_policy']:.2f} | {r['collapse_warnings']} | "
             f"{r['seconds_median']:.0f} |"
+        )
+    lines += [
+        "",
+        f"| configuration | rollout RM score, last {SMOOTHING} | rollout gold score, last {SMOOTHING} | "
+        f"best {SMOOTHING}-iteration gold score |",
+        "| --- " * 4 + "|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| `{r['config']}` | {r[f'rollout_rm_score_last{SMOOTHING}']:.2f} | "
+            f"{r[f'rollout_gold_score_last{SMOOTHING}']:.2f} | {r[f'rollout_gold_score_best{SMOOTHING}']:.2f} |"
         )
     return "\n".join(lines)
 
