@@ -160,6 +160,7 @@ def parse_with_deepspeed(ds_config: dict, world_size: int) -> dict:
         "bf16": bool(parsed.bfloat16_config.enabled),
         "gradient_clipping": parsed.gradient_clipping,
         "param_persistence_threshold": int(zero.param_persistence_threshold),
+        "reduce_bucket_size": int(zero.reduce_bucket_size),
         "gather_16bit_weights_on_model_save": bool(zero.gather_16bit_weights_on_model_save),
     }
 

@@ -380,6 +380,13 @@ class DistributedConfig(_Group):
         description="ZeRO-3: parameters with fewer elements stay whole on every rank instead of being sharded "
         "(DeepSpeed's stage3_param_persistence_threshold and its default; 0 shards every parameter).",
     )
+    reduce_bucket_size: int = Field(
+        500_000_000,
+        ge=1,
+        description="ZeRO 1-3: gradient elements reduced together (DeepSpeed's reduce_bucket_size and its default). "
+        "ZeRO-2/3 allocate a bucket this size whatever the model: 1.9 GB of fp32 at the default; a few times "
+        "hidden_size^2 is enough.",
+    )
 
 
 class TrackingConfig(_Group):

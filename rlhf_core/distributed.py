@@ -249,6 +249,7 @@ def deepspeed_config(optim: OptimConfig, cfg: DistributedConfig, world_size: int
             # ZeRO-3 shards parameters; gather them whole when the model is saved.
             **({"stage3_gather_16bit_weights_on_model_save": True} if cfg.zero_stage == 3 else {}),
             **_zero3_sharding(cfg),
+            **({"reduce_bucket_size": cfg.reduce_bucket_size} if cfg.zero_stage >= 1 else {}),
         },
         "bf16": {"enabled": cfg.bf16},
         "zero_allow_untested_optimizer": True,  # our client torch.optim.AdamW

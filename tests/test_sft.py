@@ -75,27 +75,36 @@ def test_sft_rejects_a_split_smaller_than_the_global_batch(prepared_tiny, tmp_pa
     assert not (tmp_path / "model").exists()
 
 
-def test_deepspeed_zero2_single_process_matches_plain_torch(prepared_tiny, tmp_path):
+@pytest.mark.parametrize("bucket", [None, 1000], ids=["default_bucket", "bucket_1000"])
+def test_deepspeed_zero2_single_process_matches_plain_torch(prepared_tiny, tmp_path, monkeypatch, bucket):
+    """ZeRO-2 reproduces the plain loop, also when ``distributed.reduce_bucket_size`` splits the gradients into
+    many small reduce buckets (the ZeRO optimizer must really get that size)."""
+    from rlhf_core import distributed
+
     root, _ = prepared_tiny
     base = [*tiny_overrides(root), "sft.max_steps=4", "sft.num_sample_generations=0"]
     torch_run = train_sft(load_config(None, [*base, f"paths.sft={tmp_path / 'torch'}"]))
-    ds_run = train_sft(
-        load_config(
-            None,
-            [
-                *base,
-                f"paths.sft={tmp_path / 'ds'}",
-                "distributed.engine=deepspeed",
-                "distributed.zero_stage=2",
-            ],
-        )
-    )
-    from rlhf_core import distributed
+    deepspeed = distributed._import_deepspeed()
+    engines = []
 
+    def initialize_and_keep(*args, **kwargs):
+        result = real_initialize(*args, **kwargs)
+        engines.append(result[0])
+        return result
+
+    real_initialize = deepspeed.initialize
+    monkeypatch.setattr(deepspeed, "initialize", initialize_and_keep)
+    ds_overrides = [f"paths.sft={tmp_path / 'ds'}", "distributed.engine=deepspeed", "distributed.zero_stage=2"]
+    if bucket is not None:
+        ds_overrides.append(f"distributed.reduce_bucket_size={bucket}")
+    ds_run = train_sft(load_config(None, [*base, *ds_overrides]))
     distributed.shutdown()
     a = [r["sft/loss"] for r in torch_run.history]
     b = [r["sft/loss"] for r in ds_run.history]
     assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    assert engines[0].optimizer.reduce_bucket_size == (bucket or 500_000_000)
+    if bucket is not None:  # the tiny model's gradients do not fit one bucket: several reductions per step
+        assert sum(p.numel() for p in engines[0].module.parameters()) > 10 * bucket
 
 
 @pytest.mark.slow
