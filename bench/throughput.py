@@ -96,24 +96,33 @@ def kv_cache_loop(model, tokenizer, query_ids, query_mask, sampling, max_new_tok
     return torch.stack(tokens, 1)
 
 
+def plain_generate(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens: int, **extra):
+    """``model.generate`` called directly with the rollout's sampling settings (the baseline); ``extra`` goes to
+    ``generate`` as it is (e.g. ``output_logits``)."""
+    return model.generate(
+        input_ids=query_ids,
+        attention_mask=query_mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=0,
+        repetition_penalty=sampling.repetition_penalty,
+        **extra,
+    )
+
+
 def bench_generation(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens: int, repeats: int) -> dict:
     import torch
 
     from rlhf_core.models.generation import sample
 
     def plain():
-        return model.generate(
-            input_ids=query_ids,
-            attention_mask=query_mask,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            do_sample=True,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=0,
-            repetition_penalty=sampling.repetition_penalty,
-        )[:, query_ids.shape[1] :]
+        return plain_generate(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens)[
+            :, query_ids.shape[1] :
+        ]
 
     def ours():
         return sample(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens)
@@ -189,11 +198,9 @@ def bench_generate_logits(model, tokenizer, query_ids, query_mask, sampling, max
 
     with torch.no_grad():
         torch.manual_seed(0)
-        out = model.generate(
-            input_ids=query_ids, attention_mask=query_mask, max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=True,
-            temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
-            repetition_penalty=sampling.repetition_penalty, output_logits=True, return_dict_in_generate=True,
+        out = plain_generate(
+            model, tokenizer, query_ids, query_mask, sampling, max_new_tokens,
+            output_logits=True, return_dict_in_generate=True,
         )  # fmt: skip
         responses = out.sequences[:, query_ids.shape[1] :]
         response_mask = eos_response_mask(responses, tokenizer.eos_token_id)
@@ -207,15 +214,11 @@ def bench_generate_logits(model, tokenizer, query_ids, query_mask, sampling, max
     return {"response_tokens": int(gap.numel()), "max_abs_diff": float(gap.max()), "mean_abs_diff": float(gap.mean())}
 
 
-def bench_training(model, tokenizer, query_ids, query_mask, sampling, config, repeats: int) -> dict:
+def bench_training(model, tokenizer, query_ids, query_mask, responses, config, repeats: int) -> dict:
     import torch
 
     from rlhf_core.data.tokenize import position_ids
-    from rlhf_core.models.generation import sample
 
-    with torch.no_grad():
-        torch.manual_seed(0)
-        responses = sample(model, tokenizer, query_ids, query_mask, sampling, config.data.max_response_tokens)
     ids = torch.cat([query_ids, responses], dim=1)
     mask = torch.cat([query_mask, (responses != tokenizer.pad_token_id).long()], dim=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -256,17 +259,13 @@ def bench_training(model, tokenizer, query_ids, query_mask, sampling, config, re
     }
 
 
-def bench_response_logits(model, tokenizer, query_ids, query_mask, sampling, config, repeats: int) -> dict:
+def bench_response_logits(model, tokenizer, query_ids, query_mask, responses, sampling, config, repeats: int) -> dict:
     import torch
 
     from rlhf_core.algos.ppo import logprobs_from_logits
     from rlhf_core.data.tokenize import eos_response_mask, position_ids
-    from rlhf_core.models.generation import sample
     from rlhf_core.trainers.ppo import _response_logits
 
-    with torch.no_grad():
-        torch.manual_seed(0)
-        responses = sample(model, tokenizer, query_ids, query_mask, sampling, config.data.max_response_tokens)
     response_mask = eos_response_mask(responses, tokenizer.eos_token_id)
     ids = torch.cat([query_ids, responses], dim=1)
     mask = torch.cat([query_mask, response_mask], dim=1)
@@ -333,6 +332,7 @@ def main() -> None:
     from rlhf_core.data.tokenize import encode_query, left_pad
     from rlhf_core.io import atomic_write_json
     from rlhf_core.models.causal_lm import load_causal_lm
+    from rlhf_core.models.generation import sample
     from rlhf_core.models.tokenizer import load_tokenizer
 
     config = load_config(REPO / "params.yaml")
@@ -345,14 +345,18 @@ def main() -> None:
     generation = bench_generation(
         model, tokenizer, query_ids, query_mask, config.ppo, config.data.max_response_tokens, args.repeats
     )
-    training = bench_training(model, tokenizer, query_ids, query_mask, config.ppo, config, args.repeats)
+    # One rollout (seed 0, before any weight changes) for the training and logits benchmarks.
+    with torch.no_grad():
+        torch.manual_seed(0)
+        responses = sample(model, tokenizer, query_ids, query_mask, config.ppo, config.data.max_response_tokens)
+    training = bench_training(model, tokenizer, query_ids, query_mask, responses, config, args.repeats)
     training["share_of_peak"] = training["achieved_flops_per_second"] / peak
     generate_logits = bench_generate_logits(
         model, tokenizer, query_ids, query_mask, config.ppo, config.data.max_response_tokens
     )
     token_draw = bench_token_draw(query_ids.shape[0], model.config.vocab_size)
     response_logits = bench_response_logits(
-        model, tokenizer, query_ids, query_mask, config.ppo, config, max(args.repeats, 10)
+        model, tokenizer, query_ids, query_mask, responses, config.ppo, config, max(args.repeats, 10)
     )
     results = {
         "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
