@@ -1,4 +1,4 @@
-"""The Prefect flow ``rlhf``: the pipeline stages in order, under one parent MLflow run.
+"""The Prefect flow ``rlhf``: the pipeline loop of ``rlhf_core.pipeline`` with each stage a Prefect task.
 
 Run it directly (``python -m flows.rlhf``), through ``rlhf run``, or serve it as the deployment ``full``
 (``python -m flows.serve``; then ``prefect deployment run rlhf/full``).
@@ -9,11 +9,14 @@ from __future__ import annotations
 from prefect import flow
 
 from rlhf_core.config import load_config
-from rlhf_core.pipeline import log_stage_metrics
-from rlhf_core.tracking import pipeline_run
+from rlhf_core.pipeline import STAGES, run_pipeline
 from tasks.stages import STAGE_TASKS
 
-FLOW_STAGES = tuple(STAGE_TASKS)
+FLOW_STAGES = tuple(STAGES)
+
+
+def _run_task(stage: str, config, parent_run_id: str | None, skip_unchanged: bool) -> dict[str, str]:
+    return STAGE_TASKS[stage](config, parent_run_id, skip_unchanged)
 
 
 @flow(name="rlhf", log_prints=True)
@@ -26,17 +29,7 @@ def rlhf(
     """Run ``stages`` (default: all) with ``params_file`` plus ``group.key=value`` overrides; stages whose
     inputs and params are unchanged are skipped unless ``force``."""
     config = load_config(params_file, overrides or [])
-    selected = list(stages or FLOW_STAGES)
-    unknown = [s for s in selected if s not in STAGE_TASKS]
-    if unknown:
-        raise ValueError(f"unknown stages {unknown}; the flow has {list(FLOW_STAGES)}")
-    outputs: dict[str, dict[str, str]] = {}
-    with pipeline_run(config, name="rlhf") as parent:
-        for stage in FLOW_STAGES:
-            if stage in selected:
-                outputs[stage] = STAGE_TASKS[stage](config, parent.run_id, not force)
-        log_stage_metrics(config, parent, selected)
-    return outputs
+    return run_pipeline(config, stages, force, runner=_run_task)
 
 
 if __name__ == "__main__":

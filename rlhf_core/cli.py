@@ -1,4 +1,6 @@
-"""The ``rlhf`` command: one subcommand per stage (what ``dvc.yaml`` calls) and ``rlhf run`` for the pipeline.
+"""The ``rlhf`` command's stage subcommands (what ``dvc.yaml`` and ``torchrun -m rlhf_core.cli`` call), and the
+pipeline summary ``rlhf run`` prints. ``rlhf run`` itself lives in ``flows/cli.py``: it can start the Prefect flow,
+and nothing in ``rlhf_core`` imports ``flows``.
 
 Every subcommand takes ``--params FILE`` and repeated ``--set group.key=value``; configuration and data errors
 print one line naming the problem and exit with status 2 (config) or 1 (data), before any work is lost.
@@ -24,12 +26,13 @@ ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file (YA
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: group.key=value (repeatable).")]
 
 
-def _fail(exc: RLHFError) -> None:
+def fail(exc: RLHFError) -> None:
+    """One line naming the problem, exit status 2 for configuration errors and 1 for the rest."""
     console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(2 if isinstance(exc, ConfigError) else 1)
 
 
-def _config(params: Path, overrides: list[str] | None):
+def load(params: Path, overrides: list[str] | None):
     from rlhf_core.config import load_config
 
     return load_config(params, overrides or [])
@@ -38,12 +41,12 @@ def _config(params: Path, overrides: list[str] | None):
 def _run_single(stage: str, params: Path, overrides: list[str] | None) -> None:
     apply_defaults()
     try:
-        config = _config(params, overrides)
+        config = load(params, overrides)
         from rlhf_core.pipeline import run_stage
 
-        artifacts = run_stage(stage, config)
+        artifacts = run_stage(stage, config).artifacts
     except RLHFError as exc:
-        _fail(exc)
+        fail(exc)
         return
     finally:
         from rlhf_core import distributed
@@ -103,48 +106,8 @@ def eval_(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     _run_single("eval", params, set_)
 
 
-@app.command()
-def run(
-    params: ParamsOpt = Path("params.yaml"),
-    set_: SetOpt = None,
-    stages: Annotated[str | None, typer.Option(help="Comma-separated subset, e.g. prepare,sft.")] = None,
-    prefect: Annotated[bool, typer.Option(help="Orchestrate with the Prefect flow 'rlhf'.")] = True,
-    force: Annotated[bool, typer.Option(help="Rerun stages whose inputs and params are unchanged.")] = False,
-) -> None:
-    """Run the whole pipeline (the Prefect flow 'rlhf' by default) and print a summary."""
-    apply_defaults()
-    import time
-
-    started = time.time()
-    try:
-        config = _config(params, set_)
-        from rlhf_core.pipeline import STAGES
-
-        selected = [s.strip() for s in stages.split(",")] if stages else list(STAGES)
-        unknown = [s for s in selected if s not in STAGES]
-        if unknown:
-            raise ConfigError(f"--stages: unknown {unknown}; stages are {', '.join(STAGES)}")
-        if prefect:
-            from flows.rlhf import rlhf as rlhf_flow
-
-            outputs = rlhf_flow(params_file=str(params), overrides=list(set_ or []), stages=selected, force=force)
-        else:
-            from rlhf_core.pipeline import log_stage_metrics, run_stage
-            from rlhf_core.tracking import pipeline_run
-
-            outputs = {}
-            with pipeline_run(config, name="rlhf") as parent:
-                for stage in STAGES:
-                    if stage in selected:
-                        outputs[stage] = run_stage(stage, config, parent.run_id, skip_unchanged=not force)
-                log_stage_metrics(config, parent, selected)
-    except RLHFError as exc:
-        _fail(exc)
-        return
-    _print_summary(config, outputs, time.time() - started, prefect)
-
-
-def _print_summary(config, outputs: dict, seconds: float, prefect: bool) -> None:
+def print_summary(config, outputs: dict, seconds: float, prefect: bool) -> None:
+    """The table ``rlhf run`` ends with: each stage's headline numbers and where its outputs are."""
     from rlhf_core.io import read_json
 
     out = Console()

@@ -8,11 +8,12 @@ one :class:`ConfigError` line naming the key, the bad value and what is allowed,
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from rlhf_core.errors import ConfigError
 
@@ -153,24 +154,39 @@ class ModelConfig(_Group):
 
 
 # ----------------------------------------------------------------------------------------------- stages
-class OptimConfig(_Group):
-    """Shared shape of a training stage's optimisation settings."""
+class OptimizerConfig(_Group):
+    """AdamW and its learning-rate schedule: the shape every trained model's optimiser shares (SFT, the reward
+    model, the PPO policy and the PPO critic)."""
 
-    seed: int = Field(42, description="Seed of data order, dropout and sampling for this stage.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training split (fractions allowed).")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
-    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward pass on one process.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(1e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of optimizer steps with linear warm-up.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Global gradient-norm clipping; null: off.")
+
+
+class OptimConfig(OptimizerConfig):
+    """A supervised training stage (SFT, RM): its optimiser plus data passes, batch shape and validation."""
+
+    seed: int = Field(42, description="Seed of data order, dropout and sampling for this stage.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split (fractions allowed).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward pass on one process.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     eval_every: int = Field(50, ge=1, description="Validate every N optimizer steps (and at the end).")
+
+
+class SamplingConfig(_Group):
+    """How responses are sampled (paper sec. 6.1): PPO rollouts, the RM's reward statistics (which use PPO's) and
+    the win-rate evaluation. Top-k is off: the paper samples with nucleus only."""
+
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature (paper sec. 6.1: 0.8).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling (paper sec. 6.1: 0.9).")
+    repetition_penalty: float = Field(1.1, ge=1, description="Repetition penalty (paper sec. 6.1: 1.1).")
 
 
 class SFTConfig(OptimConfig):
@@ -227,56 +243,95 @@ class RMEvalConfig(_Group):
     histogram_bins: int = Field(40, ge=5, le=500, description="Bins of the score-gap histogram (paper fig. 2).")
 
 
-class TricksConfig(_Group):
-    """PPO-max switches (DESIGN.md trick table). null takes the value of ``ppo.preset``; an explicit value wins."""
+class Tricks(_Group):
+    """The resolved PPO-max switches (DESIGN.md trick table): a preset with ``ppo.tricks.*`` and ``ppo.kl_coef``
+    applied. The trainer reads ``if tricks.<name>:``; each switch calls one ``rlhf_core.algos`` function."""
 
-    reward_norm: bool | None = Field(None, description="Normalise scores with the running mean/std (eq. 18).")
-    reward_clip: bool | None = Field(None, description="Clip (normalised) scores to [-ppo.reward_clip, +] (eq. 18).")
-    reward_scaling: bool | None = Field(
-        None, description="Divide scores by the running std without centring (MOSS's released script)."
+    reward_norm: bool = Field(description="Normalise scores with the running mean/std (eq. 18).")
+    reward_clip: bool = Field(description="Clip (normalised) scores to [-ppo.reward_clip, +] (eq. 18).")
+    reward_scaling: bool = Field(description="Divide scores by the running std without centring (MOSS's script).")
+    advantage_norm: bool = Field(description="Whiten advantages per minibatch, moments over every rank (sec. 5.3.1).")
+    advantage_clip: bool = Field(description="Clip advantages to [-ppo.advantage_clip, +].")
+    kl_penalty: bool = Field(description="Token-level KL penalty to the SFT policy in the rewards (sec. 5.3.2).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(description="Per-token KL estimator.")
+    kl_controller: Literal["fixed", "adaptive"] = Field(
+        description="Fixed coefficient or Ziegler's adaptive controller (ppo.kl_target, ppo.kl_horizon)."
     )
-    advantage_norm: bool | None = Field(None, description="Whiten advantages per minibatch (sec. 5.3.1).")
-    advantage_clip: bool | None = Field(None, description="Clip advantages to [-ppo.advantage_clip, +].")
-    kl_penalty: bool | None = Field(None, description="Token-level KL penalty to the SFT policy (sec. 5.3.2).")
-    kl_estimator: Literal["k1", "k2", "k3"] | None = Field(None, description="Per-token KL estimator.")
-    kl_controller: Literal["fixed", "adaptive"] | None = Field(
-        None, description="Fixed coefficient or Ziegler's adaptive controller (ppo.kl_target, ppo.kl_horizon)."
+    entropy_bonus: bool = Field(description="Entropy bonus (sec. 5.3.2; not recommended).")
+    policy_loss_clip: bool = Field(description="Clipped surrogate policy loss (sec. 5.3).")
+    value_loss_clip: bool = Field(description="Clip values around the old values (sec. 5.3).")
+    critic_from_rm: bool = Field(
+        description="Initialise the critic from the reward model (else: SFT trunk, zero head)."
     )
-    entropy_bonus: bool | None = Field(None, description="Entropy bonus (sec. 5.3.2; not recommended).")
-    policy_loss_clip: bool | None = Field(None, description="Clipped surrogate policy loss (sec. 5.3).")
-    value_loss_clip: bool | None = Field(None, description="Clip values around the old values (sec. 5.3).")
-    critic_from_rm: bool | None = Field(
-        None, description="Initialise the critic from the reward model (else: SFT trunk, fresh head)."
+    critic_warmup: bool = Field(
+        description="Train only the critic for ppo.critic_warmup_steps before policy updates (sec. 5.3.3)."
     )
-    critic_warmup: bool | None = Field(
-        None, description="Train only the critic for ppo.critic_warmup_steps before policy updates (sec. 5.3.3)."
-    )
-    global_grad_clip: bool | None = Field(None, description="Clip gradient norms to ppo.max_grad_norm (sec. 5.4).")
-    ptx: bool | None = Field(None, description="PPO-ptx: SFT loss on demonstrations mixed in (sec. 5.4).")
+    global_grad_clip: bool = Field(description="Clip gradient norms to ppo.*_optim.max_grad_norm (sec. 5.4).")
+    ptx: bool = Field(description="PPO-ptx: SFT loss on demonstrations mixed into the policy loss (sec. 5.4).")
+    kl_coef: float = Field(ge=0, description="KL penalty coefficient eta (set with ppo.kl_coef).")
 
 
-# What each preset switches on. `vanilla`: nothing but the clipped surrogate; `moss_released`: what the paper's
-# released script runs (reward scaling, policy and value clipping, KL 0.01); `ppo_max`: the paper's sec. 5.4.
-PRESETS: dict[str, dict[str, Any]] = {
-    "vanilla": {
-        "reward_norm": False, "reward_clip": False, "reward_scaling": False, "advantage_norm": False,
-        "advantage_clip": False, "kl_penalty": False, "kl_estimator": "k1", "kl_controller": "fixed",
-        "entropy_bonus": False, "policy_loss_clip": True, "value_loss_clip": False, "critic_from_rm": False,
-        "critic_warmup": False, "global_grad_clip": False, "ptx": False, "kl_coef": 0.0,
+# ppo.tricks: every switch of Tricks but kl_coef (ppo.kl_coef), null by default = the preset's value.
+TricksConfig = create_model(
+    "TricksConfig",
+    __base__=_Group,
+    __doc__="PPO-max switches (DESIGN.md trick table). null takes the value of ``ppo.preset``; an explicit value wins.",
+    **{
+        name: (field.annotation | None, Field(None, description=field.description))
+        for name, field in Tricks.model_fields.items()
+        if name != "kl_coef"
     },
-    "moss_released": {
-        "reward_norm": False, "reward_clip": False, "reward_scaling": True, "advantage_norm": False,
-        "advantage_clip": False, "kl_penalty": True, "kl_estimator": "k1", "kl_controller": "fixed",
-        "entropy_bonus": False, "policy_loss_clip": True, "value_loss_clip": True, "critic_from_rm": True,
-        "critic_warmup": False, "global_grad_clip": True, "ptx": False, "kl_coef": 0.01,
-    },
-    "ppo_max": {
-        "reward_norm": True, "reward_clip": True, "reward_scaling": False, "advantage_norm": True,
-        "advantage_clip": False, "kl_penalty": True, "kl_estimator": "k1", "kl_controller": "fixed",
-        "entropy_bonus": False, "policy_loss_clip": True, "value_loss_clip": True, "critic_from_rm": True,
-        "critic_warmup": True, "global_grad_clip": True, "ptx": True, "kl_coef": 0.05,
-    },
+)
+
+
+_OFF = dict(reward_norm=False, reward_clip=False, reward_scaling=False, advantage_norm=False, advantage_clip=False,
+            kl_penalty=False, kl_estimator="k1", kl_controller="fixed", entropy_bonus=False, policy_loss_clip=True,
+            value_loss_clip=False, critic_from_rm=False, critic_warmup=False, global_grad_clip=False, ptx=False,
+            kl_coef=0.0)  # fmt: skip
+# `vanilla`: nothing but the clipped surrogate; `moss_released`: what the paper's released script runs (reward
+# scaling, policy and value clipping, critic from the RM, gradient clipping, KL 0.01); `ppo_max`: the paper's sec. 5.4.
+PRESETS: dict[str, Tricks] = {
+    "vanilla": Tricks(**_OFF),
+    "moss_released": Tricks(**{**_OFF, "reward_scaling": True, "kl_penalty": True, "value_loss_clip": True,
+                               "critic_from_rm": True, "global_grad_clip": True, "kl_coef": 0.01}),
+    "ppo_max": Tricks(**{**_OFF, "reward_norm": True, "reward_clip": True, "advantage_norm": True, "kl_penalty": True,
+                         "value_loss_clip": True, "critic_from_rm": True, "critic_warmup": True,
+                         "global_grad_clip": True, "ptx": True, "kl_coef": 0.05}),
 }  # fmt: skip
+
+
+class PolicyOptimizerConfig(OptimizerConfig):
+    lr: float = Field(
+        3e-5, gt=0, le=1, description="Policy learning rate (paper/code: 5e-7 for 7B; the tiny model needs more)."
+    )
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("constant", description="Decay after warm-up.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of optimizer steps with linear warm-up.")
+
+
+class CriticOptimizerConfig(PolicyOptimizerConfig):
+    lr: float = Field(1e-4, gt=0, le=1, description="Critic learning rate (paper: 1.65e-6 for 7B; code: 1.5e-6).")
+
+
+class MonitorConfig(_Group):
+    """What PPO watches while it trains: the paper's collapse signals (sec. 5.2), non-finite updates, samples."""
+
+    collapse_kl: float = Field(8.0, gt=0, description="Collapse warning: KL to the reference (nats/sequence).")
+    collapse_length_ratio: float = Field(
+        2.0, gt=1, description="Collapse warning: mean length beyond ratio x (or below 1/ratio of) the first."
+    )
+    collapse_ppl_ratio: float = Field(0.5, gt=0, lt=1, description="Collapse warning: policy ppl below ratio x ref.")
+    stop_on_collapse: bool = Field(
+        False, description="Stop at the first collapse warning, keeping the last healthy checkpoint."
+    )
+    max_bad_steps: int = Field(3, ge=1, description="Consecutive non-finite updates before the run stops.")
+    sample_every: int = Field(10, ge=1, description="Keep a table of sampled prompts, responses and scores.")
+
+
+class CheckpointConfig(_Group):
+    every: int = Field(10, ge=1, description="Save the full training state every N iterations.")
+    resume: Literal["auto", "never"] = Field(
+        "auto", description="auto: continue from the newest checkpoint written by the same configuration."
+    )
 
 
 class PPOConfig(_Group):
@@ -289,24 +344,18 @@ class PPOConfig(_Group):
     tricks: TricksConfig = Field(default_factory=TricksConfig, description="Per-trick overrides of the preset.")
     steps: int = Field(150, ge=1, description="PPO iterations (rollout, then update), critic warm-up included.")
     rollout_size: int = Field(64, ge=1, description="Samples per experience buffer (paper: 128).")
-    minibatch_size: int = Field(32, ge=1, description="Samples per PPO minibatch (paper: 32).")
+    minibatch_size: int = Field(32, ge=1, description="Samples per PPO minibatch, one optimizer step (paper: 32).")
     micro_batch_size: int = Field(
         32, ge=1, description="Sequences per forward/backward per process; micro-batches accumulate to a minibatch."
     )
     forward_batch_size: int = Field(64, ge=1, description="Sequences per no-grad forward pass during rollout.")
     epochs: int = Field(1, ge=1, description="Passes over the buffer (paper sec. 5.4: 1).")
-    policy_lr: float = Field(
-        3e-5, gt=0, le=1, description="Policy learning rate (paper/code: 5e-7 for 7B; the tiny model needs more)."
+    policy_optim: PolicyOptimizerConfig = Field(
+        default_factory=PolicyOptimizerConfig, description="The policy's AdamW and schedule."
     )
-    critic_lr: float = Field(1e-4, gt=0, le=1, description="Critic learning rate (paper: 1.65e-6 for 7B).")
-    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up in optimizer steps (paper: 10% of steps).")
-    lr_schedule: Literal["cosine", "linear", "constant"] = Field("constant", description="Decay after warm-up.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (code: 0.9).")
-    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2 (code: 0.95).")
-    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm bound when tricks.global_grad_clip.")
+    critic_optim: CriticOptimizerConfig = Field(
+        default_factory=CriticOptimizerConfig, description="The critic's AdamW and schedule."
+    )
     kl_coef: float | None = Field(
         None, ge=0, description="KL penalty eta; null: the preset's (ppo_max 0.05, paper Fig. 7; moss 0.01)."
     )
@@ -325,38 +374,86 @@ class PPOConfig(_Group):
     missing_eos_penalty: float | None = Field(
         None, description="Subtracted from the score of responses that hit the length cap without EOS; null: off."
     )
-    temperature: float = Field(0.8, gt=0, description="Sampling temperature (paper sec. 6.1: 0.8).")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling (paper sec. 6.1: 0.9).")
-    repetition_penalty: float = Field(1.1, ge=1, description="Repetition penalty (paper sec. 6.1: 1.1).")
-    sample_every: int = Field(10, ge=1, description="Log a table of sampled prompts, responses and scores.")
-    checkpoint_every: int = Field(10, ge=1, description="Save the full training state every N iterations.")
-    resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the latest checkpoint.")
-    max_bad_steps: int = Field(3, ge=1, description="Consecutive non-finite updates before the run stops.")
-    collapse_kl: float = Field(8.0, gt=0, description="Collapse monitor: KL to the reference (nats/sequence).")
-    collapse_length_ratio: float = Field(
-        2.0, gt=1, description="Collapse monitor: mean length beyond ratio x (or below 1/ratio of) the first."
-    )
-    collapse_ppl_ratio: float = Field(0.5, gt=0, lt=1, description="Collapse monitor: policy ppl below ratio x ref.")
-    stop_on_collapse: bool = Field(
-        False, description="Stop at the first collapse warning, keeping the last healthy checkpoint."
-    )
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Rollout sampling (sec. 6.1).")
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="Collapse monitor and samples.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints and resume.")
 
-    def resolved_tricks(self) -> dict[str, Any]:
+    def resolved_tricks(self) -> Tricks:
         """The preset's switches with every explicit ``tricks.*`` (and ``kl_coef``) applied on top."""
-        resolved = dict(PRESETS[self.preset])
-        resolved.update({k: v for k, v in self.tricks.model_dump().items() if v is not None})
+        explicit = {k: v for k, v in self.tricks.model_dump().items() if v is not None}
         if self.kl_coef is not None:
-            resolved["kl_coef"] = self.kl_coef
-        return resolved
+            explicit["kl_coef"] = self.kl_coef
+        return PRESETS[self.preset].model_copy(update=explicit)
+
+    @model_validator(mode="after")
+    def _sizes_divide(self) -> PPOConfig:
+        # One process is the least any run has; sizes that do not divide there divide nowhere (ppo_sizes).
+        problem = _ppo_size_problem(self, world_size=1)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+@dataclass(frozen=True)
+class PPOSizes:
+    """Sizes the PPO stage derives from ``ppo.*`` and the number of processes, computed once (``ppo_sizes``)."""
+
+    world_size: int
+    local_rollout: int  # rollouts sampled by each process per iteration
+    minibatches: int  # minibatches (optimizer steps of each model) per epoch over the buffer
+    local_minibatch: int  # each process's share of a minibatch
+    accumulation: int  # micro-batches accumulated into one optimizer step on each process
+    updates_per_iteration: int  # epochs x minibatches
+    warmup_iterations: int  # critic-only iterations at the start
+    policy_updates: int  # optimizer steps of the policy over the run
+    critic_updates: int  # optimizer steps of the critic over the run
+
+
+def _ppo_size_problem(ppo: PPOConfig, world_size: int) -> str | None:
+    if (
+        ppo.rollout_size % ppo.minibatch_size
+        or ppo.minibatch_size % world_size
+        or (ppo.minibatch_size // world_size) % ppo.micro_batch_size
+    ):
+        return (
+            f"ppo.rollout_size={ppo.rollout_size} must be a multiple of ppo.minibatch_size={ppo.minibatch_size}, "
+            f"which must split evenly over {world_size} process(es) into micro-batches of "
+            f"ppo.micro_batch_size={ppo.micro_batch_size}"
+        )
+    warmup = ppo.critic_warmup_steps if ppo.resolved_tricks().critic_warmup else 0
+    if warmup >= ppo.steps:
+        return f"ppo.critic_warmup_steps={warmup} leaves no policy update in ppo.steps={ppo.steps}"
+    return None
+
+
+def ppo_sizes(ppo: PPOConfig, world_size: int) -> PPOSizes:
+    """Rollout -> minibatches -> each process's micro-batches, by exact division, or a ConfigError saying what to
+    change (bench/check_recipe.py checks a recipe's sizes with it too)."""
+    problem = _ppo_size_problem(ppo, world_size)
+    if problem:
+        raise ConfigError(problem)
+    minibatches = ppo.rollout_size // ppo.minibatch_size
+    local_minibatch = ppo.minibatch_size // world_size
+    warmup = ppo.critic_warmup_steps if ppo.resolved_tricks().critic_warmup else 0
+    updates = ppo.epochs * minibatches
+    return PPOSizes(
+        world_size=world_size,
+        local_rollout=ppo.rollout_size // world_size,
+        minibatches=minibatches,
+        local_minibatch=local_minibatch,
+        accumulation=local_minibatch // ppo.micro_batch_size,
+        updates_per_iteration=updates,
+        warmup_iterations=warmup,
+        policy_updates=(ppo.steps - warmup) * updates,
+        critic_updates=ppo.steps * updates,
+    )
 
 
 class EvalConfig(_Group):
     """Win-rate evaluation (paper sec. 6). Consumed by the `eval` stage."""
 
     seed: int = Field(7, description="Seed of generation and bootstrap.")
-    temperature: float = Field(0.8, gt=0, description="Paper sec. 6.1: 0.8.")
-    top_p: float = Field(0.9, gt=0, le=1, description="Paper sec. 6.1: 0.9.")
-    repetition_penalty: float = Field(1.1, ge=1, description="Paper sec. 6.1: 1.1.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Paper sec. 6.1 sampling.")
     bootstrap_samples: int = Field(1000, ge=100, description="Resamples for the 95% intervals.")
     rm_tie_margin: float = Field(
         0.0, ge=0, description="The RM judge calls a tie when the two scores differ by at most this much."
@@ -461,12 +558,33 @@ def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
+# Keys of earlier releases and where they live now: an old params file gets told where each one went.
+_BOTH_OPTIMIZERS = "ppo.policy_optim.{0} and ppo.critic_optim.{0}"
+MOVED_KEYS: dict[str, str] = {
+    "ppo.policy_lr": "ppo.policy_optim.lr",
+    "ppo.critic_lr": "ppo.critic_optim.lr",
+    "ppo.warmup_steps": _BOTH_OPTIMIZERS.format("warmup_ratio") + " (a fraction of the optimizer steps)",
+    **{f"ppo.{k}": _BOTH_OPTIMIZERS.format(k) for k in (
+        "lr_schedule", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm")},
+    **{f"{group}.{k}": f"{group}.sampling.{k}" for group in ("ppo", "eval")
+       for k in ("temperature", "top_p", "repetition_penalty")},
+    **{f"ppo.{k}": f"ppo.monitor.{k}" for k in (
+        "collapse_kl", "collapse_length_ratio", "collapse_ppl_ratio", "stop_on_collapse", "max_bad_steps",
+        "sample_every")},
+    "ppo.checkpoint_every": "ppo.checkpoint.every",
+    "ppo.resume": "ppo.checkpoint.resume",
+}  # fmt: skip
+
+
 def _format_validation_error(err: ValidationError, tree: dict, source: str) -> str:
     lines = []
     for item in err.errors():
         loc = tuple(str(p) for p in item["loc"])
         key = ".".join(loc) or "(top level)"
         if item["type"] == "extra_forbidden":
+            if key in MOVED_KEYS:
+                lines.append(f"{source}: '{key}' has moved: set {MOVED_KEYS[key]} instead")
+                continue
             allowed = ", ".join(_allowed_keys(Config, loc[:-1]))
             lines.append(f"{source}: unknown key '{key}'; allowed here: {allowed}")
             continue

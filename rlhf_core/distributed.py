@@ -6,7 +6,8 @@
   behind one small interface (``backward``, ``step``, ``module``), so trainers never branch on the engine;
 - :func:`make_frozen` places an inference-only model (PPO's reference and reward model): on the device, or
   sharded over the ranks under ZeRO-3;
-- :func:`all_reduce_sum` sums a tensor over ranks (global token counts, metrics).
+- :func:`all_reduce_sum` sums a tensor over ranks; :func:`global_sum`, :func:`global_mean` and
+  :func:`global_moments` build the global token counts, metrics and moments on it.
 
 On CPU DeepSpeed uses gloo. Its shared-memory collective and FusedAdam are C++ ops that JIT-compile for about a
 minute on each fresh machine; we switch the first off and pass a ``torch.optim.AdamW`` as the client optimizer
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlhf_core.config import DistributedConfig, OptimConfig
+from rlhf_core.config import DistributedConfig, OptimizerConfig
 from rlhf_core.errors import ConfigError
 
 
@@ -121,6 +122,28 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def global_sum(value: float) -> float:
+    """A Python number summed over ranks (token counts of a global batch)."""
+    return float(all_reduce_sum(torch.tensor([float(value)], dtype=torch.float64)))
+
+
+def global_mean(values: list[float] | torch.Tensor, count: float | None = None) -> float:
+    """Mean over every rank: the sum of all ranks' ``values`` over the sum of their ``count`` (default: how many
+    values each rank has)."""
+    local = torch.tensor([float(sum(values)), float(len(values) if count is None else count)], dtype=torch.float64)
+    total, n = all_reduce_sum(local).tolist()
+    return total / max(n, 1.0)
+
+
+def global_moments(values: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, float, float]:
+    """(count, mean, population variance) of the masked entries of ``values`` over every rank."""
+    from rlhf_core.algos.masked import masked_sums
+    from rlhf_core.algos.ppo import moments_from_sums
+
+    local = masked_sums(values, torch.ones_like(values) if mask is None else mask)
+    return moments_from_sums(*all_reduce_sum(local).tolist())
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
@@ -130,12 +153,12 @@ def barrier() -> None:
 class TorchEngine:
     """Plain single-process loop with the same stepping contract as a DeepSpeed engine."""
 
-    def __init__(self, model, optimizer, scheduler, optim: OptimConfig, bf16: bool, device: torch.device):
+    def __init__(self, model, optimizer, scheduler, accumulation: int, max_grad_norm, bf16: bool, device: torch.device):
         self.module = model.to(device)
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.accumulation = optim.gradient_accumulation_steps
-        self.max_grad_norm = optim.max_grad_norm
+        self.accumulation = accumulation
+        self.max_grad_norm = max_grad_norm
         self.bf16 = bf16
         self.device = device
         self._micro = 0
@@ -238,11 +261,13 @@ class DeepSpeedEngine:
         return self.engine.module
 
 
-def deepspeed_config(optim: OptimConfig, cfg: DistributedConfig, world_size: int) -> dict:
+def deepspeed_config(
+    optim: OptimizerConfig, micro_batch_size: int, accumulation: int, cfg: DistributedConfig, world_size: int
+) -> dict:
     return {
-        "train_micro_batch_size_per_gpu": optim.micro_batch_size,
-        "gradient_accumulation_steps": optim.gradient_accumulation_steps,
-        "train_batch_size": optim.micro_batch_size * optim.gradient_accumulation_steps * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch_size * accumulation * world_size,
         "gradient_clipping": optim.max_grad_norm or 0.0,
         "zero_optimization": {
             "stage": cfg.zero_stage,
@@ -286,8 +311,17 @@ def shards_parameters(ctx: DistContext, cfg: DistributedConfig) -> bool:
     return ctx.engine == "deepspeed" and cfg.zero_stage == 3
 
 
-def make_engine(model, optim: OptimConfig, total_steps: int, ctx: DistContext, cfg: DistributedConfig):
-    """AdamW + warm-up/decay schedule + the configured engine around ``model``."""
+def make_engine(
+    model,
+    optim: OptimizerConfig,
+    total_steps: int,
+    ctx: DistContext,
+    cfg: DistributedConfig,
+    micro_batch_size: int,
+    accumulation: int,
+):
+    """AdamW + warm-up/decay schedule + the configured engine around ``model``: one optimizer step per
+    ``accumulation`` micro-batches of ``micro_batch_size`` sequences on each process."""
     from rlhf_core.algos.schedules import lr_multiplier
 
     decay, no_decay = [], []
@@ -305,13 +339,13 @@ def make_engine(model, optim: OptimConfig, total_steps: int, ctx: DistContext, c
         lambda step: lr_multiplier(step, total_steps, warmup, optim.lr_schedule, optim.min_lr_ratio),
     )
     if ctx.engine == "torch":
-        return TorchEngine(model, optimizer, scheduler, optim, cfg.bf16, ctx.device)
+        return TorchEngine(model, optimizer, scheduler, accumulation, optim.max_grad_norm, cfg.bf16, ctx.device)
     deepspeed = _import_deepspeed()
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(optim, cfg, ctx.world_size),
+        config=deepspeed_config(optim, micro_batch_size, accumulation, cfg, ctx.world_size),
     )
     return DeepSpeedEngine(engine)
 

@@ -1,13 +1,19 @@
-"""The stages in pipeline order and how one runs inside its own (nested) MLflow run.
+"""The stages in pipeline order, the scaffold every stage runs in, and the pipeline loop.
 
-The CLI (what DVC calls), the Prefect tasks and the tests all go through :func:`run_stage`, so a stage behaves
-the same whichever adapter starts it.
+:func:`run_stage` is what every adapter calls (the CLI and so DVC, the Prefect tasks, the tests, the benchmarks),
+so a stage behaves the same whichever starts it. Around the stage's own work it:
 
-Skipping unchanged stages (``rlhf run`` and the Prefect flow; DVC has its own lock file): after a stage succeeds
-it writes ``stage.json`` into its output directory with a fingerprint of what it depended on: its params
-(``STAGE_PARAMS``, the same keys as its ``dvc.yaml`` entry), the project's code, its output directory and the
-fingerprints of the stages it reads from. A later run whose fingerprint matches, and whose artifacts still
-exist, is skipped. Changing a param, the code or an upstream stage reruns the stage and everything after it.
+1. finishes or discards any interrupted commit in the stage's directory and those it reads (``commit.recover``);
+2. with ``skip_unchanged``, returns the previous run's artifacts when its ``stage.json`` fingerprint matches and
+   every recorded output still has the recorded content (SHA-256), without running;
+3. opens the stage's MLflow run (nested under the pipeline's) and hands the work a fresh staging directory;
+4. writes ``config.yaml`` and the metrics file beside the work's outputs, logs them to MLflow, and commits all of
+   it as one unit with ``stage.json`` (``commit.commit``): a stage killed at any moment leaves its previous
+   complete outputs or its new complete outputs, never a mix.
+
+The fingerprint covers what the outputs are a function of: the stage's params (``STAGE_PARAMS``, the same keys as
+its ``dvc.yaml`` entry), the project's code, its output directory and the fingerprints of the stages it reads.
+Changing any of them reruns the stage and, through its new fingerprint, everything after it.
 """
 
 from __future__ import annotations
@@ -15,18 +21,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf_core.config import Config
-from rlhf_core.data.prepare import prepare_data
-from rlhf_core.tracking import stage_run
+from rlhf_core import commit, distributed
+from rlhf_core.config import Config, flatten, save_config
+from rlhf_core.errors import ConfigError
+from rlhf_core.io import atomic_write_json, read_json
+from rlhf_core.tracking import Logger, pipeline_run, stage_run
 from rlhf_core.trainers.eval import evaluate_win_rate
 from rlhf_core.trainers.ppo import train_ppo
+from rlhf_core.trainers.prepare import prepare_data
 from rlhf_core.trainers.rm import train_reward_model
 from rlhf_core.trainers.rm_eval import evaluate_reward_model
 from rlhf_core.trainers.sft import train_sft
 
-# Pipeline order. Each stage function is (config, logger) -> result with .artifacts() -> {name: path}.
+# Pipeline order. Each stage's work is (config, directory to write into, logger) -> StageResult.
 STAGES = {
     "prepare": prepare_data,
     "sft": train_sft,
@@ -35,6 +47,8 @@ STAGES = {
     "ppo": train_ppo,
     "eval": evaluate_win_rate,
 }
+# Stages that train (and so run on every process under torchrun); the others run on rank 0 only.
+DISTRIBUTED_STAGES = ("sft", "rm", "ppo")
 
 
 def stage_output_dir(config: Config, stage: str) -> str:
@@ -47,7 +61,7 @@ STAGE_PARAMS = {
     "sft": ["model", "sft", "distributed", "data.source", "data.seed", "data.max_response_tokens"],
     "rm": [
         "rm", "distributed", "rm_eval.batch_size", "data.source", "data.seed", "data.max_response_tokens",
-        "ppo.temperature", "ppo.top_p", "ppo.repetition_penalty",
+        "ppo.sampling",
     ],
     "rm-eval": ["rm_eval", "data.source", "data.seed", "data.sim"],
     "ppo": ["ppo", "distributed", "data.source", "data.seed", "data.sim", "data.max_response_tokens"],
@@ -61,7 +75,68 @@ UPSTREAM = {
     "ppo": ["prepare", "sft", "rm"],
     "eval": ["prepare", "sft", "rm", "ppo"],
 }
-STAMP = "stage.json"
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What running (or skipping) a stage gives its caller."""
+
+    artifacts: dict[str, str]  # name -> path; plus mlflow_run_id, and skipped: "unchanged" for a skipped stage
+    metrics: dict = field(default_factory=dict)  # the headline numbers (the metrics file's content)
+    history: list[dict] = field(default_factory=list)  # per-step metrics of a training stage run now
+
+
+def run_stage(
+    stage: str, config: Config, parent_run_id: str | None = None, skip_unchanged: bool = False
+) -> StageOutcome:
+    """Run one stage in the scaffold (see the module docstring), its MLflow run nested under ``parent_run_id``."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if stage not in DISTRIBUTED_STAGES and not is_main:
+        return StageOutcome({})  # evaluation and data preparation run once, on rank 0
+    if stage in DISTRIBUTED_STAGES:
+        distributed.setup(config.distributed)  # joins torchrun's process group before any rank touches files
+    if is_main:
+        for name in (*UPSTREAM[stage], stage):
+            commit.recover(Path(stage_output_dir(config, name)))
+    distributed.barrier()
+    if skip_unchanged:
+        previous = unchanged_artifacts(config, stage)
+        if previous is not None:
+            return StageOutcome({**previous, "skipped": "unchanged"}, _previous_metrics(config, stage))
+    out = Path(stage_output_dir(config, stage))
+    fingerprint = stage_fingerprint(config, stage)
+    with stage_run(config, stage, is_main=is_main, parent_run_id=parent_run_id) as logger:
+        staging = commit.start(out) if is_main else out / commit.STAGING
+        distributed.barrier()
+        started = time.time()
+        result = STAGES[stage](config, staging, logger)
+        artifacts = {name: str(out / path) for name, path in result.artifacts.items()}
+        if logger.run_id:
+            artifacts["mlflow_run_id"] = logger.run_id
+        metrics = dict(result.metrics)
+        if is_main:
+            if result.metrics_file:
+                metrics[f"{stage.replace('-', '_')}/seconds"] = round(time.time() - started, 2)
+            _write_and_log(config, staging, result, metrics, logger)
+            manifest = {"stage": stage, "fingerprint": fingerprint, "artifacts": artifacts}
+            commit.commit(out, {**manifest, "outputs": commit.digests(staging)})
+        distributed.barrier()
+    return StageOutcome(artifacts, metrics, result.history)
+
+
+def _write_and_log(config: Config, staging: Path, result, metrics: dict, logger: Logger) -> None:
+    """What every stage adds to its own outputs: the resolved configuration and the metrics file, all logged."""
+    save_config(config, staging / "config.yaml")
+    logged = ["config.yaml", *result.logged]
+    if result.metrics_file:
+        atomic_write_json(staging / result.metrics_file, metrics)
+        logged.insert(0, result.metrics_file)
+    numbers = {k: v for k, v in flatten(metrics).items() if type(v) in (int, float)}
+    logger.log_summary(numbers)
+    for path in logged:
+        logger.log_artifact(staging / path, path if (staging / path).is_dir() else None)
 
 
 def _code_version() -> str:
@@ -84,19 +159,11 @@ def _param_values(config: Config, keys: list[str]) -> dict:
     return values
 
 
-def _read_stamp(config: Config, stage: str) -> dict | None:
-    path = Path(stage_output_dir(config, stage)) / STAMP
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def stage_fingerprint(config: Config, stage: str) -> str | None:
     """What the stage's outputs are a function of; None when an upstream stage has no stamp (never ran here)."""
     upstream = {}
     for name in UPSTREAM[stage]:
-        stamp = _read_stamp(config, name)
+        stamp = commit.read_manifest(Path(stage_output_dir(config, name)))
         if stamp is None:
             return None
         upstream[name] = stamp["fingerprint"]
@@ -111,51 +178,58 @@ def stage_fingerprint(config: Config, stage: str) -> str | None:
 
 
 def unchanged_artifacts(config: Config, stage: str) -> dict[str, str] | None:
-    """The recorded artifacts when the stage already ran with the same fingerprint and they still exist."""
-    stamp = _read_stamp(config, stage)
+    """The recorded artifacts when the stage already ran with the same fingerprint and every output it recorded is
+    on disk with the recorded content."""
+    out = Path(stage_output_dir(config, stage))
+    stamp = commit.read_manifest(out)
     fingerprint = stage_fingerprint(config, stage)
     if stamp is None or fingerprint is None or stamp.get("fingerprint") != fingerprint:
         return None
-    artifacts = stamp.get("artifacts", {})
-    if not all(Path(path).exists() for name, path in artifacts.items() if name != "mlflow_run_id"):
+    if not commit.unchanged(out, stamp):
         return None
-    return artifacts
+    return stamp.get("artifacts", {})
 
 
-def run_stage(
-    stage: str, config: Config, parent_run_id: str | None = None, skip_unchanged: bool = False
-) -> dict[str, str]:
-    """Run one stage in an MLflow run nested under ``parent_run_id``; return its artifact paths.
+def _previous_metrics(config: Config, stage: str) -> dict:
+    path = Path(stage_output_dir(config, stage)) / "metrics.json"
+    return read_json(path) if path.is_file() else {}
 
-    With ``skip_unchanged``, a stage whose fingerprint matches its last successful run returns that run's
-    artifacts (plus ``skipped: "unchanged"``) without running.
-    """
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    if skip_unchanged:
-        previous = unchanged_artifacts(config, stage)
-        if previous is not None:
-            return {**previous, "skipped": "unchanged"}
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    with stage_run(config, stage, is_main=is_main, parent_run_id=parent_run_id) as logger:
-        result = STAGES[stage](config, logger)
-        artifacts = result.artifacts()
-        if logger.run_id:
-            artifacts["mlflow_run_id"] = logger.run_id
-    if is_main:
-        from rlhf_core.io import atomic_write_json
 
-        stamp = {"stage": stage, "fingerprint": stage_fingerprint(config, stage), "artifacts": artifacts}
-        atomic_write_json(Path(stage_output_dir(config, stage)) / STAMP, stamp)
-    return artifacts
+# ---------------------------------------------------------------------------------------------- the pipeline
+StageRunner = Callable[[str, Config, str | None, bool], dict[str, str]]
+
+
+def run_stage_artifacts(stage: str, config: Config, parent_run_id: str | None, skip_unchanged: bool) -> dict:
+    return run_stage(stage, config, parent_run_id, skip_unchanged).artifacts
+
+
+def select_stages(stages: list[str] | None) -> list[str]:
+    """``stages`` (default: all) checked against the pipeline's, in pipeline order."""
+    selected = list(stages or STAGES)
+    unknown = [s for s in selected if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stages {unknown}; the pipeline's stages are {', '.join(STAGES)}")
+    return [s for s in STAGES if s in selected]
+
+
+def run_pipeline(
+    config: Config, stages: list[str] | None = None, force: bool = False, runner: StageRunner = run_stage_artifacts
+) -> dict[str, dict[str, str]]:
+    """Run ``stages`` in order under one parent MLflow run, skipping unchanged ones unless ``force``; ``runner``
+    runs one stage (the Prefect flow passes its tasks). Returns each stage's artifacts."""
+    outputs: dict[str, dict[str, str]] = {}
+    selected = select_stages(stages)
+    with pipeline_run(config, name="rlhf") as parent:
+        for stage in selected:
+            outputs[stage] = runner(stage, config, parent.run_id, not force)
+        log_stage_metrics(config, parent, selected)
+    return outputs
 
 
 def log_stage_metrics(config: Config, logger, stages) -> None:
     """Copy the numeric metrics of each stage's ``metrics.json`` (run now or skipped as unchanged) onto the
     pipeline's parent run, so two pipeline runs (say ``ppo_max`` and ``vanilla``) compare on one row in the
     MLflow UI."""
-    from rlhf_core.io import read_json
-
     for stage in stages:
         path = Path(stage_output_dir(config, stage)) / "metrics.json"
         if stage == "prepare" or not path.is_file():

@@ -33,8 +33,8 @@ def write_curves(
     import matplotlib.pyplot as plt
 
     directory = Path(directory)
-    atomic_write_text(directory / "train.csv", _csv(train_rows, train_keys))
-    atomic_write_text(directory / "val.csv", _csv(val_rows, val_keys))
+    write_table(directory / "train.csv", train_rows, train_keys)
+    write_table(directory / "val.csv", val_rows, val_keys)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for key in train_keys:
         ax.plot([r["step"] for r in train_rows], [r[key] for r in train_rows], label=key, linewidth=1)
@@ -47,6 +47,11 @@ def write_curves(
     ax.legend()
     fig.tight_layout()
     return save_figure(fig, directory / f"{stage}_curves.png")
+
+
+def write_table(path: str | Path, rows: list[dict], keys: list[str]) -> None:
+    """``step`` and ``keys`` of every row as CSV (what ``dvc plots`` reads); a key a row lacks is left empty."""
+    atomic_write_text(path, _csv(rows, keys))
 
 
 def save_figure(fig, path: str | Path) -> Path:

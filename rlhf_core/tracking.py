@@ -25,6 +25,7 @@ class Logger(Protocol):
     run_id: str | None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_summary(self, metrics: dict[str, float]) -> None: ...
     def log_params(self, params: dict) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
@@ -37,6 +38,9 @@ class NullLogger:
     run_id = None
 
     def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_summary(self, metrics):
         pass
 
     def log_params(self, params):
@@ -56,12 +60,15 @@ class MLflowLogger:
     def __init__(self, client, run_id: str):
         self.client = client
         self.run_id = run_id
+        self.curves: set[str] = set()  # keys logged with a step: their history is a curve
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         import time
 
         from mlflow.entities import Metric
 
+        if step is not None:
+            self.curves.update(metrics)
         now = int(time.time() * 1000)
         batch = [
             Metric(key, float(value), now, step or 0)
@@ -70,6 +77,11 @@ class MLflowLogger:
         ]
         for start in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+    def log_summary(self, metrics: dict[str, float]) -> None:
+        """A stage's final numbers, except those already logged as a curve (a summary value would add a point at
+        step 0 to it)."""
+        self.log_metrics({k: v for k, v in metrics.items() if k not in self.curves})
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param

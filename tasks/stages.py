@@ -13,7 +13,7 @@ from prefect import task
 
 from rlhf_core.config import Config
 from rlhf_core.errors import RLHFError
-from rlhf_core.pipeline import run_stage
+from rlhf_core.pipeline import run_stage_artifacts
 
 RETRY_DELAY_SECONDS = 5
 
@@ -29,32 +29,32 @@ def _retried(name: str):
 
 @_retried("prepare")
 def prepare_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
-    return run_stage("prepare", config, parent_run_id, skip_unchanged)
+    return run_stage_artifacts("prepare", config, parent_run_id, skip_unchanged)
 
 
 @task(name="sft", retries=0)
 def sft_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
-    return run_stage("sft", config, parent_run_id, skip_unchanged)
+    return run_stage_artifacts("sft", config, parent_run_id, skip_unchanged)
 
 
 @task(name="rm", retries=0)
 def rm_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
-    return run_stage("rm", config, parent_run_id, skip_unchanged)
+    return run_stage_artifacts("rm", config, parent_run_id, skip_unchanged)
 
 
 @_retried("rm-eval")
 def rm_eval_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
-    return run_stage("rm-eval", config, parent_run_id, skip_unchanged)
+    return run_stage_artifacts("rm-eval", config, parent_run_id, skip_unchanged)
 
 
 @_retried("ppo")
 def ppo_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
-    return run_stage("ppo", config, parent_run_id, skip_unchanged)
+    return run_stage_artifacts("ppo", config, parent_run_id, skip_unchanged)
 
 
 @_retried("eval")
 def eval_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
-    return run_stage("eval", config, parent_run_id, skip_unchanged)
+    return run_stage_artifacts("eval", config, parent_run_id, skip_unchanged)
 
 
 STAGE_TASKS = {

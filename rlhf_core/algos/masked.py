@@ -49,16 +49,34 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = False)
     return var
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mu) / sqrt(var + eps) on masked positions, 0 elsewhere; ``shift_mean=False`` adds mu back.
+def whiten(values: torch.Tensor, mask: torch.Tensor, mean: float, var: float, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mu) / sqrt(var + eps) on masked positions, 0 elsewhere, with the moments given.
 
-    mu and var are the masked mean and (population) variance. Keeping the mean (``shift_mean=False``) rescales
-    the spread only, so the sign of the average signal survives (the TRL / lm-human-preferences convention).
+    Paper sec. 5.3.1 (advantage normalisation). ``mean`` and ``var`` (population) come from the caller so that
+    data-parallel ranks whiten with the moments of the whole minibatch (``moments_from_sums`` of all-reduced
+    sums), not each its own share. Computed in the dtype of ``values``.
     """
+    keep = _check(values, mask).bool()
+    scale = torch.rsqrt(torch.tensor(float(var) + eps, dtype=values.dtype, device=values.device))
+    return torch.where(keep, (values - float(mean)) * scale, torch.zeros_like(values))
+
+
+def masked_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[n, sum x, sum x^2]`` over the masked positions in float64: what ranks all-reduce to get global moments
+    (``algos.ppo.moments_from_sums``). A NaN at a masked-out position does not leak."""
+    keep = _check(values, mask).bool()
+    clean = torch.where(keep, values.double(), torch.zeros((), dtype=torch.float64, device=values.device))
+    return torch.stack([keep.double().sum(), clean.sum(), (clean * clean).sum()])
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """:func:`whiten` with this tensor's own masked mean and (population) variance; ``shift_mean=False`` adds mu
+    back, rescaling the spread only, so the sign of the average signal survives (the TRL / lm-human-preferences
+    convention)."""
     keep = _check(values, mask).bool()
     clean = torch.where(keep, values, torch.zeros_like(values))
     mean = masked_mean(clean, mask)
-    whitened = (clean - mean) * torch.rsqrt(masked_var(clean, mask) + eps)
+    whitened = whiten(clean, mask, float(mean), float(masked_var(clean, mask)), eps)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(keep, whitened, torch.zeros_like(whitened))

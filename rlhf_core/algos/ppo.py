@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from rlhf_core.algos.masked import _check, masked_mean
+from rlhf_core.algos.masked import _check, masked_mean, masked_sum
 from rlhf_core.algos.rm import last_token_index
 
 Stats = dict[str, torch.Tensor]
@@ -33,6 +33,21 @@ def _keep(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _zero_outside(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, values, torch.zeros_like(values))
+
+
+Normaliser = float | torch.Tensor | None
+
+
+def token_mean(values: torch.Tensor, mask: torch.Tensor, normaliser: Normaliser = None) -> torch.Tensor:
+    """sum_t m_t x_t / N with N = ``normaliser`` (default: this batch's token count sum_t m_t).
+
+    The losses below aggregate with it. Passing N = (tokens of the whole minibatch, every micro-batch and process)
+    / (micro-batches x processes) makes gradient accumulation (the engine divides by the micro-batch count) and
+    data parallelism (ranks average) reproduce the minibatch's token mean exactly, as ``sft_loss`` does.
+    """
+    if normaliser is None:
+        return masked_mean(values, mask)
+    return masked_sum(values, mask) / torch.as_tensor(normaliser, dtype=values.dtype, device=values.device)
 
 
 def _scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -278,6 +293,17 @@ class RunningMoments:
         self._count = float(state["count"])
 
 
+def penalise_missing_eos(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """r - penalty for responses that hit the length cap without EOS (``has_eos`` False); ``None``: unchanged.
+
+    A common guard against rambling (TRL's ``missing_eos_penalty``); not in the paper. ``scores``, ``has_eos``:
+    ``(B,)``; returns a new tensor.
+    """
+    if penalty is None:
+        return scores.clone()
+    return torch.where(has_eos, scores, scores - penalty)
+
+
 def normalize_scores(
     scores: torch.Tensor, mean: float | torch.Tensor, std: float | torch.Tensor, eps: float = 1e-8
 ) -> torch.Tensor:
@@ -314,11 +340,13 @@ def policy_loss(
     mask: torch.Tensor,
     cliprange: float,
     clip: bool = True,
+    normaliser: Normaliser = None,
 ) -> tuple[torch.Tensor, Stats]:
     """L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)), rho_t = exp(log pi - log pi_old).
 
-    PPO-clip surrogate (paper sec. 3.2; Schulman et al. 2017) as a token mean over ``mask``; ``clip=False`` gives
-    the plain importance-sampled surrogate mean(-A rho). All inputs ``(B, T)``. Stats (detached): ``clipfrac``
+    PPO-clip surrogate (paper sec. 3.2; Schulman et al. 2017) as a token mean over ``mask`` (``token_mean``: with
+    ``normaliser``, the share of a whole minibatch's mean); ``clip=False`` gives the plain importance-sampled
+    surrogate mean(-A rho). All inputs ``(B, T)``. Stats (detached, aggregated the same way): ``clipfrac``
     (fraction of tokens where the clipped term is the larger, i.e. where clipping is, or with ``clip=False`` would
     be, active), ``approxkl`` = mean((rho - 1) - log rho) (k3 estimate of KL(pi_old || pi)), ``ratio_mean``.
     """
@@ -331,12 +359,12 @@ def policy_loss(
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
     per_token = torch.maximum(unclipped, clipped) if clip else unclipped
-    loss = masked_mean(per_token, mask)
+    loss = token_mean(per_token, mask, normaliser)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).to(per_token.dtype), mask),
-            "approxkl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
-            "ratio_mean": masked_mean(ratio, mask),
+            "clipfrac": token_mean((clipped > unclipped).to(per_token.dtype), mask, normaliser),
+            "approxkl": token_mean(torch.expm1(log_ratio) - log_ratio, mask, normaliser),
+            "ratio_mean": token_mean(ratio, mask, normaliser),
         }
     return loss, stats
 
@@ -348,12 +376,14 @@ def value_loss(
     mask: torch.Tensor,
     cliprange_value: float,
     clip: bool = True,
+    normaliser: Normaliser = None,
 ) -> tuple[torch.Tensor, Stats]:
     """L_V = 0.5 mean_t max((V_t - R_t)^2, (clip(V_t, V_old - c, V_old + c) - R_t)^2) (paper sec. 3.2 / 5.3).
 
     Clipped value loss: the value head cannot move further than ``c`` from the rollout's values in one batch
     without paying for it. ``clip=False`` gives 0.5 mean((V - R)^2). All inputs ``(B, T)``, token mean over
-    ``mask``. Stats (detached): ``clipfrac`` (fraction where the clipped square is the larger), ``values_mean``.
+    ``mask`` (``token_mean`` with ``normaliser``). Stats (detached, aggregated the same way): ``clipfrac``
+    (fraction where the clipped square is the larger), ``values_mean``.
     """
     keep = _keep(values, mask)
     _same_shape("value_loss", values, old_values, returns)
@@ -363,22 +393,25 @@ def value_loss(
     unclipped = (v - ret).square()
     clipped = (torch.clamp(v, v_old - cliprange_value, v_old + cliprange_value) - ret).square()
     per_token = torch.maximum(unclipped, clipped) if clip else unclipped
-    loss = 0.5 * masked_mean(per_token, mask)
+    loss = 0.5 * token_mean(per_token, mask, normaliser)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).to(per_token.dtype), mask),
-            "values_mean": masked_mean(v, mask),
+            "clipfrac": token_mean((clipped > unclipped).to(per_token.dtype), mask, normaliser),
+            "values_mean": token_mean(v, mask, normaliser),
         }
     return loss, stats
 
 
-def entropy_loss(entropy: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+def entropy_loss(
+    entropy: torch.Tensor, mask: torch.Tensor, normaliser: Normaliser = None
+) -> tuple[torch.Tensor, Stats]:
     """L_H = -mean_t H_t over ``mask`` (paper sec. 5.3.2): adding ``coef * L_H`` to the loss is an entropy bonus.
 
-    ``entropy``: ``(B, T)`` per-token entropies. Stats (detached): ``entropy`` = mean_t H_t.
+    ``entropy``: ``(B, T)`` per-token entropies; the mean is ``token_mean`` with ``normaliser``. Stats
+    (detached): ``entropy`` = mean_t H_t.
     """
     keep = _keep(entropy, mask)
-    mean = masked_mean(_zero_outside(entropy, keep), mask)
+    mean = token_mean(_zero_outside(entropy, keep), mask, normaliser)
     return -mean, {"entropy": mean.detach()}
 
 

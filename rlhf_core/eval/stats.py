@@ -73,3 +73,12 @@ def bootstrap_intervals(verdicts: list[str], samples: int, seed: int) -> dict[st
         values.sort()
         out[key] = (values[int(0.025 * (samples - 1))], values[int(round(0.975 * (samples - 1)))])
     return out
+
+
+def mean_interval(values: list[float], z: float = 1.959964) -> tuple[float, float, float]:
+    """Mean and its normal-approximation 95% interval (sample standard deviation; a single value has width 0)."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(n - 1, 1))
+    half = z * sd / math.sqrt(n)
+    return mean, mean - half, mean + half

@@ -64,3 +64,25 @@ def save_causal_lm(model: torch.nn.Module, tokenizer, path: str | Path) -> None:
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+
+
+def response_logits(model, query_responses, attention_mask, query_width: int, width: int) -> torch.Tensor:
+    """``(B, width, V)`` float logits predicting each response token: position ``query_width - 1 + t`` predicts
+    response token t, with position ids that skip the query's left padding.
+
+    ``model`` is a causal LM or an engine's ``forward``; ``query_responses`` is ``query_width + width`` wide. The
+    LM head runs on the last ``width + 1`` positions only (``logits_to_keep``): the query's logits would be thrown
+    away, and at a large vocabulary they are the biggest activation of the forward (same logits, bit for bit;
+    measured in BENCHMARKS.md).
+    """
+    from rlhf_core.data.tokenize import position_ids
+
+    if query_responses.shape[1] != query_width + width:
+        raise ValueError(f"response_logits: {tuple(query_responses.shape)} is not {query_width} + {width} wide")
+    logits = model(
+        input_ids=query_responses,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        logits_to_keep=width + 1,
+    ).logits
+    return logits[:, :width].float()

@@ -27,6 +27,15 @@ class Critic(torch.nn.Module):
         return self.reward_model.score(hidden).squeeze(-1)
 
 
+def response_values(critic, query_responses, attention_mask, query_width: int, width: int) -> torch.Tensor:
+    """``(B, width)`` float values V(s_t) of the states before each response token: position ``query_width - 1 + t``
+    has seen the query and response tokens before t. ``critic`` is a :class:`Critic` or an engine's ``forward``."""
+    from rlhf_core.data.tokenize import position_ids
+
+    values = critic(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    return values[:, query_width - 1 : query_width - 1 + width].float()
+
+
 def load_critic(
     reward_model_dir: str | Path, sft_dir: str | Path, from_reward_model: bool, pad_token_id: int
 ) -> Critic:

@@ -51,21 +51,23 @@ def sample_responses(
     prompts: list[str],
     sampling,
     max_new_tokens: int,
-    seed: int,
+    seed: int | None,
     device,
     batch_size: int = 64,
     synced_gpus: bool = False,
 ) -> dict:
-    """One sampled response per prompt from a fixed seed (the caller's RNG state is left untouched);
-    ``synced_gpus`` as in :func:`sample`.
+    """One sampled response per prompt, in batches of ``batch_size``; ``synced_gpus`` as in :func:`sample`.
 
+    With a ``seed`` the draw is reproducible and the caller's RNG state is left untouched (evaluation); with
+    ``None`` it continues the caller's RNG stream (PPO rollouts, seeded once per run and checkpointed).
     Returns ``query_ids``/``query_mask`` (left-padded), ``responses``/``response_mask`` (pad after the first EOS)
     and the decoded ``texts``.
     """
     query_ids, query_mask = left_pad([encode_query(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
         chunks = [
             sample(model, tokenizer, query_ids[i : i + batch_size], query_mask[i : i + batch_size], sampling,
                    max_new_tokens, synced_gpus)

@@ -109,18 +109,24 @@ def save_reward_model(state_dict: dict[str, torch.Tensor], template: RewardModel
         tokenizer.save_pretrained(tmp)
 
 
+def generated_scores(
+    model: torch.nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """``(B,)`` float scores of left-padded queries followed by generated responses, with position ids that skip
+    the left padding (so the reward model sees the positions generation used)."""
+    from rlhf_core.data.tokenize import position_ids
+
+    output = model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    return output.logits.squeeze(-1).float()
+
+
 @torch.no_grad()
 def score_samples(reward_model: torch.nn.Module, samples: dict, batch_size: int | None = None) -> torch.Tensor:
     """``(N,)`` scores of ``models.generation.sample_responses`` output (left-padded queries + generated
     responses), in batches of ``batch_size`` (default: all at once)."""
-    from rlhf_core.data.tokenize import position_ids
-
     ids = torch.cat([samples["query_ids"], samples["responses"]], 1)
     mask = torch.cat([samples["query_mask"], samples["response_mask"]], 1)
     step = batch_size or len(ids)
-    scores = [
-        reward_model(input_ids=ids[i : i + step], attention_mask=mask[i : i + step],
-                     position_ids=position_ids(mask[i : i + step])).logits.squeeze(-1).float()
-        for i in range(0, len(ids), step)
-    ]  # fmt: skip
-    return torch.cat(scores)
+    return torch.cat(
+        [generated_scores(reward_model, ids[i : i + step], mask[i : i + step]) for i in range(0, len(ids), step)]
+    )

@@ -6,30 +6,29 @@ stand-in for the paper's human and GPT-4 judges) and the reward model. Verdicts 
 policy; the win rate counts ties half. The RM-judged win rate minus the gold-judged one measures reward
 over-optimisation: how much of what PPO gained only the reward model sees.
 
-Outputs under ``paths.eval``: ``metrics.json`` (DVC metrics), ``pairs.jsonl`` (both answers, scores and
-verdicts per prompt), ``examples.md`` (a table of example pairs, judge disagreements first), ``plots/``
-(``win_rates.png`` like the paper's fig. 10 and its CSV) and ``config.yaml``.
+Outputs (committed to ``paths.eval`` by the stage scaffold, which adds ``metrics.json`` and ``config.yaml``):
+``pairs.jsonl`` (both answers, scores and verdicts per prompt), ``examples.md`` (a table of example pairs, judge
+disagreements first) and ``plots/`` (``win_rates.png`` like the paper's fig. 10 and its CSV).
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
-from rlhf_core.config import Config, save_config
+from rlhf_core.config import Config
 from rlhf_core.data.rows import load_split
 from rlhf_core.errors import DataError
 from rlhf_core.eval.stats import VERDICTS, bootstrap_intervals, compare, markdown_table, win_tie_lose
-from rlhf_core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from rlhf_core.io import atomic_write_jsonl, atomic_write_text
 from rlhf_core.models.causal_lm import load_causal_lm
 from rlhf_core.models.generation import sample_responses
 from rlhf_core.models.reward import load_reward_model, score_samples
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import save_figure
-from rlhf_core.tracking import Logger, NullLogger
-from rlhf_core.trainers.results import EvaluationResult
+from rlhf_core.tracking import Logger
+from rlhf_core.trainers.results import StageResult
 
 HARMLESS_CATEGORIES = ("harmful",)  # the paper's fig. 10 splits harmless from helpful prompts
 
@@ -91,11 +90,9 @@ def _plot(metrics: dict, judges: list[str], groups: list[str], directory: Path) 
     save_figure(fig, directory / "win_rates.png")
 
 
-def evaluate_win_rate(config: Config, logger: Logger | None = None) -> EvaluationResult:
+def evaluate_win_rate(config: Config, out: Path, logger: Logger) -> StageResult:
     """Sample both policies on the eval prompts, judge every pair twice, and report win/tie/lose."""
-    logger = logger or NullLogger()
-    started = time.time()
-    data_dir, out = Path(config.paths.data), Path(config.paths.eval)
+    data_dir = Path(config.paths.data)
     models = {"sft": Path(config.paths.sft) / "model", "ppo": Path(config.paths.ppo) / "model"}
     rm_dir = Path(config.paths.rm) / "model"
     for path, stage in ((models["sft"], "sft"), (models["ppo"], "ppo"), (rm_dir, "rm")):
@@ -112,7 +109,7 @@ def evaluate_win_rate(config: Config, logger: Logger | None = None) -> Evaluatio
             policy,
             tokenizer,
             prompts,
-            config.eval,
+            config.eval.sampling,
             config.data.max_response_tokens,
             config.eval.seed,
             torch.device("cpu"),
@@ -165,7 +162,6 @@ def evaluate_win_rate(config: Config, logger: Logger | None = None) -> Evaluatio
         # policy reaches that only removes flaws (harm, refusals, rambling, repetition, cut-offs). Above it
         # means PPO also answers more questions correctly than SFT.
         metrics["eval/gold/cleanup_ceiling"] = win_tie_lose([p["cleanup_verdict"] for p in pairs])["win_rate"]
-    metrics["eval/seconds"] = round(time.time() - started, 2)
 
     plot_groups = [g for g in ("all", "harmless", "helpful") if g in groups]
     _plot(metrics, judges, plot_groups, out / "plots")
@@ -179,10 +175,8 @@ def evaluate_win_rate(config: Config, logger: Logger | None = None) -> Evaluatio
         "disagree come first)\n\n" + markdown_table(examples, columns),
     )
     atomic_write_jsonl(out / "pairs.jsonl", pairs)
-    atomic_write_json(out / "metrics.json", metrics)
-    save_config(config, out / "config.yaml")
-    logger.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
-    for name in ("metrics.json", "pairs.jsonl", "examples.md", "config.yaml"):
-        logger.log_artifact(out / name, None)
-    logger.log_artifact(out / "plots", "plots")
-    return EvaluationResult(out, out / "metrics.json", metrics)
+    return StageResult(
+        metrics=metrics,
+        artifacts={"metrics": "metrics.json", "plots": "plots"},
+        logged=("pairs.jsonl", "examples.md", "plots"),
+    )

@@ -1,9 +1,10 @@
 """The `rm` stage: reward-model training on preference pairs (paper sec. 4.1, eq. 2).
 
-Outputs under ``paths.rm``: ``model/`` (the best checkpoint as a Hugging Face sequence-classification directory,
-``num_labels=1``, with ``reward_stats.json``: the mean and std of its scores on SFT-policy samples for PPO
-prompts), ``checkpoints.json`` (validation metrics of every evaluation and which were saved), ``metrics.json``
-(DVC metrics), ``plots/`` and the resolved ``config.yaml``.
+Outputs (committed to ``paths.rm`` by the stage scaffold, which adds ``metrics.json`` and ``config.yaml``):
+``model/`` (the best checkpoint as a Hugging Face sequence-classification directory, ``num_labels=1``, with
+``reward_stats.json``: the mean and std of its scores on SFT-policy samples for PPO prompts), ``checkpoints.json``
+(validation metrics of every evaluation and which were saved) and ``plots/``. The best checkpoint is written into
+the stage's uncommitted directory while training, so an interrupted run never leaves a half-trained model behind.
 
 Loss per global batch of pairs: ``mean(-log sigmoid(r_c - r_r - margin)) + center_coef * mean(r^2)
 + beta_rm * (token-mean NLL of the chosen responses)``. The data-parallel contract is the SFT stage's: every
@@ -14,7 +15,6 @@ the chosen-response tokens of the whole global batch.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from rlhf_core import distributed
 from rlhf_core.algos.rm import pairwise_loss
 from rlhf_core.algos.sft import sft_loss
-from rlhf_core.config import Config, save_config, steps_for
+from rlhf_core.config import Config, steps_for
 from rlhf_core.data.order import global_order, rank_batches
 from rlhf_core.data.rows import load_split
 from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response, eos_response_mask, left_pad
@@ -33,8 +33,8 @@ from rlhf_core.models.generation import sample
 from rlhf_core.models.reward import load_reward_model, reward_model_for_training, reward_scores, save_reward_model
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import write_curves
-from rlhf_core.tracking import Logger, NullLogger
-from rlhf_core.trainers.results import TrainingResult
+from rlhf_core.tracking import Logger
+from rlhf_core.trainers.results import StageResult
 
 Pair = tuple[list[int], list[int], list[int]]  # (query ids, chosen response ids, rejected response ids)
 
@@ -135,7 +135,7 @@ def reward_statistics(config: Config, rm_dir: Path, tokenizer, ctx) -> dict:
             queries = [encode_query(tokenizer, p) for p in prompts[start : start + batch_size]]
             input_ids, attention_mask = left_pad(queries, tokenizer.pad_token_id)
             responses = sample(
-                policy, tokenizer, input_ids, attention_mask, config.ppo, config.data.max_response_tokens
+                policy, tokenizer, input_ids, attention_mask, config.ppo.sampling, config.data.max_response_tokens
             )
             output = torch.cat([input_ids, responses], dim=1)
             # Scored as PPO will: query + response as generated (left-padded; the head reads the last real token).
@@ -151,23 +151,16 @@ def reward_statistics(config: Config, rm_dir: Path, tokenizer, ctx) -> dict:
         "count": int(count),
         "policy": str(Path(config.paths.sft) / "model"),
         "prompts": "ppo split, first rm.reward_stats_prompts",
-        "sampling": {
-            "temperature": config.ppo.temperature,
-            "top_p": config.ppo.top_p,
-            "repetition_penalty": config.ppo.repetition_penalty,
-            "max_new_tokens": config.data.max_response_tokens,
-        },
+        "sampling": {**config.ppo.sampling.model_dump(), "max_new_tokens": config.data.max_response_tokens},
     }
 
 
-def train_reward_model(config: Config, logger: Logger | None = None) -> TrainingResult:
-    """Train the reward model on ``rm_train`` (minus a validation hold-out); keep the best checkpoint."""
-    logger = logger or NullLogger()
-    started = time.time()
+def train_reward_model(config: Config, out: Path, logger: Logger) -> StageResult:
+    """Train the reward model on ``rm_train`` (minus a validation hold-out); keep the best checkpoint in ``out``."""
     ctx = distributed.setup(config.distributed)
     distributed.seed_everything(config.rm.seed)
     opt = config.rm
-    data_dir, out = Path(config.paths.data), Path(config.paths.rm)
+    data_dir = Path(config.paths.data)
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     pad_id = tokenizer.pad_token_id
     train_rows, val_rows = split_train_val(load_split(data_dir, "rm_train", config.data), opt.val_fraction, opt.seed)
@@ -177,7 +170,9 @@ def train_reward_model(config: Config, logger: Logger | None = None) -> Training
 
     init_from = opt.init_from or str(Path(config.paths.sft) / "model")
     model = reward_model_for_training(init_from, pad_id, with_lm_head=opt.beta_rm > 0)
-    engine = distributed.make_engine(model, opt, total_steps, ctx, config.distributed)
+    engine = distributed.make_engine(
+        model, opt, total_steps, ctx, config.distributed, opt.micro_batch_size, opt.gradient_accumulation_steps
+    )
     order = global_order(len(train), total_steps * global_batch, opt.seed)
     accum, micro = opt.gradient_accumulation_steps, opt.micro_batch_size
     model_dir = out / "model"
@@ -268,11 +263,8 @@ def train_reward_model(config: Config, logger: Logger | None = None) -> Training
             "rm/global_batch": global_batch,
             "rm/train_pairs": len(train),
             "rm/val_pairs": len(val),
-            "rm/seconds": round(time.time() - started, 2),
         }
         atomic_write_json(out / "checkpoints.json", checkpoints)
-        atomic_write_json(out / "metrics.json", metrics)
-        save_config(config, out / "config.yaml")
         write_curves(
             out / "plots",
             "rm",
@@ -282,9 +274,10 @@ def train_reward_model(config: Config, logger: Logger | None = None) -> Training
             ["rm/val_loss", "rm/val_accuracy"],
             ylabel="ranking loss (nats/pair) / accuracy",
         )
-        logger.log_metrics({k: metrics[k] for k in ("rm/reward_mean", "rm/reward_std", "rm/best_step")})
-        for name in ("metrics.json", "checkpoints.json", "config.yaml", "plots"):
-            logger.log_artifact(out / name, None if name != "plots" else "plots")
-        logger.log_artifact(model_dir / "reward_stats.json", None)
     distributed.barrier()
-    return TrainingResult(out, model_dir, out / "metrics.json", metrics, history)
+    return StageResult(
+        metrics=metrics,
+        artifacts={"model": "model", "metrics": "metrics.json"},
+        logged=("checkpoints.json", "plots", "model/reward_stats.json"),
+        history=history,
+    )

@@ -4,31 +4,31 @@ Accuracy is measured twice on ``rm_test``: against the annotators' labels (what 
 noisy) and, on the simulated domain, against the gold judge's noise-free ordering. The annotators' own agreement
 with gold is reported beside them: it is the ceiling of the noisy-label accuracy.
 
-Outputs under ``paths.rm_eval``: ``metrics.json`` (DVC metrics), ``pair_scores.jsonl`` (both scores of every
-pair), ``confident_errors.md`` / ``.jsonl`` (the pairs the RM gets most confidently wrong), ``plots/``
-(``score_gaps.png`` like the paper's fig. 2, ``calibration.png`` and their CSVs) and the resolved ``config.yaml``.
+Outputs (committed to ``paths.rm_eval`` by the stage scaffold, which adds ``metrics.json`` and ``config.yaml``):
+``pair_scores.jsonl`` (both scores of every pair), ``confident_errors.md`` / ``.jsonl`` (the pairs the RM gets
+most confidently wrong) and ``plots/`` (``score_gaps.png`` like the paper's fig. 2, ``calibration.png`` and their
+CSVs).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
 
 from rlhf_core.algos.rm import reliability_bins
-from rlhf_core.config import Config, save_config
+from rlhf_core.config import Config
 from rlhf_core.data.rows import load_split
 from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response
 from rlhf_core.errors import DataError
 from rlhf_core.eval.stats import markdown_table, wilson_interval
-from rlhf_core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json
+from rlhf_core.io import atomic_write_jsonl, atomic_write_text, read_json
 from rlhf_core.models.reward import load_reward_model, reward_scores
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import save_figure
-from rlhf_core.tracking import Logger, NullLogger
-from rlhf_core.trainers.results import EvaluationResult
+from rlhf_core.tracking import Logger
+from rlhf_core.trainers.results import StageResult
 
 
 @torch.no_grad()
@@ -201,11 +201,9 @@ def _confident_errors(records: list[dict], limit: int) -> list[dict]:
     return table
 
 
-def evaluate_reward_model(config: Config, logger: Logger | None = None) -> EvaluationResult:
+def evaluate_reward_model(config: Config, out: Path, logger: Logger) -> StageResult:
     """Score every ``rm_test`` pair with the trained reward model and write accuracies, plots and tables."""
-    logger = logger or NullLogger()
-    started = time.time()
-    data_dir, out = Path(config.paths.data), Path(config.paths.rm_eval)
+    data_dir = Path(config.paths.data)
     model_dir = Path(config.paths.rm) / "model"
     if not (model_dir / "config.json").is_file():
         raise DataError(f"no reward model at {model_dir} (run `rlhf rm` first)")
@@ -255,7 +253,6 @@ def evaluate_reward_model(config: Config, logger: Logger | None = None) -> Evalu
         if saved:
             metrics["rm_eval/checkpoint_step"] = saved[-1]["step"]
             metrics["rm_eval/checkpoint_val_accuracy"] = saved[-1]["rm/val_accuracy"]
-    metrics["rm_eval/seconds"] = round(time.time() - started, 2)
 
     errors = _confident_errors(records, config.rm_eval.num_confident_errors)
     columns = ["category", "p_rm", "prompt", "rm_preferred", "other", "annotators_chose"]
@@ -269,10 +266,8 @@ def evaluate_reward_model(config: Config, logger: Logger | None = None) -> Evalu
     )
     atomic_write_jsonl(out / "confident_errors.jsonl", errors)
     atomic_write_jsonl(out / "pair_scores.jsonl", [{k: v for k, v in r.items() if k != "_src"} for r in records])
-    atomic_write_json(out / "metrics.json", metrics)
-    save_config(config, out / "config.yaml")
-    logger.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
-    for name in ("metrics.json", "confident_errors.md", "confident_errors.jsonl", "config.yaml"):
-        logger.log_artifact(out / name, None)
-    logger.log_artifact(plots, "plots")
-    return EvaluationResult(out, out / "metrics.json", metrics)
+    return StageResult(
+        metrics=metrics,
+        artifacts={"metrics": "metrics.json", "plots": "plots"},
+        logged=("confident_errors.md", "confident_errors.jsonl", "plots"),
+    )

@@ -1,8 +1,8 @@
 """The `sft` stage: supervised fine-tuning of the policy on demonstrations (loss on response tokens only).
 
-Outputs under ``paths.sft``: ``model/`` (a Hugging Face directory ``AutoModelForCausalLM`` loads),
-``metrics.json`` (DVC metrics), ``plots/`` (loss curves as CSV for DVC and a PNG), ``samples.jsonl`` (greedy
-answers to validation prompts) and the resolved ``config.yaml``.
+Outputs (committed to ``paths.sft`` by the stage scaffold, which adds ``metrics.json`` and ``config.yaml``):
+``model/`` (a Hugging Face directory ``AutoModelForCausalLM`` loads), ``plots/`` (loss curves as CSV for DVC
+and a PNG) and ``samples.jsonl`` (greedy answers to validation prompts).
 
 Data-parallel contract: every rank draws the same shuffled order; one optimizer step consumes a global batch of
 ``micro_batch_size x gradient_accumulation_steps x world_size`` examples, and rank r takes its own
@@ -12,7 +12,6 @@ whole global batch, so 2 processes x 1 micro-batch reproduce 1 process x 2 micro
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -20,17 +19,17 @@ from tqdm import tqdm
 
 from rlhf_core import distributed
 from rlhf_core.algos.sft import sft_loss
-from rlhf_core.config import Config, save_config, steps_for
+from rlhf_core.config import Config, steps_for
 from rlhf_core.data.order import global_order, rank_batches
 from rlhf_core.data.rows import load_split
 from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response, left_pad
-from rlhf_core.io import atomic_directory, atomic_write_json, atomic_write_jsonl
+from rlhf_core.io import atomic_write_jsonl
 from rlhf_core.models.causal_lm import initial_policy, load_causal_lm
 from rlhf_core.models.generation import sample
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import write_curves
-from rlhf_core.tracking import Logger, NullLogger
-from rlhf_core.trainers.results import TrainingResult
+from rlhf_core.tracking import Logger
+from rlhf_core.trainers.results import StageResult
 
 
 def _encode(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
@@ -99,14 +98,12 @@ def _sample_generations(config: Config, model_dir: Path, tokenizer, val_rows: li
     return samples, metrics
 
 
-def train_sft(config: Config, logger: Logger | None = None) -> TrainingResult:
-    """Fine-tune the initial policy on ``sft_train``; validate on ``sft_val``; save the policy."""
-    logger = logger or NullLogger()
-    started = time.time()
+def train_sft(config: Config, out: Path, logger: Logger) -> StageResult:
+    """Fine-tune the initial policy on ``sft_train``; validate on ``sft_val``; save the policy into ``out``."""
     ctx = distributed.setup(config.distributed)
     distributed.seed_everything(config.sft.seed)
     opt = config.sft
-    data_dir, out = Path(config.paths.data), Path(config.paths.sft)
+    data_dir = Path(config.paths.data)
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     train_rows = load_split(data_dir, "sft_train", config.data)
     val_rows = load_split(data_dir, "sft_val", config.data)
@@ -114,7 +111,9 @@ def train_sft(config: Config, logger: Logger | None = None) -> TrainingResult:
     global_batch, total_steps = steps_for(len(train), opt, ctx.world_size)
 
     model = initial_policy(config.model, tokenizer)
-    engine = distributed.make_engine(model, opt, total_steps, ctx, config.distributed)
+    engine = distributed.make_engine(
+        model, opt, total_steps, ctx, config.distributed, opt.micro_batch_size, opt.gradient_accumulation_steps
+    )
     order = global_order(len(train), total_steps * global_batch, opt.seed)
     pad_id = tokenizer.pad_token_id
     accum, micro = opt.gradient_accumulation_steps, opt.micro_batch_size
@@ -165,13 +164,11 @@ def train_sft(config: Config, logger: Logger | None = None) -> TrainingResult:
             progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
 
     state = distributed.gather_full_state_dict(engine)
-    model_dir = out / "model"
     metrics: dict = {}
     if ctx.is_main:
-        with atomic_directory(model_dir) as tmp:
-            engine.unwrapped().save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-        samples, sample_metrics = _sample_generations(config, model_dir, tokenizer, val_rows)
+        engine.unwrapped().save_pretrained(out / "model", state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(out / "model")
+        samples, sample_metrics = _sample_generations(config, out / "model", tokenizer, val_rows)
         tail = history[-min(10, len(history)) :]
         metrics = {
             "sft/loss": sum(r["sft/loss"] for r in tail) / len(tail),
@@ -180,15 +177,14 @@ def train_sft(config: Config, logger: Logger | None = None) -> TrainingResult:
             "sft/steps": total_steps,
             "sft/global_batch": global_batch,
             "sft/train_examples": len(train),
-            "sft/seconds": round(time.time() - started, 2),
             **sample_metrics,
         }
         atomic_write_jsonl(out / "samples.jsonl", samples)
-        atomic_write_json(out / "metrics.json", metrics)
-        save_config(config, out / "config.yaml")
         write_curves(out / "plots", "sft", history, val_history, ["sft/loss"], ["sft/val_loss"])
-        logger.log_metrics({k: v for k, v in metrics.items() if k.startswith("sft/sample")})
-        for name in ("metrics.json", "samples.jsonl", "config.yaml", "plots"):
-            logger.log_artifact(out / name, None if name != "plots" else "plots")
     distributed.barrier()
-    return TrainingResult(out, model_dir, out / "metrics.json", metrics, history)
+    return StageResult(
+        metrics=metrics,
+        artifacts={"model": "model", "metrics": "metrics.json"},
+        logged=("samples.jsonl", "plots"),
+        history=history,
+    )

@@ -1,43 +1,27 @@
 """The `prepare` stage: source -> validated, disjoint splits + tokenizer + stats.json.
 
-Outputs under ``paths.data``: ``splits/<split>.jsonl``, ``tokenizer/`` (a Hugging Face tokenizer directory),
-``stats.json`` and the resolved ``config.yaml``; each written atomically.
+Outputs (committed to ``paths.data`` by the stage scaffold, which adds ``config.yaml``): ``splits/<split>.jsonl``,
+``tokenizer/`` (a Hugging Face tokenizer directory) and ``stats.json`` (the stage's DVC metrics).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rlhf_core.config import Config, flatten, save_config
+from rlhf_core.config import Config, flatten
 from rlhf_core.data.rows import RESPONSE_FIELDS, BadRowLog
 from rlhf_core.data.sources import generate_sim, load_hh_rlhf, load_jsonl
 from rlhf_core.data.tokenize import format_query
 from rlhf_core.errors import DataError
-from rlhf_core.io import atomic_directory, atomic_write_json, atomic_write_jsonl
+from rlhf_core.io import atomic_write_json, atomic_write_jsonl
 from rlhf_core.models.tokenizer import load_pretrained_tokenizer, train_bpe_tokenizer
-from rlhf_core.tracking import Logger, NullLogger
+from rlhf_core.tracking import Logger
+from rlhf_core.trainers.results import StageResult
 
 TOKENIZER_TRAINING_SPLITS = ("sft_train", "rm_train", "ppo")  # never the held-out splits
-
-
-@dataclass(frozen=True)
-class PrepareResult:
-    data_dir: Path
-    splits_dir: Path
-    tokenizer_dir: Path
-    stats_path: Path
-    stats: dict
-
-    def artifacts(self) -> dict[str, str]:
-        return {
-            "splits": str(self.splits_dir),
-            "tokenizer": str(self.tokenizer_dir),
-            "stats": str(self.stats_path),
-        }
 
 
 def _tokenizer_corpus(splits: dict[str, list[dict]]):
@@ -96,9 +80,8 @@ def _enforce_token_limits(splits, tokenizer, config: Config, bad: BadRowLog) -> 
     }
 
 
-def prepare_data(config: Config, logger: Logger | None = None) -> PrepareResult:
-    """Build the six splits, the tokenizer and ``stats.json`` for ``config.data.source``."""
-    logger = logger or NullLogger()
+def prepare_data(config: Config, out: Path, logger: Logger) -> StageResult:
+    """Build the six splits, the tokenizer and ``stats.json`` for ``config.data.source`` in ``out``."""
     cfg = config.data
     bad = BadRowLog(cfg.on_bad_rows)
     if cfg.source == "sim":
@@ -121,7 +104,6 @@ def prepare_data(config: Config, logger: Logger | None = None) -> PrepareResult:
                 f"skipped); provide more rows or raise data.splits.{split}"
             )
 
-    out = Path(config.paths.data)
     stats = {
         "source": cfg.source,
         "counts": {split: len(rows) for split, rows in splits.items()},
@@ -135,20 +117,20 @@ def prepare_data(config: Config, logger: Logger | None = None) -> PrepareResult:
         "bad_rows": bad.as_stats(),
         **source_stats,
     }
-    with atomic_directory(out / "splits") as tmp:
-        for split, rows in splits.items():
-            atomic_write_jsonl(tmp / f"{split}.jsonl", ({k: v for k, v in r.items() if k != "_src"} for r in rows))
-    with atomic_directory(out / "tokenizer") as tmp:
-        tokenizer.save_pretrained(tmp)
+    for split, rows in splits.items():
+        atomic_write_jsonl(
+            out / "splits" / f"{split}.jsonl", ({k: v for k, v in r.items() if k != "_src"} for r in rows)
+        )
+    tokenizer.save_pretrained(out / "tokenizer")
     atomic_write_json(out / "stats.json", stats)
-    save_config(config, out / "config.yaml")
-
     numeric = {
         f"data/{k}": v
         for k, v in flatten({"counts": stats["counts"], **source_stats}).items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }
-    logger.log_metrics(numeric)
-    logger.log_artifact(out / "stats.json")
-    logger.log_artifact(out / "config.yaml")
-    return PrepareResult(out, out / "splits", out / "tokenizer", out / "stats.json", stats)
+    return StageResult(
+        metrics=numeric,
+        artifacts={"splits": "splits", "tokenizer": "tokenizer", "stats": "stats.json"},
+        logged=("stats.json",),
+        metrics_file=None,
+    )

@@ -1,0 +1,63 @@
+"""The four models of PPO (paper sec. 5): the policy and critic as training engines, the frozen reference and
+reward model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhf_core import distributed
+from rlhf_core.config import Config, OptimizerConfig, PPOSizes, Tricks
+from rlhf_core.errors import DataError
+from rlhf_core.io import read_json
+from rlhf_core.models.causal_lm import load_causal_lm
+from rlhf_core.models.critic import load_critic
+from rlhf_core.models.reward import load_reward_model
+
+
+class PPOModels:
+    """Policy and critic engines (one optimizer step per minibatch each) plus the frozen reference and reward model.
+
+    Under ZeRO-3 all four are sharded over the ranks (the frozen two without optimizer), so each of N ranks holds
+    about 1/N of every model; every forward then gathers layers from all ranks, which is why sampling runs with
+    ``synced_gpus`` and the final evaluation runs on every rank.
+    """
+
+    def __init__(self, config: Config, tokenizer, ctx, sizes: PPOSizes, tricks: Tricks):
+        ppo = config.ppo
+        sft_dir, rm_dir = Path(config.paths.sft) / "model", Path(config.paths.rm) / "model"
+        for path, stage in ((sft_dir, "sft"), (rm_dir, "rm")):
+            if not (path / "config.json").is_file():
+                raise DataError(f"no model at {path} (run `rlhf {stage}` first)")
+        self.device = ctx.device
+        self.sharded = distributed.shards_parameters(ctx, config.distributed)
+        # Ranks stop sampling at different lengths; with sharded weights each must keep stepping until all are done.
+        self.synced_gpus = self.sharded and ctx.world_size > 1
+        # The FrozenModel objects stay referenced: under ZeRO-3 they keep the engines whose hooks gather weights.
+        self._frozen = [
+            distributed.make_frozen(model, ppo.forward_batch_size, ctx, config.distributed)
+            for model in (load_causal_lm(sft_dir, tokenizer), load_reward_model(rm_dir, tokenizer.pad_token_id))
+        ]
+        self.reference, self.reward_model = (frozen.module for frozen in self._frozen)
+        stats_file = rm_dir / "reward_stats.json"
+        self.reward_stats = read_json(stats_file) if stats_file.is_file() else None
+        policy = load_causal_lm(sft_dir, tokenizer)
+        critic = load_critic(rm_dir, sft_dir, tricks.critic_from_rm, tokenizer.pad_token_id)
+
+        def engine(model, optim: OptimizerConfig, total_steps: int):
+            if not tricks.global_grad_clip:
+                optim = optim.model_copy(update={"max_grad_norm": None})
+            return distributed.make_engine(
+                model, optim, total_steps, ctx, config.distributed, ppo.micro_batch_size, sizes.accumulation
+            )
+
+        self.policy = engine(policy, ppo.policy_optim, max(sizes.policy_updates, 1))
+        self.critic = engine(critic, ppo.critic_optim, sizes.critic_updates)
+        # Dropout off everywhere ("N implementation details" #13): log-probs of the rollout and of the update
+        # must come from the same function, or the ratio is noise. Gradients flow in eval mode all the same.
+        self.policy.unwrapped().eval()
+        self.critic.unwrapped().eval()
+
+    @property
+    def engines(self) -> dict:
+        """What a checkpoint saves: the trained models with their optimizers and schedules."""
+        return {"policy": self.policy, "critic": self.critic}
