@@ -5,7 +5,7 @@ recipe's world size, and ZeRO-3 model states of the four PPO models fit per GPU.
     .venv/bin/python bench/check_recipe.py --recipe FILE --world-size 4 --results /tmp/check.json
 
 1. ``load_config(recipe)``: the pydantic validation every stage runs first; then the PPO batch split over the
-   ranks (``ppo.check_batch_sizes``) and the SFT/RM global batches against their split sizes (``steps_for``).
+   ranks (``config.ppo_sizes``) and the SFT/RM global batches against their split sizes (``steps_for``).
 2. The DeepSpeed config dicts our code builds for each engine at ``--world-size`` ranks: SFT, RM, the PPO policy
    and critic (``distributed.deepspeed_config``) and the frozen reference and reward model
    (``distributed.frozen_deepspeed_config``). Each goes through ``deepspeed.runtime.config.DeepSpeedConfig``,
@@ -102,11 +102,10 @@ def main() -> None:
 
 def check_batches(config, world_size: int) -> dict:
     """The batch arithmetic each stage checks at start-up, at ``world_size`` ranks (raises ConfigError)."""
-    from rlhf_core.config import steps_for
-    from rlhf_core.trainers.ppo import check_batch_sizes
+    from rlhf_core.config import ppo_sizes, steps_for
 
     ppo = config.ppo
-    check_batch_sizes(ppo, world_size)
+    sizes = ppo_sizes(ppo, world_size)
     out = {}
     for stage, split in (("sft", "sft_train"), ("rm", "rm_train")):
         # File sources give at most data.splits.<split> rows; steps are for a full split.
@@ -114,9 +113,9 @@ def check_batches(config, world_size: int) -> dict:
         global_batch, steps = steps_for(examples, getattr(config, stage), world_size)
         out[stage] = {"split": split, "examples": examples, "global_batch": global_batch, "optimizer_steps": steps}
     out["ppo"] = {
-        "rollout_per_gpu": ppo.rollout_size // world_size,
-        "minibatch_per_gpu": ppo.minibatch_size // world_size,
-        "updates_per_iteration": ppo.epochs * (ppo.rollout_size // ppo.minibatch_size),
+        "rollout_per_gpu": sizes.local_rollout,
+        "minibatch_per_gpu": sizes.local_minibatch,
+        "updates_per_iteration": sizes.updates_per_iteration,
     }
     return out
 
@@ -124,20 +123,21 @@ def check_batches(config, world_size: int) -> dict:
 def engine_configs(config, world_size: int) -> dict[str, dict]:
     """The DeepSpeed dicts our stages pass to ``deepspeed.initialize`` for every model, at ``world_size`` ranks."""
     from rlhf_core import distributed
-    from rlhf_core.trainers.ppo import ppo_optim
+    from rlhf_core.config import ppo_sizes
 
     ppo, dist_cfg = config.ppo, config.distributed
-    clip = ppo.max_grad_norm if ppo.resolved_tricks()["global_grad_clip"] else None
-    # The schedule length shapes only the LR warm-up, which DeepSpeed never sees (our client scheduler).
-    steps = ppo.steps * ppo.epochs * (ppo.rollout_size // ppo.minibatch_size)
+    sizes = ppo_sizes(ppo, world_size)
+    clip = {} if ppo.resolved_tricks().global_grad_clip else {"max_grad_norm": None}
     frozen = distributed.frozen_deepspeed_config(dist_cfg, ppo.forward_batch_size, world_size)
+
+    def trained(optim, micro_batch_size: int, accumulation: int) -> dict:
+        return distributed.deepspeed_config(optim, micro_batch_size, accumulation, dist_cfg, world_size)
+
     return {
-        "sft": distributed.deepspeed_config(config.sft, dist_cfg, world_size),
-        "rm": distributed.deepspeed_config(config.rm, dist_cfg, world_size),
-        "ppo_policy": distributed.deepspeed_config(ppo_optim(ppo, ppo.policy_lr, clip, steps, world_size), dist_cfg,
-                                                   world_size),
-        "ppo_critic": distributed.deepspeed_config(ppo_optim(ppo, ppo.critic_lr, clip, steps, world_size), dist_cfg,
-                                                   world_size),
+        "sft": trained(config.sft, config.sft.micro_batch_size, config.sft.gradient_accumulation_steps),
+        "rm": trained(config.rm, config.rm.micro_batch_size, config.rm.gradient_accumulation_steps),
+        "ppo_policy": trained(ppo.policy_optim.model_copy(update=clip), ppo.micro_batch_size, sizes.accumulation),
+        "ppo_critic": trained(ppo.critic_optim.model_copy(update=clip), ppo.micro_batch_size, sizes.accumulation),
         **dict.fromkeys(FROZEN, frozen),
     }  # fmt: skip
 

@@ -57,10 +57,9 @@ OURS_OVERRIDES = [
     "ppo.tricks.reward_norm=false",  # TRL uses the raw reward-model score
     "ppo.tricks.reward_clip=false",
     "ppo.tricks.global_grad_clip=false",  # TRL's PPO loop never clips gradients
-    "ppo.top_p=1.0",  # TRL samples with temperature only: no nucleus ...
-    "ppo.repetition_penalty=1.0",  # ... and no repetition penalty
-    "ppo.checkpoint_every=1000000",  # no checkpoints (TRL: save_strategy="no")
-    "ppo.resume=never",
+    "ppo.sampling.top_p=1.0",  # TRL samples with temperature only: no nucleus ...
+    "ppo.sampling.repetition_penalty=1.0",  # ... and no repetition penalty
+    "ppo.checkpoint.resume=never",  # and the worker drives the iterations itself: no checkpoints
 ]
 
 # What still differs after the settings above (printed with the results and stored in the JSON).
@@ -138,24 +137,22 @@ def workload(config, steps: int) -> tuple[list[list[list[int]]], dict]:
         "forward_batch_size": ppo.forward_batch_size,
         "epochs": ppo.epochs,
         "max_new_tokens": config.data.max_response_tokens,
-        "temperature": ppo.temperature,
-        "top_p": ppo.top_p,
-        "repetition_penalty": ppo.repetition_penalty,
-        "kl_coef": tricks["kl_coef"],
-        "kl_estimator": tricks["kl_estimator"],
-        "kl_controller": tricks["kl_controller"],
+        **ppo.sampling.model_dump(),
+        "kl_coef": tricks.kl_coef,
+        "kl_estimator": tricks.kl_estimator,
+        "kl_controller": tricks.kl_controller,
         "cliprange": ppo.cliprange,
         "cliprange_value": ppo.cliprange_value,
         "vf_coef": ppo.vf_coef,
         "gamma": ppo.gamma,
         "lam": ppo.lam,
-        "policy_lr": ppo.policy_lr,
-        "critic_lr": ppo.critic_lr,
-        "weight_decay": ppo.weight_decay,
-        "adam_beta1": ppo.adam_beta1,
-        "adam_beta2": ppo.adam_beta2,
-        "adam_eps": ppo.adam_eps,
-        "critic_from_rm": tricks["critic_from_rm"],
+        "policy_lr": ppo.policy_optim.lr,
+        "critic_lr": ppo.critic_optim.lr,
+        "weight_decay": ppo.policy_optim.weight_decay,
+        "adam_beta1": ppo.policy_optim.adam_beta1,
+        "adam_beta2": ppo.policy_optim.adam_beta2,
+        "adam_eps": ppo.policy_optim.adam_eps,
+        "critic_from_rm": tricks.critic_from_rm,
     }
     # The TRL side can reproduce only this corner of our configuration; stop rather than compare different work.
     unsupported = {
@@ -163,14 +160,14 @@ def workload(config, steps: int) -> tuple[list[list[list[int]]], dict]:
         "repetition_penalty": settings["repetition_penalty"] != 1.0,
         "kl_estimator": settings["kl_estimator"] not in ("k1", "k3"),
         "kl_controller": settings["kl_controller"] != "fixed",
-        "kl_penalty": not tricks["kl_penalty"],
-        "ptx": tricks["ptx"],
-        "critic_warmup": tricks["critic_warmup"],
-        "critic_from_rm": not tricks["critic_from_rm"],
-        "entropy_bonus": tricks["entropy_bonus"],
+        "kl_penalty": not tricks.kl_penalty,
+        "ptx": tricks.ptx,
+        "critic_warmup": tricks.critic_warmup,
+        "critic_from_rm": not tricks.critic_from_rm,
+        "entropy_bonus": tricks.entropy_bonus,
         "micro_batch_size": ppo.micro_batch_size != ppo.minibatch_size,
         "missing_eos_penalty": ppo.missing_eos_penalty is not None,
-        "lr_schedule": ppo.lr_schedule != "constant" or ppo.warmup_steps,
+        "lr_schedule": any(o.lr_schedule != "constant" or o.warmup_ratio for o in (ppo.policy_optim, ppo.critic_optim)),
     }
     bad = [name for name, flag in unsupported.items() if flag]
     if bad:
@@ -194,72 +191,50 @@ def run_ours_worker(spec_path: Path, out_path: Path) -> None:
         torch.set_num_threads(spec["threads"])
     import transformers
 
-    import rlhf_core.trainers.ppo as ppo_stage
+    from rlhf_core import distributed
     from rlhf_core.config import load_config
     from rlhf_core.io import atomic_write_json
+    from rlhf_core.trainers.ppo.iteration import ppo_iteration, start_run
 
     config = load_config(REPO / "params.yaml", spec["overrides"])
-    left_out = []
-    # Not part of the compared workload (see DIFFERENCES): the sim-only gold judge and the post-training eval.
-    if hasattr(ppo_stage, "_Judge"):
-        ppo_stage._Judge.scores = lambda self, prompts, responses: None
-        left_out.append("gold judge")
-    if hasattr(ppo_stage, "_eval_comparison"):
-        ppo_stage._eval_comparison = lambda *args, **kwargs: {}
-        left_out.append("final eval comparison")
-    # One generate call per forward_batch_size prompts; the first call of each iteration marks its start.
-    calls_per_iteration = -(-config.ppo.rollout_size // config.ppo.forward_batch_size)
-    seen = {"calls": 0, "starts": [], "widths": []}
-    original_sample = ppo_stage.sample
-
-    def sample(*args, **kwargs):
-        if seen["calls"] % calls_per_iteration == 0:
-            if not seen["starts"]:
-                seen["rss_kib"] = _rss_kib()
-                seen["setup_seconds"] = time.perf_counter() - started
-            seen["starts"].append(time.perf_counter())
-            seen["widths"].append(0)
-        seen["calls"] += 1
-        out = original_sample(*args, **kwargs)
-        seen["widths"][-1] = max(seen["widths"][-1], int(out.shape[1]))
-        return out
-
-    ppo_stage.sample = sample
-    result = ppo_stage.train_ppo(config)
-    history = result.history
-    if len(seen["starts"]) != len(history):
-        sys.exit(f"ppo_speed: timed {len(seen['starts'])} rollouts for {len(history)} iterations")
-    # The iteration's bookkeeping after its `time/training` (collapse monitor, sample table, progress bar) is in no
-    # phase of ours; TRL's counterpart is in its training phase. Measured as the gap to the next iteration's start
-    # and added to training; the last iteration, which has no next start, gets the mean of the others.
-    phases = [sum(r[f"time/{p}"] for p in PHASES) for r in history]
-    starts = seen["starts"]
-    tails = [max(starts[i + 1] - starts[i] - phases[i], 0.0) for i in range(len(history) - 1)]
-    tails.append(sum(tails) / len(tails) if tails else 0.0)
-    rollout = config.ppo.rollout_size
-    records = [
-        {
-            "iteration": r["step"],
-            "generation": r["time/generation"],
-            "scoring": r["time/scoring"],
-            "training": r["time/training"] + tail,
-            "training_tail": tail,
-            "response_tokens": round(r["rollout/response_length"] * rollout),
-            "samples": rollout,
-            "eos_rate": r["rollout/eos_rate"],
-            "generated_width": width,
-            "objective/scores": r["objective/scores"],
-            "objective/kl": r["objective/kl"],
-        }
-        for r, width, tail in zip(history, seen["widths"], tails, strict=True)
-    ]
+    # Not part of the compared workload (see DIFFERENCES): the sim-only gold judge, and the stage around the
+    # iterations (checkpoints, final evaluation on held-out prompts). The worker drives the phases itself.
+    left_out = ["gold judge", "final eval comparison", "checkpoints"]
+    ctx = distributed.setup(config.distributed)
+    run = start_run(config, ctx, Path(config.paths.ppo) / "checkpoints", gold_judge=False)
+    run.start_ptx(0)
+    setup_seconds, rss_kib = time.perf_counter() - started, _rss_kib()
+    records = []
+    for step in range(config.ppo.steps):
+        iteration_started = time.perf_counter()
+        record, exp = ppo_iteration(run, step)
+        run.monitor.observe(step + 1, record)  # the stage's per-iteration bookkeeping; TRL's is in its training
+        wall = time.perf_counter() - iteration_started
+        # What the iteration did outside its three timed phases (the collapse monitor, metric reductions) counts
+        # as training, where TRL's counterpart sits.
+        tail = max(wall - sum(record[f"time/{p}"] for p in PHASES), 0.0)
+        records.append(
+            {
+                "iteration": record["step"],
+                "generation": record["time/generation"],
+                "scoring": record["time/scoring"],
+                "training": record["time/training"] + tail,
+                "training_tail": tail,
+                "response_tokens": round(record["rollout/response_length"] * config.ppo.rollout_size),
+                "samples": config.ppo.rollout_size,
+                "eos_rate": record["rollout/eos_rate"],
+                "generated_width": exp.response_width,
+                "objective/scores": record["objective/scores"],
+                "objective/kl": record["objective/kl"],
+            }
+        )
     atomic_write_json(
         out_path,
         {
             "trainer": "ours",
             "records": records,
-            "setup_seconds": seen["setup_seconds"],
-            "rss_kib_at_first_iteration": seen["rss_kib"],
+            "setup_seconds": setup_seconds,
+            "rss_kib_at_first_iteration": rss_kib,
             "self_max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "torch_threads": torch.get_num_threads(),
             "left_out": left_out,

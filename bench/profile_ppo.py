@@ -3,7 +3,7 @@
     .venv/bin/python bench/profile_ppo.py                 # 10 iterations, ~40 s
     .venv/bin/python bench/profile_ppo.py --iterations 20 --top 30
 
-Runs ``train_ppo`` with ppo_speed's settings (its final evaluation included) under cProfile and prints the
+Runs the ``ppo`` stage with ppo_speed's settings (its final evaluation included) under cProfile and prints the
 functions with the most time of their own (seconds, share of the whole run, milliseconds per call) and the
 trainer's own per-phase seconds per iteration. Start-up (imports, model loading) is in the total. Writes
 ``bench/results/profile_ppo.json``. Needs the default pipeline's outputs (``make run``).
@@ -44,7 +44,7 @@ def main() -> None:
     from rlhf_core.config import load_config
     from rlhf_core.env import apply_defaults
     from rlhf_core.io import atomic_write_json
-    from rlhf_core.trainers.ppo import train_ppo
+    from rlhf_core.pipeline import run_stage
 
     apply_defaults()
     with tempfile.TemporaryDirectory() as work:
@@ -53,7 +53,7 @@ def main() -> None:
         profiler = cProfile.Profile()
         started = time.perf_counter()
         profiler.enable()
-        result = train_ppo(config)
+        result = run_stage("ppo", config)
         profiler.disable()
         seconds = time.perf_counter() - started
     phases = {

@@ -63,25 +63,17 @@ def main() -> None:
     from rich.table import Table
 
     from rlhf_core.config import load_config
-    from rlhf_core.data.prepare import prepare_data
     from rlhf_core.env import apply_defaults
     from rlhf_core.eval.stats import wilson_interval
     from rlhf_core.io import atomic_write_json
-    from rlhf_core.trainers.rm import train_reward_model
-    from rlhf_core.trainers.rm_eval import evaluate_reward_model
-    from rlhf_core.trainers.sft import train_sft
+    from rlhf_core.pipeline import run_stage
 
     apply_defaults()
     config = load_config(REPO / "params.yaml", overrides(args.hh.resolve(), args.out.resolve()))
     seconds = {}
-    for name, stage in (
-        ("prepare", prepare_data),
-        ("sft", train_sft),
-        ("rm", train_reward_model),
-        ("rm-eval", evaluate_reward_model),
-    ):
+    for name in ("prepare", "sft", "rm", "rm-eval"):
         started = time.time()
-        result = stage(config)
+        result = run_stage(name, config)
         seconds[name] = round(time.time() - started, 1)
     metrics = result.metrics
     stats = json.loads((args.out / "data" / "stats.json").read_text())

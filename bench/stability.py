@@ -56,28 +56,25 @@ def base_overrides(base: Path) -> list[str]:
 def build_base(base: Path) -> None:
     """Data, SFT policy and reward model of the default config, unless a previous run left them there."""
     from rlhf_core.config import load_config
-    from rlhf_core.data.prepare import prepare_data
-    from rlhf_core.trainers.rm import train_reward_model
-    from rlhf_core.trainers.sft import train_sft
+    from rlhf_core.pipeline import run_stage
 
     config = load_config(REPO / "params.yaml", base_overrides(base))
-    for name, stage, marker in (
-        ("data", prepare_data, base / "data" / "stats.json"),
-        ("sft", train_sft, base / "sft" / "model" / "config.json"),
-        ("rm", train_reward_model, base / "rm" / "model" / "config.json"),
+    for stage, marker in (
+        ("prepare", base / "data" / "stats.json"),
+        ("sft", base / "sft" / "model" / "config.json"),
+        ("rm", base / "rm" / "model" / "config.json"),
     ):
         if marker.is_file():
-            print(f"[base] {name}: reusing {marker.parent}")
+            print(f"[base] {stage}: reusing {marker.parent}")
             continue
-        print(f"[base] {name}: building")
-        stage(config)
+        print(f"[base] {stage}: building")
+        run_stage(stage, config)
 
 
 def run_one(name: str, seed: int, base: Path, out: Path) -> dict:
     from rlhf_core.config import load_config
     from rlhf_core.io import atomic_write_json
-    from rlhf_core.trainers.eval import evaluate_win_rate
-    from rlhf_core.trainers.ppo import train_ppo
+    from rlhf_core.pipeline import run_stage
 
     run_dir = out / f"{name}_s{seed}"
     result_path = run_dir / "result.json"
@@ -92,9 +89,9 @@ def run_one(name: str, seed: int, base: Path, out: Path) -> dict:
     ]
     config = load_config(REPO / "params.yaml", overrides)
     started = time.time()
-    ppo = train_ppo(config).metrics
+    ppo = run_stage("ppo", config).metrics
     ppo_seconds = time.time() - started
-    evaluation = evaluate_win_rate(config).metrics
+    evaluation = run_stage("eval", config).metrics
     result = {
         "config": name,
         "seed": seed,

@@ -12,7 +12,7 @@
    tokens, micro-batch ``ppo.micro_batch_size``) timed; achieved FLOP/s = 6 x parameters x tokens (plus the
    attention matmuls) / time, against this machine's measured fp32 matmul peak (a 2048 x 2048 matmul).
 3. Response-only logits: PPO needs the policy's and reference's logits at the response positions only. The
-   trainer's forward (``trainers.ppo._response_logits``, ``logits_to_keep``) runs the LM head there; timed
+   trainer's forward (``models.causal_lm.response_logits``, ``logits_to_keep``) runs the LM head there; timed
    against the whole-sequence forward sliced afterwards, alternating, for the rollout's no-grad scoring forward
    and for a PPO policy-loss forward + backward, with the size of the logits each produces; checks the two give
    the same logits.
@@ -194,7 +194,7 @@ def bench_generate_logits(model, tokenizer, query_ids, query_mask, sampling, max
 
     from rlhf_core.algos.ppo import logprobs_from_logits
     from rlhf_core.data.tokenize import eos_response_mask
-    from rlhf_core.trainers.ppo import _response_logits
+    from rlhf_core.models.causal_lm import response_logits
 
     with torch.no_grad():
         torch.manual_seed(0)
@@ -208,7 +208,7 @@ def bench_generate_logits(model, tokenizer, query_ids, query_mask, sampling, max
         from_generate = logprobs_from_logits(torch.stack(out.logits, 1).float(), responses, sampling.temperature)
         ids = torch.cat([query_ids, responses], 1)
         mask = torch.cat([query_mask, response_mask], 1)
-        logits = _response_logits(model, ids, mask, query_ids.shape[1], responses.shape[1])
+        logits = response_logits(model, ids, mask, query_ids.shape[1], responses.shape[1])
         from_forward = logprobs_from_logits(logits, responses, sampling.temperature)
     gap = (from_generate - from_forward).abs()[response_mask.bool()]
     return {"response_tokens": int(gap.numel()), "max_abs_diff": float(gap.max()), "mean_abs_diff": float(gap.mean())}
@@ -264,7 +264,7 @@ def bench_response_logits(model, tokenizer, query_ids, query_mask, responses, sa
 
     from rlhf_core.algos.ppo import logprobs_from_logits
     from rlhf_core.data.tokenize import eos_response_mask, position_ids
-    from rlhf_core.trainers.ppo import _response_logits
+    from rlhf_core.models.causal_lm import response_logits
 
     response_mask = eos_response_mask(responses, tokenizer.eos_token_id)
     ids = torch.cat([query_ids, responses], dim=1)
@@ -276,7 +276,7 @@ def bench_response_logits(model, tokenizer, query_ids, query_mask, responses, sa
         return logits[:, qw - 1 : qw - 1 + width].float()
 
     def response_only(sl):
-        return _response_logits(model, ids[sl], mask[sl], qw, width)
+        return response_logits(model, ids[sl], mask[sl], qw, width)
 
     def scoring(forward):
         with torch.no_grad():
@@ -343,20 +343,22 @@ def main() -> None:
 
     peak = matmul_peak()
     generation = bench_generation(
-        model, tokenizer, query_ids, query_mask, config.ppo, config.data.max_response_tokens, args.repeats
+        model, tokenizer, query_ids, query_mask, config.ppo.sampling, config.data.max_response_tokens, args.repeats
     )
     # One rollout (seed 0, before any weight changes) for the training and logits benchmarks.
     with torch.no_grad():
         torch.manual_seed(0)
-        responses = sample(model, tokenizer, query_ids, query_mask, config.ppo, config.data.max_response_tokens)
+        responses = sample(
+            model, tokenizer, query_ids, query_mask, config.ppo.sampling, config.data.max_response_tokens
+        )
     training = bench_training(model, tokenizer, query_ids, query_mask, responses, config, args.repeats)
     training["share_of_peak"] = training["achieved_flops_per_second"] / peak
     generate_logits = bench_generate_logits(
-        model, tokenizer, query_ids, query_mask, config.ppo, config.data.max_response_tokens
+        model, tokenizer, query_ids, query_mask, config.ppo.sampling, config.data.max_response_tokens
     )
     token_draw = bench_token_draw(query_ids.shape[0], model.config.vocab_size)
     response_logits = bench_response_logits(
-        model, tokenizer, query_ids, query_mask, responses, config.ppo, config, max(args.repeats, 10)
+        model, tokenizer, query_ids, query_mask, responses, config.ppo.sampling, config, max(args.repeats, 10)
     )
     results = {
         "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),

@@ -230,7 +230,7 @@ def worker(args) -> None:
     )
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
-    engine = distributed.make_engine(model, optim, args.steps, ctx, dist_cfg)
+    engine = distributed.make_engine(model, optim, args.steps, ctx, dist_cfg, args.micro_batch, accumulation)
     census = Census(engine)
     snapshots: dict[str, dict[str, int]] = {}
     census_step = min(1, args.steps - 1)  # the second step: Adam's state exists, buffers are warm

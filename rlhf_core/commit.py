@@ -47,6 +47,15 @@ def commit(out: Path, manifest: dict) -> None:
     _roll_forward(Path(out))
 
 
+def abandon(out: Path) -> None:
+    """Drop the staging directory of a stage that failed (an exception, not a kill), and ``out`` itself when that
+    leaves it empty: the previous outputs stay as they were."""
+    out = Path(out)
+    shutil.rmtree(out / STAGING, ignore_errors=True)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
 def recover(out: Path) -> None:
     """Bring ``out`` back to complete outputs after a process died in it (see the module docstring)."""
     out = Path(out)

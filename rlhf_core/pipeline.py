@@ -111,7 +111,12 @@ def run_stage(
         staging = commit.start(out) if is_main else out / commit.STAGING
         distributed.barrier()
         started = time.time()
-        result = STAGES[stage](config, staging, logger)
+        try:
+            result = STAGES[stage](config, staging, logger)
+        except BaseException:
+            if is_main:
+                commit.abandon(out)
+            raise
         artifacts = {name: str(out / path) for name, path in result.artifacts.items()}
         if logger.run_id:
             artifacts["mlflow_run_id"] = logger.run_id

@@ -59,10 +59,10 @@ TINY = [
     "ppo.micro_batch_size=2",
     "ppo.forward_batch_size=8",
     "ppo.critic_warmup_steps=1",
-    "ppo.policy_lr=1e-4",
-    "ppo.critic_lr=1e-4",
-    "ppo.checkpoint_every=2",
-    "ppo.sample_every=2",
+    "ppo.policy_optim.lr=1e-4",
+    "ppo.critic_optim.lr=1e-4",
+    "ppo.checkpoint.every=2",
+    "ppo.monitor.sample_every=2",
 ]
 
 
@@ -84,11 +84,11 @@ def tiny_config(tmp_path):
 def prepared_tiny(tmp_path_factory):
     """Data prepared once for the tiny configuration: (root, config)."""
     from rlhf_core.config import load_config
-    from rlhf_core.data.prepare import prepare_data
+    from rlhf_core.pipeline import run_stage
 
     root = tmp_path_factory.mktemp("prepared")
     config = load_config(None, tiny_overrides(root))
-    prepare_data(config)
+    run_stage("prepare", config)
     return root, config
 
 
@@ -135,12 +135,12 @@ def trained_tiny_rm(prepared_tiny, tmp_path_factory):
     """The tiny simulated data, an (untrained) SFT policy and a reward model trained on them: (root, config)."""
     from rlhf_core.config import load_config
     from rlhf_core.models.tokenizer import load_tokenizer
-    from rlhf_core.trainers.rm import train_reward_model
+    from rlhf_core.pipeline import run_stage
 
     root, config = prepared_tiny
     out = tmp_path_factory.mktemp("rm_stage")
     tokenizer = load_tokenizer(root / "data" / "tokenizer")
     policy_dir(config, tokenizer, out / "sft" / "model")
     config = load_config(None, [*tiny_overrides(root), *(f"paths.{p}={out / p}" for p in ("sft", "rm", "rm_eval"))])
-    train_reward_model(config)
+    run_stage("rm", config)
     return out, config

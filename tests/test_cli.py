@@ -42,8 +42,16 @@ def test_bad_data_names_file_and_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_help_lists_the_stages():
-    proc = _rlhf("--help")
-    assert proc.returncode == 0
-    for command in ("prepare", "sft", "run"):
-        assert command in proc.stdout
+def test_help_lists_the_stages_and_the_pipeline():
+    """`rlhf` (flows.cli, the console script) has every stage and `run`; `python -m rlhf_core.cli`, what torchrun and
+    DVC-style stage calls use, has the stages without importing flows."""
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"rlhf": "flows.cli:main"}
+    full = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], cwd=REPO, capture_output=True, text=True)
+    stages = _rlhf("--help")
+    assert full.returncode == 0 and stages.returncode == 0
+    commands = ("prepare", "sft", "rm", "rm-eval", "ppo", "eval")
+    assert all(f"│ {c} " in full.stdout and f"│ {c} " in stages.stdout for c in commands)
+    assert "│ run " in full.stdout and "│ run " not in stages.stdout

@@ -104,20 +104,58 @@ def test_steps_for_exact_batches_and_clear_error():
 
 
 def test_presets_set_the_switches_and_explicit_params_win():
-    from rlhf_core.config import PRESETS, load_config
+    from rlhf_core.config import PRESETS, Tricks, TricksConfig, load_config
 
     vanilla = load_config(None, ["ppo.preset=vanilla"]).ppo.resolved_tricks()
-    assert vanilla["policy_loss_clip"] is True
+    assert isinstance(vanilla, Tricks) and vanilla.policy_loss_clip is True
     assert not any(
-        v for k, v in vanilla.items() if k not in ("policy_loss_clip", "kl_estimator", "kl_controller", "kl_coef")
-    )
+        v for k, v in vanilla.model_dump().items()
+        if k not in ("policy_loss_clip", "kl_estimator", "kl_controller", "kl_coef")
+    )  # fmt: skip
     moss = load_config(None, ["ppo.preset=moss_released"]).ppo.resolved_tricks()
-    assert moss["reward_scaling"] and moss["value_loss_clip"] and moss["kl_coef"] == 0.01
-    assert not moss["reward_norm"] and not moss["critic_warmup"] and not moss["ptx"]
+    assert moss.reward_scaling and moss.value_loss_clip and moss.kl_coef == 0.01
+    assert not moss.reward_norm and not moss.critic_warmup and not moss.ptx
     default = Config().ppo.resolved_tricks()
-    assert default == PRESETS["ppo_max"] and default["kl_coef"] == 0.05
+    assert default == PRESETS["ppo_max"] and default.kl_coef == 0.05
     custom = load_config(None, ["ppo.tricks.ptx=false", "ppo.kl_coef=0.1", "ppo.tricks.kl_estimator=k3"]).ppo
     resolved = custom.resolved_tricks()
-    assert resolved == {**PRESETS["ppo_max"], "ptx": False, "kl_coef": 0.1, "kl_estimator": "k3"}
-    assert set(PRESETS["vanilla"]) == set(PRESETS["ppo_max"]) == set(PRESETS["moss_released"])
-    assert set(PRESETS["ppo_max"]) - {"kl_coef"} == set(Config().ppo.tricks.model_dump())
+    assert resolved == PRESETS["ppo_max"].model_copy(update={"ptx": False, "kl_coef": 0.1, "kl_estimator": "k3"})
+    # ppo.tricks.* overrides every switch but the coefficient, which lives at ppo.kl_coef.
+    assert set(TricksConfig.model_fields) == set(Tricks.model_fields) - {"kl_coef"}
+    with pytest.raises(Exception, match="frozen"):
+        resolved.ptx = True
+
+
+def test_old_flat_ppo_keys_name_their_new_place():
+    from rlhf_core.config import MOVED_KEYS, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["ppo.policy_lr=1e-4", "ppo.temperature=0.7", "eval.top_p=0.5", "ppo.checkpoint_every=5"])
+    lines = str(info.value).splitlines()
+    assert "'ppo.policy_lr' has moved: set ppo.policy_optim.lr instead" in lines[0]
+    assert any("'ppo.temperature' has moved: set ppo.sampling.temperature instead" in line for line in lines)
+    assert any("'eval.top_p' has moved: set eval.sampling.top_p instead" in line for line in lines)
+    assert any("set ppo.checkpoint.every instead" in line for line in lines)
+    defaults = Config().model_dump()
+    for new in MOVED_KEYS.values():  # every place an error points to is a real key
+        for target in new.split(" (")[0].split(" and "):
+            node = defaults
+            for part in target.split("."):
+                node = node[part]
+
+
+def test_ppo_sizes_are_derived_once_by_exact_division():
+    from rlhf_core.config import load_config, ppo_sizes
+
+    ppo = load_config(None, ["ppo.rollout_size=64", "ppo.minibatch_size=32", "ppo.micro_batch_size=8"]).ppo
+    sizes = ppo_sizes(ppo, world_size=2)
+    assert (sizes.local_rollout, sizes.minibatches, sizes.local_minibatch, sizes.accumulation) == (32, 2, 16, 2)
+    assert sizes.updates_per_iteration == 2 and sizes.warmup_iterations == 5
+    assert (sizes.policy_updates, sizes.critic_updates) == ((150 - 5) * 2, 150 * 2)
+    with pytest.raises(ConfigError, match="split evenly over 8 process"):
+        ppo_sizes(ppo, world_size=8)  # 32 / 8 = 4 per process is not a multiple of 8
+    with pytest.raises(ConfigError, match="multiple of ppo.minibatch_size=24"):
+        load_config(None, ["ppo.minibatch_size=24"])  # caught when the file is read, before any stage runs
+    with pytest.raises(ConfigError, match="leaves no policy update"):
+        load_config(None, ["ppo.steps=5"])  # ppo_max warms the critic up for 5 iterations
+    assert load_config(None, ["ppo.steps=5", "ppo.tricks.critic_warmup=false"]).ppo.steps == 5

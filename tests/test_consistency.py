@@ -89,3 +89,32 @@ def test_stage_params_match_dvc_and_upstream_covers_every_stage():
     assert list(UPSTREAM) == list(STAGES)
     for stage, upstream in UPSTREAM.items():
         assert all(list(STAGES).index(u) < list(STAGES).index(stage) for u in upstream)
+
+
+def _project_imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth of the file (function-level imports included)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_imports_run_down_the_layers():
+    """DESIGN.md's direction: flows -> tasks -> rlhf_core (pipeline, cli) -> trainers -> models, data, ... -> algos.
+    rlhf_core imports nothing of flows or tasks; nothing below the stages imports a stage; data stays below models."""
+    below_trainers = [p for p in (REPO / "rlhf_core").rglob("*.py") if p.parent.name != "trainers"
+                      and "trainers" not in p.parts and p.name not in ("pipeline.py", "cli.py")]  # fmt: skip
+    for path in (REPO / "rlhf_core").rglob("*.py"):
+        imported = _project_imports(path)
+        where = path.relative_to(REPO)
+        assert not {m for m in imported if m.split(".")[0] in ("flows", "tasks")}, f"{where} imports flows/tasks"
+        if path in below_trainers:
+            up = {m for m in imported if m.startswith(("rlhf_core.trainers", "rlhf_core.pipeline", "rlhf_core.cli"))}
+            assert not up, f"{where} imports {up}, a layer above it"
+        if "data" in path.relative_to(REPO / "rlhf_core").parts[:1]:
+            assert not {m for m in imported if m.startswith("rlhf_core.models")}, f"{where} imports models/"

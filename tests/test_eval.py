@@ -45,8 +45,7 @@ def test_bootstrap_intervals_bracket_the_estimate_and_are_reproducible():
 @pytest.fixture(scope="module")
 def tiny_eval(trained_tiny_rm, prepared_tiny, tmp_path_factory):
     from rlhf_core.config import load_config
-    from rlhf_core.trainers.eval import evaluate_win_rate
-    from rlhf_core.trainers.ppo import train_ppo
+    from rlhf_core.pipeline import run_stage
     from tests.conftest import tiny_overrides
 
     out, _ = trained_tiny_rm
@@ -63,8 +62,8 @@ def tiny_eval(trained_tiny_rm, prepared_tiny, tmp_path_factory):
             "eval.num_examples=5",
         ],
     )
-    train_ppo(config)
-    return root, config, evaluate_win_rate(config)
+    run_stage("ppo", config)
+    return root, config, run_stage("eval", config)
 
 
 def test_eval_outputs_are_consistent_with_the_pairs(tiny_eval):
@@ -105,7 +104,7 @@ def test_eval_outputs_are_consistent_with_the_pairs(tiny_eval):
 def test_eval_without_a_ppo_policy_says_what_to_run(trained_tiny_rm, prepared_tiny, tmp_path):
     from rlhf_core.config import load_config
     from rlhf_core.errors import DataError
-    from rlhf_core.trainers.eval import evaluate_win_rate
+    from rlhf_core.pipeline import run_stage
     from tests.conftest import tiny_overrides
 
     out, _ = trained_tiny_rm
@@ -115,4 +114,4 @@ def test_eval_without_a_ppo_policy_says_what_to_run(trained_tiny_rm, prepared_ti
          f"paths.ppo={tmp_path / 'ppo'}"],
     )  # fmt: skip
     with pytest.raises(DataError, match="run `rlhf ppo` first"):
-        evaluate_win_rate(config)
+        run_stage("eval", config)

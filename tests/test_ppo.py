@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from rlhf_core.config import load_config
-from rlhf_core.trainers.ppo import train_ppo
+from rlhf_core.pipeline import run_stage
 from tests.conftest import tiny_overrides
 
 
@@ -21,12 +22,12 @@ def _config(stack, prepared_root, tmp_path, *extra):
 @pytest.mark.parametrize("preset", ["ppo_max", "vanilla", "moss_released"])
 def test_ppo_smoke_every_preset(trained_tiny_rm, prepared_tiny, tmp_path, preset):
     config = _config(trained_tiny_rm, prepared_tiny[0], tmp_path, f"ppo.preset={preset}")
-    result = train_ppo(config)
+    result = run_stage("ppo", config)
     assert len(result.history) == config.ppo.steps
     for record in result.history:
         for key, value in record.items():
             assert math.isfinite(value), (key, value)
-    assert (result.model_dir / "model.safetensors").is_file()
+    assert (Path(result.artifacts["model"]) / "model.safetensors").is_file()
     tricks = json.loads((tmp_path / "ppo" / "tricks.json").read_text())
     assert tricks["preset"] == preset
     print(result.metrics)
@@ -36,7 +37,7 @@ def test_outputs_metrics_samples_and_resolved_tricks(trained_tiny_rm, prepared_t
     import csv
 
     config = _config(trained_tiny_rm, prepared_tiny[0], tmp_path, "ppo.tricks.reward_clip=false", "ppo.kl_coef=0.2")
-    result = train_ppo(config)
+    result = run_stage("ppo", config)
     out = tmp_path / "ppo"
     tricks = json.loads((out / "tricks.json").read_text())
     assert tricks["reward_clip"] is False and tricks["kl_coef"] == 0.2  # explicit params beat the preset
@@ -69,7 +70,7 @@ def test_outputs_metrics_samples_and_resolved_tricks(trained_tiny_rm, prepared_t
 
     from rlhf_core.models.causal_lm import load_causal_lm
 
-    trained = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    trained = AutoModelForCausalLM.from_pretrained(Path(result.artifacts["model"]))
     sft = load_causal_lm(trained_tiny_rm[0] / "sft" / "model")
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, sft.state_dict()[k])]
     assert changed, "the policy must have moved"
@@ -88,9 +89,9 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(trained_tiny_rm, prepar
         return loss * torch.tensor(float("nan")), stats
 
     monkeypatch.setattr(algo, "policy_loss", nan_policy_loss)
-    config = _config(trained_tiny_rm, prepared_tiny[0], tmp_path, "ppo.steps=6", "ppo.max_bad_steps=3")
+    config = _config(trained_tiny_rm, prepared_tiny[0], tmp_path, "ppo.steps=6", "ppo.monitor.max_bad_steps=3")
     with pytest.raises(RLHFError, match=r"3 non-finite updates in a row at iteration 3.*step-000002"):
-        train_ppo(config)
+        run_stage("ppo", config)
     assert not (tmp_path / "ppo" / "model").exists()
 
 
@@ -98,9 +99,9 @@ def test_bad_ppo_batch_sizes_and_warmup_are_config_errors(trained_tiny_rm, prepa
     from rlhf_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="multiple of ppo.minibatch_size"):
-        train_ppo(_config(trained_tiny_rm, prepared_tiny[0], tmp_path, "ppo.minibatch_size=3"))
+        run_stage("ppo", _config(trained_tiny_rm, prepared_tiny[0], tmp_path, "ppo.minibatch_size=3"))
     with pytest.raises(ConfigError, match="leaves no policy update"):
-        train_ppo(_config(trained_tiny_rm, prepared_tiny[0], tmp_path, "ppo.critic_warmup_steps=4"))
+        run_stage("ppo", _config(trained_tiny_rm, prepared_tiny[0], tmp_path, "ppo.critic_warmup_steps=4"))
 
 
 def test_ppo_without_reward_model_says_what_to_run(prepared_tiny, tmp_path):
@@ -111,7 +112,7 @@ def test_ppo_without_reward_model_says_what_to_run(prepared_tiny, tmp_path):
 
     shutil.copytree(prepared_tiny[0] / "data", tmp_path / "data")
     with pytest.raises(DataError, match="run `rlhf sft` first"):
-        train_ppo(config)
+        run_stage("ppo", config)
 
 
 @pytest.mark.slow
@@ -163,15 +164,16 @@ def test_sigkilled_run_resumes_to_the_same_final_metrics(trained_tiny_rm, prepar
 def test_deepspeed_zero2_ppo_matches_plain_torch(trained_tiny_rm, prepared_tiny, tmp_path):
     from rlhf_core import distributed
 
-    plain = train_ppo(_config(trained_tiny_rm, prepared_tiny[0], tmp_path / "torch"))
-    zero2 = train_ppo(
+    plain = run_stage("ppo", _config(trained_tiny_rm, prepared_tiny[0], tmp_path / "torch"))
+    zero2 = run_stage(
+        "ppo",
         _config(
             trained_tiny_rm,
             prepared_tiny[0],
             tmp_path / "ds",
             "distributed.engine=deepspeed",
             "distributed.zero_stage=2",
-        )
+        ),
     )
     distributed.shutdown()
     for key in ("objective/kl", "objective/scores", "loss/value", "rollout/response_length"):
@@ -192,9 +194,9 @@ def test_collapse_monitor_warns_tags_and_stops_keeping_the_last_healthy_checkpoi
         trained_tiny_rm,
         prepared_tiny[0],
         tmp_path,
-        "ppo.collapse_kl=1e-9",
-        "ppo.stop_on_collapse=true",
-        "ppo.checkpoint_every=1",
+        "ppo.monitor.collapse_kl=1e-9",
+        "ppo.monitor.stop_on_collapse=true",
+        "ppo.checkpoint.every=1",
         "ppo.critic_warmup_steps=1",
     )
 
@@ -209,13 +211,15 @@ def test_collapse_monitor_warns_tags_and_stops_keeping_the_last_healthy_checkpoi
             self.tags.update(tags)
 
     logger = Tags()
-    result = train_ppo(config, logger)
+    from rlhf_core.trainers.ppo import train_ppo
+
+    result = train_ppo(config, tmp_path / "ppo", logger)
     assert result.metrics["ppo/stopped_early"] == 1
     assert len(result.history) < config.ppo.steps
     assert result.history[-1]["monitor/collapse_warnings"] == 1
     assert "KL" in logger.tags["collapse_warning"]
     assert [r["step"] for r in result.history] == [1, 2, 3]
-    kept = AutoModelForCausalLM.from_pretrained(result.model_dir).state_dict()
+    kept = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo" / "model").state_dict()
     healthy = torch.load(tmp_path / "ppo" / "checkpoints" / "step-000002" / "policy" / "engine.pt", weights_only=False)
     assert all(torch.equal(kept[k], v) for k, v in healthy["module"].items() if k in kept)
     moved = torch.load(tmp_path / "ppo" / "checkpoints" / "step-000001" / "policy" / "engine.pt", weights_only=False)
@@ -229,7 +233,7 @@ def test_response_logits_are_the_full_forwards_response_slice():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rlhf_core.data.tokenize import position_ids
-    from rlhf_core.trainers.ppo import _response_logits
+    from rlhf_core.models.causal_lm import response_logits
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -243,7 +247,7 @@ def test_response_logits_are_the_full_forwards_response_slice():
     ids, mask = torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1)
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-        got = _response_logits(model, ids, mask, query_width=5, width=4)
+        got = response_logits(model, ids, mask, query_width=5, width=4)
     assert got.shape == (2, 4, 96)
     torch.testing.assert_close(got, full[:, 4:8], rtol=1e-6, atol=1e-6)
     # Position q - 1 + t predicts response token t: the first response logit is the last query position's.

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ZERO3 = ["distributed.engine=deepspeed", "distributed.zero_stage=3", "distributed.zero3_param_persistence_threshold=0"]
-SHORT = ["data.max_response_tokens=16", "ppo.checkpoint_every=1"]
+SHORT = ["data.max_response_tokens=16", "ppo.checkpoint.every=1"]
 # Measured, single-process ZeRO-3 vs the torch loop over 3 iterations (summation order differs in ZeRO's flat
 # partitions): metrics of order 0.1-1 agree within 1e-7 relative (gradient norm 2.4e-6), near-zero ones within
 # 1.8e-7 absolute (KL ~3e-3, policy loss ~4e-5); final weights within 3.7e-7, 0.1% of the 4e-4 the two policy
@@ -55,14 +55,14 @@ def test_single_process_zero3_ppo_matches_plain_torch_and_resumes(trained_tiny_r
     """ZeRO-3 PPO follows the plain torch loop. The ZeRO-3 run is split: 2 iterations (checkpoint at 1), then a run
     of 3 resumes from that checkpoint; it must redo iteration 2 exactly and end where a straight torch run ends."""
     from rlhf_core import distributed
-    from rlhf_core.trainers.ppo import train_ppo
+    from rlhf_core.pipeline import run_stage
 
     root = prepared_tiny[0]
-    plain = train_ppo(_config(trained_tiny_rm, root, tmp_path / "torch", "ppo.steps=3"))
-    first = train_ppo(_config(trained_tiny_rm, root, tmp_path / "ds", *ZERO3, "ppo.steps=2"))
+    plain = run_stage("ppo", _config(trained_tiny_rm, root, tmp_path / "torch", "ppo.steps=3"))
+    first = run_stage("ppo", _config(trained_tiny_rm, root, tmp_path / "ds", *ZERO3, "ppo.steps=2"))
     shards = list((tmp_path / "ds" / "checkpoints" / "step-000001" / "policy" / "engine").glob("zero_pp_rank_0_*"))
     assert shards, "a ZeRO-3 checkpoint holds per-rank partitions"
-    resumed = train_ppo(_config(trained_tiny_rm, root, tmp_path / "ds", *ZERO3, "ppo.steps=3"))
+    resumed = run_stage("ppo", _config(trained_tiny_rm, root, tmp_path / "ds", *ZERO3, "ppo.steps=3"))
     distributed.shutdown()
 
     assert _without_times(resumed.history[1]) == _without_times(first.history[1]), "resume redoes iteration 2"
@@ -74,7 +74,7 @@ def test_single_process_zero3_ppo_matches_plain_torch_and_resumes(trained_tiny_r
 
     import torch
 
-    want, got = _state(plain.model_dir), _state(resumed.model_dir)
+    want, got = _state(Path(plain.artifacts["model"])), _state(Path(resumed.artifacts["model"]))
     sft = _state(trained_tiny_rm[0] / "sft" / "model")
     assert got.keys() == want.keys()
     worst = max(float((got[k] - want[k]).abs().max()) for k in want)

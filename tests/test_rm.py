@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +17,8 @@ from rlhf_core.errors import ConfigError, DataError
 from rlhf_core.io import atomic_write_jsonl
 from rlhf_core.models.reward import reward_model_for_training, reward_scores, save_reward_model
 from rlhf_core.models.tokenizer import load_tokenizer
-from rlhf_core.trainers.rm import collate_pairs, encode_pairs, mismatched_pairs, train_reward_model
-from rlhf_core.trainers.rm_eval import evaluate_reward_model
+from rlhf_core.pipeline import run_stage
+from rlhf_core.trainers.rm import collate_pairs, encode_pairs, mismatched_pairs
 from tests.conftest import policy_dir as _policy_dir
 from tests.conftest import run_torchrun, tiny_overrides
 
@@ -112,7 +113,7 @@ def test_rm_smoke_loss_falls_accuracy_rises_weights_change(prepared_tiny, tmp_pa
             "rm.best_metric=accuracy",
         ],
     )
-    result = train_reward_model(config)
+    result = run_stage("rm", config)
 
     losses = [r["rm/loss"] for r in result.history]
     assert len(losses) == 24 and all(math.isfinite(x) for x in losses)
@@ -123,7 +124,7 @@ def test_rm_smoke_loss_falls_accuracy_rises_weights_change(prepared_tiny, tmp_pa
     assert result.metrics["rm/val_accuracy"] == 1.0 and result.metrics["rm/val_pairs"] == 16
 
     initial = reward_model_for_training(tmp_path / "sft" / "model", tokenizer.pad_token_id, False).reward_model
-    trained = AutoModelForSequenceClassification.from_pretrained(result.model_dir, num_labels=1)
+    trained = AutoModelForSequenceClassification.from_pretrained(Path(result.artifacts["model"]), num_labels=1)
     start = initial.state_dict()
     assert all(not torch.equal(v, start[k]) for k, v in trained.state_dict().items() if k != "score.weight")
 
@@ -133,7 +134,7 @@ def test_rm_smoke_loss_falls_accuracy_rises_weights_change(prepared_tiny, tmp_pa
     assert best["rm/val_accuracy"] == max(c["rm/val_accuracy"] for c in checkpoints)
     assert result.metrics["rm/best_step"] == best["step"]
 
-    stats = json.loads((result.model_dir / "reward_stats.json").read_text())
+    stats = json.loads((Path(result.artifacts["model"]) / "reward_stats.json").read_text())
     assert stats["count"] == 8 and math.isfinite(stats["mean"]) and stats["std"] >= 0
     assert result.metrics["rm/reward_mean"] == stats["mean"]
     with open(tmp_path / "rm" / "plots" / "train.csv") as handle:
@@ -143,7 +144,7 @@ def test_rm_smoke_loss_falls_accuracy_rises_weights_change(prepared_tiny, tmp_pa
 
 def test_rm_eval_outputs_are_mutually_consistent(trained_tiny_rm, prepared_tiny):
     out, config = trained_tiny_rm
-    result = evaluate_reward_model(config)
+    result = run_stage("rm-eval", config)
     metrics = result.metrics
     assert json.loads((out / "rm_eval" / "metrics.json").read_text()) == metrics
 
@@ -199,13 +200,13 @@ def test_bad_pairs_stop_the_stage_naming_file_and_line(prepared_tiny, tmp_path, 
     path.write_text(path.read_text() + json.dumps(row) + "\n")
     config = load_config(None, tiny_overrides(tmp_path))
     with pytest.raises(DataError, match=rf"rm_train.jsonl:5: {reason}"):
-        train_reward_model(config)
+        run_stage("rm", config)
     assert not (tmp_path / "rm").exists()
 
 
 def test_rm_eval_without_a_trained_model_says_what_to_run(tiny_config):
     with pytest.raises(DataError, match="run `rlhf rm` first"):
-        evaluate_reward_model(tiny_config)
+        run_stage("rm-eval", tiny_config)
 
 
 def test_deepspeed_zero3_rm_matches_plain_torch(trained_tiny_rm, prepared_tiny, tmp_path):
@@ -219,11 +220,12 @@ def test_deepspeed_zero3_rm_matches_plain_torch(trained_tiny_rm, prepared_tiny, 
         "rm.max_steps=3",
         "rm.reward_stats_prompts=2",
     ]
-    plain = train_reward_model(load_config(None, [*base, f"paths.rm={tmp_path / 'torch'}"]))
-    zero3 = train_reward_model(
+    plain = run_stage("rm", load_config(None, [*base, f"paths.rm={tmp_path / 'torch'}"]))
+    zero3 = run_stage(
+        "rm",
         load_config(
             None, [*base, f"paths.rm={tmp_path / 'ds'}", "distributed.engine=deepspeed", "distributed.zero_stage=3"]
-        )
+        ),
     )
     distributed.shutdown()
     for key in ("rm/loss", "rm/lm_loss"):
@@ -236,9 +238,7 @@ def test_two_process_zero2_rm_reproduces_single_process(trained_tiny_rm, prepare
     term's global token normalisation give the same steps, validation and reward statistics (1e-4 relative)."""
     out, _ = trained_tiny_rm
     common = [*tiny_overrides(prepared_tiny[0]), f"paths.sft={out / 'sft'}", "rm.max_steps=4", "rm.eval_every=2"]
-    train_reward_model(
-        load_config(None, [*common, f"paths.rm={tmp_path / 'single'}", "rm.gradient_accumulation_steps=2"])
-    )
+    run_stage("rm", load_config(None, [*common, f"paths.rm={tmp_path / 'single'}", "rm.gradient_accumulation_steps=2"]))
     run_torchrun(
         "rm",
         [*common, f"paths.rm={tmp_path / 'double'}", "distributed.engine=deepspeed", "distributed.zero_stage=2"],

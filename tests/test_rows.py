@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from rlhf_core.config import DataConfig, load_config
-from rlhf_core.data.prepare import prepare_data
 from rlhf_core.data.rows import SPLIT_KINDS, BadRow, BadRowLog, load_split, read_rows, validate_row
 from rlhf_core.data.sources import SPLITS, partition, read_hh_rlhf, split_transcript
 from rlhf_core.errors import DataError
+from rlhf_core.pipeline import run_stage
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # 15 lines: 12 pairs, transcripts whose histories differ on lines 6 and 10, line 8 blank
@@ -458,6 +458,11 @@ def jsonl_config(tmp_path, sft=SFT_ROWS, rm=RM_ROWS, ppo=PPO_ROWS, sizes=SIZES, 
     return load_config(None, overrides), files
 
 
+def _prepared_stats(config) -> dict:
+    run_stage("prepare", config)
+    return json.loads((Path(config.paths.data) / "stats.json").read_text())
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
@@ -466,9 +471,10 @@ def test_prepare_jsonl_end_to_end(tmp_path):
     from rlhf_core.models.tokenizer import load_tokenizer
 
     config, _ = jsonl_config(tmp_path)
-    result = prepare_data(config)
+    result = run_stage("prepare", config)
     data = tmp_path / "data"
-    assert result.data_dir == data
+    assert result.artifacts == {"splits": str(data / "splits"), "tokenizer": str(data / "tokenizer"),
+                                "stats": str(data / "stats.json")}  # fmt: skip
     assert sorted(p.name for p in (data / "splits").iterdir()) == sorted(f"{s}.jsonl" for s in SPLITS)
     assert (data / "tokenizer" / "tokenizer.json").is_file()
     assert (data / "stats.json").is_file() and (data / "config.yaml").is_file()
@@ -491,7 +497,7 @@ def test_prepare_jsonl_end_to_end(tmp_path):
         assert not _prompts(written[a]) & _prompts(written[b])
 
     stats = json.loads((data / "stats.json").read_text())
-    assert stats == json.loads(json.dumps(result.stats))
+    assert {f"data/counts.{k}": v for k, v in stats["counts"].items()}.items() <= result.metrics.items()
     assert stats["source"] == "jsonl"
     assert stats["counts"] == SIZES
     assert stats["categories"] == {"sft_train": {"math": 4}, "sft_val": {"math": 2}}
@@ -512,7 +518,7 @@ def test_prepare_jsonl_end_to_end(tmp_path):
 def test_prepare_jsonl_reports_prompts_shared_between_files(tmp_path):
     ppo = [*PPO_ROWS[:5], {"prompt": SFT_ROWS[0]["prompt"]}]
     config, _ = jsonl_config(tmp_path, ppo=ppo)
-    stats = prepare_data(config).stats
+    stats = _prepared_stats(config)
     overlap = stats["cross_split_prompt_overlap"]
     assert sum(overlap.values()) == 1
     (key,) = overlap
@@ -523,7 +529,7 @@ def test_prepare_jsonl_reports_prompts_shared_between_files(tmp_path):
 def test_prepare_jsonl_scales_short_files(tmp_path):
     sizes = {**SIZES, "ppo": 8, "eval": 4}  # 6 prompt rows for 12 requested: scale 0.5
     config, _ = jsonl_config(tmp_path, sizes=sizes)
-    stats = prepare_data(config).stats
+    stats = _prepared_stats(config)
     assert stats["counts"] == {**SIZES, "ppo": 4, "eval": 2}
     assert stats["scaled_splits"] == {"prompt": {"requested": {"ppo": 8, "eval": 4}, "scale": 0.5}}
 
@@ -532,7 +538,7 @@ def test_prepare_empty_split_is_an_error_naming_it(tmp_path):
     # 2 prompt rows for ppo=3 + eval=1: scale 0.5 -> ppo floor(1.5) = 1, eval floor(0.5) = 0
     config, _ = jsonl_config(tmp_path, ppo=PPO_ROWS[:2], sizes={**SIZES, "ppo": 3, "eval": 1})
     with pytest.raises(DataError, match=r"split 'eval' is empty.*data\.splits\.eval"):
-        prepare_data(config)
+        run_stage("prepare", config)
     assert not (tmp_path / "data" / "splits").exists()  # nothing half-written
 
 
@@ -543,7 +549,7 @@ def test_prepare_empty_split_after_skipping_bad_rows(tmp_path):
     config, files = jsonl_config(tmp_path, sft=sft, rm=rm, extra=["data.on_bad_rows=skip"])
     # 1 usable sft row for 4 + 2 requested: floor(4/6) = 0 rows for sft_train
     with pytest.raises(DataError, match=r"split 'sft_train' is empty after reading and validation \(5 bad"):
-        prepare_data(config)
+        run_stage("prepare", config)
 
 
 def test_prepare_over_long_prompt_tokens_name_file_and_line(tmp_path):
@@ -552,7 +558,7 @@ def test_prepare_over_long_prompt_tokens_name_file_and_line(tmp_path):
     config, files = jsonl_config(tmp_path, sft=sft, extra=["data.max_prompt_tokens=48"])
     # short prompts: <= 21 + 20 characters formatted, so <= 42 tokens with BOS even byte by byte
     with pytest.raises(DataError) as info:
-        prepare_data(config)
+        run_stage("prepare", config)
     assert re.fullmatch(
         re.escape(f"{files['sft']}:4: over-long prompt: ")
         + r"(\d+) tokens > data\.max_prompt_tokens=48"
@@ -567,7 +573,7 @@ def test_prepare_over_long_response_tokens_name_file_and_line(tmp_path):
     rm[1] = {**rm[1], "rejected": " ".join(f"no{i}x" for i in range(40)) + "."}  # line 2
     config, files = jsonl_config(tmp_path, rm=rm, extra=["data.max_response_tokens=30"])
     with pytest.raises(DataError) as info:
-        prepare_data(config)
+        run_stage("prepare", config)
     assert re.fullmatch(
         re.escape(f"{files['rm']}:2: over-long rejected: ")
         + r"\d+ tokens \(with EOS\) > data\.max_response_tokens=30"
@@ -585,7 +591,7 @@ def test_prepare_over_long_tokens_are_skipped_and_counted(tmp_path):
         tmp_path, sft=sft, rm=rm,
         extra=["data.max_prompt_tokens=48", "data.max_response_tokens=30", "data.on_bad_rows=skip"],
     )  # fmt: skip
-    stats = prepare_data(config).stats
+    stats = _prepared_stats(config)
     assert stats["counts"]["sft_train"] + stats["counts"]["sft_val"] == 5
     assert stats["counts"]["rm_train"] + stats["counts"]["rm_test"] == 5
     assert stats["counts"]["ppo"] == 4 and stats["counts"]["eval"] == 2
@@ -609,8 +615,8 @@ def test_prepare_hh_rlhf_fixture(tmp_path):
         "data.source=hh_rlhf", f"data.path={HH_SMALL}", *[f"data.splits.{k}={v}" for k, v in sizes.items()],
         "model.vocab_size=300", "tracking.enabled=false", f"paths.data={tmp_path / 'data'}",
     ])  # fmt: skip
-    result = prepare_data(config)
-    stats = json.loads(result.stats_path.read_text())
+    result = run_stage("prepare", config)
+    stats = json.loads(Path(result.artifacts["stats"]).read_text())
     expected = {"sft_train": 3, "sft_val": 1, "rm_train": 3, "rm_test": 1, "ppo": 2, "eval": 2}
     assert stats["counts"] == expected
     assert stats["source"] == "hh_rlhf"
@@ -622,7 +628,7 @@ def test_prepare_hh_rlhf_fixture(tmp_path):
 
     pairs, _ = read_hh_rlhf(DataConfig(source="hh_rlhf", path=str(HH_SMALL)), BadRowLog("error"))
     by_prompt = {p["prompt"]: p for p in pairs}
-    written = {s: read_jsonl(result.splits_dir / f"{s}.jsonl") for s in SPLITS}
+    written = {s: read_jsonl(Path(result.artifacts["splits"]) / f"{s}.jsonl") for s in SPLITS}
     all_prompts = [r["prompt"] for rows in written.values() for r in rows]
     assert len(all_prompts) == len(set(all_prompts)) == 12  # every pair used once, splits disjoint
     assert set(all_prompts) == set(by_prompt)
@@ -637,5 +643,5 @@ def test_prepare_hh_rlhf_fixture(tmp_path):
                 assert row == {k: pair[k] for k in ("prompt", "chosen", "rejected")}
             else:
                 assert row == {"prompt": pair["prompt"]}
-    assert (result.tokenizer_dir / "tokenizer.json").is_file()
+    assert (Path(result.artifacts["tokenizer"]) / "tokenizer.json").is_file()
     assert load_config(tmp_path / "data" / "config.yaml") == config

@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from rlhf_core.config import load_config
-from rlhf_core.trainers.sft import train_sft
+from rlhf_core.pipeline import run_stage
 from tests.conftest import run_torchrun, tiny_overrides
 
 
@@ -29,7 +30,7 @@ def test_sft_smoke_loss_falls_weights_change_and_checkpoint_reloads(prepared_tin
     config = load_config(
         None, [*tiny_overrides(root), f"paths.sft={tmp_path / 'sft'}", "sft.max_steps=16", "sft.eval_every=8"]
     )
-    result = train_sft(config)
+    result = run_stage("sft", config)
 
     losses = [r["sft/loss"] for r in result.history]
     assert len(losses) == 16 and all(math.isfinite(x) for x in losses)
@@ -39,13 +40,13 @@ def test_sft_smoke_loss_falls_weights_change_and_checkpoint_reloads(prepared_tin
 
     tokenizer = load_tokenizer(root / "data" / "tokenizer")
     initial = build_tiny_llama(config.model, tokenizer)
-    loaded = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    loaded = AutoModelForCausalLM.from_pretrained(Path(result.artifacts["model"]))
     changed = [
         name for name, param in loaded.state_dict().items() if not torch.equal(param, initial.state_dict()[name])
     ]
     assert len(changed) == len(initial.state_dict()), "every tensor should have been trained"
-    assert (result.model_dir / "model.safetensors").is_file()
-    assert (result.model_dir / "tokenizer_config.json").is_file()
+    assert (Path(result.artifacts["model"]) / "model.safetensors").is_file()
+    assert (Path(result.artifacts["model"]) / "tokenizer_config.json").is_file()
     ids = torch.tensor([[tokenizer.bos_token_id, 5, 6, 7]])
     assert torch.isfinite(loaded(ids).logits).all()
 
@@ -59,7 +60,7 @@ def test_sft_smoke_loss_falls_weights_change_and_checkpoint_reloads(prepared_tin
     assert load_config(out / "config.yaml") == config
     assert _read_losses(out / "plots" / "train.csv") == pytest.approx(losses)
     assert (out / "plots" / "sft_curves.png").stat().st_size > 1000
-    assert not list(out.glob(".*.tmp")), "temporary files left behind"
+    assert not list(out.glob(".*")), "temporary files left behind"
 
 
 def test_sft_rejects_a_split_smaller_than_the_global_batch(prepared_tiny, tmp_path):
@@ -71,7 +72,7 @@ def test_sft_rejects_a_split_smaller_than_the_global_batch(prepared_tiny, tmp_pa
         [*tiny_overrides(root), f"paths.sft={tmp_path}", "sft.micro_batch_size=64", "sft.max_steps=null"],
     )
     with pytest.raises(ConfigError, match="global batch of 128"):
-        train_sft(config)
+        run_stage("sft", config)
     assert not (tmp_path / "model").exists()
 
 
@@ -83,7 +84,7 @@ def test_deepspeed_zero2_single_process_matches_plain_torch(prepared_tiny, tmp_p
 
     root, _ = prepared_tiny
     base = [*tiny_overrides(root), "sft.max_steps=4", "sft.num_sample_generations=0"]
-    torch_run = train_sft(load_config(None, [*base, f"paths.sft={tmp_path / 'torch'}"]))
+    torch_run = run_stage("sft", load_config(None, [*base, f"paths.sft={tmp_path / 'torch'}"]))
     deepspeed = distributed._import_deepspeed()
     engines = []
 
@@ -97,7 +98,7 @@ def test_deepspeed_zero2_single_process_matches_plain_torch(prepared_tiny, tmp_p
     ds_overrides = [f"paths.sft={tmp_path / 'ds'}", "distributed.engine=deepspeed", "distributed.zero_stage=2"]
     if bucket is not None:
         ds_overrides.append(f"distributed.reduce_bucket_size={bucket}")
-    ds_run = train_sft(load_config(None, [*base, *ds_overrides]))
+    ds_run = run_stage("sft", load_config(None, [*base, *ds_overrides]))
     distributed.shutdown()
     a = [r["sft/loss"] for r in torch_run.history]
     b = [r["sft/loss"] for r in ds_run.history]
@@ -115,7 +116,7 @@ def test_two_process_zero2_reproduces_single_process_loss_curve(prepared_tiny, t
     """
     root, _ = prepared_tiny
     common = [*tiny_overrides(root), "sft.max_steps=6", "sft.num_sample_generations=0"]
-    single = train_sft(load_config(None, [*common, f"paths.sft={tmp_path / 'single'}"]))
+    single = run_stage("sft", load_config(None, [*common, f"paths.sft={tmp_path / 'single'}"]))
 
     run_torchrun(
         "sft",
@@ -137,7 +138,6 @@ def test_two_process_zero2_reproduces_single_process_loss_curve(prepared_tiny, t
 
 def test_pretrained_model_directory_brings_its_own_tokenizer_and_weights(prepared_tiny, tmp_path):
     """model.name_or_path: prepare uses that model's tokenizer; SFT starts from its weights."""
-    from rlhf_core.data.prepare import prepare_data
     from rlhf_core.models.causal_lm import build_tiny_llama
     from rlhf_core.models.tokenizer import load_tokenizer
 
@@ -150,10 +150,13 @@ def test_pretrained_model_directory_brings_its_own_tokenizer_and_weights(prepare
 
     overrides = [*tiny_overrides(tmp_path), f"model.name_or_path={base}", "sft.max_steps=2"]
     config = load_config(None, overrides)
-    prepared = prepare_data(config)
-    assert prepared.stats["tokenizer"] == {"vocab_size": len(tokenizer), "trained": False}
-    scratch = train_sft(load_config(None, [*overrides[:-2], "sft.max_steps=2", f"paths.sft={tmp_path / 'scratch'}"]))
-    tuned = train_sft(config)
+    run_stage("prepare", config)
+    stats = json.loads((tmp_path / "data" / "stats.json").read_text())
+    assert stats["tokenizer"] == {"vocab_size": len(tokenizer), "trained": False}
+    scratch = run_stage(
+        "sft", load_config(None, [*overrides[:-2], "sft.max_steps=2", f"paths.sft={tmp_path / 'scratch'}"])
+    )
+    tuned = run_stage("sft", config)
     # Same data order and seed; only the starting weights differ, so the first loss must differ too.
     assert tuned.history[0]["sft/loss"] != pytest.approx(scratch.history[0]["sft/loss"], rel=1e-3)
-    assert (tuned.model_dir / "model.safetensors").is_file()
+    assert (Path(tuned.artifacts["model"]) / "model.safetensors").is_file()

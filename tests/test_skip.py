@@ -5,8 +5,12 @@ from __future__ import annotations
 import shutil
 
 from rlhf_core.config import load_config
-from rlhf_core.pipeline import run_stage
+from rlhf_core.pipeline import run_stage_artifacts
 from tests.conftest import tiny_overrides
+
+
+def run_stage(stage, config, skip_unchanged=False):
+    return run_stage_artifacts(stage, config, None, skip_unchanged)
 
 
 def test_unchanged_stages_are_skipped_and_changes_propagate_downstream(tmp_path):
@@ -33,6 +37,14 @@ def test_unchanged_stages_are_skipped_and_changes_propagate_downstream(tmp_path)
     assert "skipped" not in run_stage("sft", reseeded, skip_unchanged=True)
     assert run_stage("sft", reseeded, skip_unchanged=True)["skipped"] == "unchanged"
 
-    # Deleted outputs are rebuilt even when nothing else changed.
+    # Deleted outputs are rebuilt even when nothing else changed ...
     shutil.rmtree(tmp_path / "sft" / "model")
     assert "skipped" not in run_stage("sft", reseeded, skip_unchanged=True)
+    assert run_stage("sft", reseeded, skip_unchanged=True)["skipped"] == "unchanged"
+    # ... and so are outputs whose content is not what stage.json recorded (a model put there by hand, a restore).
+    weights = tmp_path / "sft" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    assert "skipped" not in run_stage("sft", reseeded, skip_unchanged=True)
+    (tmp_path / "sft" / "metrics.json").write_text("{}")
+    assert "skipped" not in run_stage("sft", reseeded, skip_unchanged=True)
+    assert run_stage("sft", reseeded, skip_unchanged=True)["skipped"] == "unchanged"
