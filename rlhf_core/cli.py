@@ -109,82 +109,16 @@ def eval_(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
 def print_summary(config, outputs: dict, seconds: float, prefect: bool) -> None:
     """The table ``rlhf run`` ends with: each stage's headline numbers and where its outputs are."""
     from rlhf_core.io import read_json
+    from rlhf_core.pipeline import stage_output_dir
 
-    out = Console()
     table = Table(title=f"RLHF pipeline summary ({seconds:.0f} s)", show_lines=False)
     table.add_column("what")
     table.add_column("value", overflow="fold")
-    stats_path = Path(config.paths.data) / "stats.json"
-    if "prepare" in outputs and stats_path.is_file():
-        stats = read_json(stats_path)
-        table.add_row("data source", stats["source"])
-        table.add_row("split sizes", ", ".join(f"{k} {v}" for k, v in stats["counts"].items()))
-        if "annotator_gold_agreement" in stats:
-            table.add_row("annotator-gold agreement", f"{stats['annotator_gold_agreement']['overall']:.1%}")
-            demo = stats["demonstrator"]
-            table.add_row(
-                "demonstrations",
-                f"{demo['sft_flawless_rate']:.1%} flawless, mean gold score {demo['sft_mean_gold_score']:.2f}",
-            )
-    metrics_path = Path(config.paths.sft) / "metrics.json"
-    if "sft" in outputs and metrics_path.is_file():
-        metrics = read_json(metrics_path)
-        table.add_row("SFT validation loss / perplexity", f"{metrics['sft/val_loss']:.3f} / {metrics['sft/ppl']:.2f}")
-        if "sft/sample_gold_score" in metrics:
-            table.add_row(
-                "SFT greedy samples (gold judge)",
-                f"mean {metrics['sft/sample_gold_score']:.2f} of 2.00, "
-                f"{metrics['sft/sample_flawless_rate']:.1%} flawless",
-            )
-    rm_path = Path(config.paths.rm) / "metrics.json"
-    if "rm" in outputs and rm_path.is_file():
-        metrics = read_json(rm_path)
-        table.add_row(
-            "RM validation accuracy (best step)",
-            f"{metrics['rm/val_accuracy']:.1%} (step {metrics['rm/best_step']} of {metrics['rm/steps']})",
-        )
-        table.add_row(
-            "RM score on SFT samples", f"mean {metrics['rm/reward_mean']:.2f}, std {metrics['rm/reward_std']:.2f}"
-        )
-    rm_eval_path = Path(config.paths.rm_eval) / "metrics.json"
-    if "rm-eval" in outputs and rm_eval_path.is_file():
-        metrics = read_json(rm_eval_path)
-        line = (
-            f"{metrics['rm_eval/accuracy']:.1%} vs annotators "
-            f"[{metrics['rm_eval/accuracy_ci_low']:.1%}, {metrics['rm_eval/accuracy_ci_high']:.1%}]"
-        )
-        if "rm_eval/gold_accuracy" in metrics:
-            line += (
-                f", {metrics['rm_eval/gold_accuracy']:.1%} vs gold "
-                f"[{metrics['rm_eval/gold_accuracy_ci_low']:.1%}, {metrics['rm_eval/gold_accuracy_ci_high']:.1%}]"
-                f"; annotator-gold agreement {metrics['rm_eval/annotator_gold_agreement']:.1%}"
-            )
-        table.add_row("RM test accuracy (95% CI)", line)
-    ppo_path = Path(config.paths.ppo) / "metrics.json"
-    if "ppo" in outputs and ppo_path.is_file():
-        m = read_json(ppo_path)
-        line = (
-            f"RM score {m['ppo/objective_scores']:.2f}, KL {m['ppo/objective_kl']:.2f}, "
-            f"length {m['ppo/rollout_response_length']:.1f}, collapse warnings {m['ppo/collapse_warnings']}"
-        )
-        if "ppo/monitor_gold_score" in m:
-            line += f", gold score {m['ppo/monitor_gold_score']:.2f}"
-        table.add_row(f"PPO ({config.ppo.preset}), last iterations", line)
-    eval_path = Path(config.paths.eval) / "metrics.json"
-    if "eval" in outputs and eval_path.is_file():
-        m = read_json(eval_path)
-        for judge in ("gold", "rm"):
-            if f"eval/{judge}/win_rate" in m:
-                table.add_row(
-                    f"PPO vs SFT, {judge} judge: win / tie / lose",
-                    f"{m[f'eval/{judge}/win']:.1%} / {m[f'eval/{judge}/tie']:.1%} / {m[f'eval/{judge}/lose']:.1%}; "
-                    f"win rate {m[f'eval/{judge}/win_rate']:.1%} [{m[f'eval/{judge}/win_rate_ci_low']:.1%}, "
-                    f"{m[f'eval/{judge}/win_rate_ci_high']:.1%}]",
-                )
-        if "eval/overoptimisation_gap" in m:
-            table.add_row("over-optimisation (RM minus gold win rate)", f"{m['eval/overoptimisation_gap']:+.1%}")
-        if "eval/gold/cleanup_ceiling" in m:
-            table.add_row("gold clean-up ceiling (SFT answers, flaws fixed)", f"{m['eval/gold/cleanup_ceiling']:.1%}")
+    for stage, (file, rows) in SUMMARY_ROWS.items():
+        path = Path(stage_output_dir(config, stage)) / file
+        if stage in outputs and path.is_file():
+            for what, value in rows(read_json(path), config):
+                table.add_row(what, value)
     for stage, artifacts in outputs.items():
         for name, path in artifacts.items():
             table.add_row(f"{stage}: {name}", str(path))
@@ -192,7 +126,93 @@ def print_summary(config, outputs: dict, seconds: float, prefect: bool) -> None:
         table.add_row("MLflow", f"mlflow ui --backend-store-uri {config.tracking.uri} --host 127.0.0.1")
     if prefect:
         table.add_row("Prefect", "flow 'rlhf' (see README: prefect server start --host 127.0.0.1)")
-    out.print(table)
+    Console().print(table)
+
+
+def _prepare_rows(stats: dict, config) -> list[tuple[str, str]]:
+    rows = [
+        ("data source", stats["source"]),
+        ("split sizes", ", ".join(f"{k} {v}" for k, v in stats["counts"].items())),
+    ]
+    if "annotator_gold_agreement" in stats:
+        demo = stats["demonstrator"]
+        rows += [
+            ("annotator-gold agreement", f"{stats['annotator_gold_agreement']['overall']:.1%}"),
+            (
+                "demonstrations",
+                f"{demo['sft_flawless_rate']:.1%} flawless, mean gold score {demo['sft_mean_gold_score']:.2f}",
+            ),
+        ]
+    return rows
+
+
+def _sft_rows(m: dict, config) -> list[tuple[str, str]]:
+    rows = [("SFT validation loss / perplexity", f"{m['sft/val_loss']:.3f} / {m['sft/ppl']:.2f}")]
+    if "sft/sample_gold_score" in m:
+        rows.append(
+            (
+                "SFT greedy samples (gold judge)",
+                f"mean {m['sft/sample_gold_score']:.2f} of 2.00, {m['sft/sample_flawless_rate']:.1%} flawless",
+            )
+        )
+    return rows  # fmt: skip
+
+
+def _rm_rows(m: dict, config) -> list[tuple[str, str]]:
+    return [
+        ("RM validation accuracy (best step)",
+         f"{m['rm/val_accuracy']:.1%} (step {m['rm/best_step']} of {m['rm/steps']})"),
+        ("RM score on SFT samples", f"mean {m['rm/reward_mean']:.2f}, std {m['rm/reward_std']:.2f}"),
+    ]  # fmt: skip
+
+
+def _rm_eval_rows(m: dict, config) -> list[tuple[str, str]]:
+    low, high = m["rm_eval/accuracy_ci_low"], m["rm_eval/accuracy_ci_high"]
+    line = f"{m['rm_eval/accuracy']:.1%} vs annotators [{low:.1%}, {high:.1%}]"
+    if "rm_eval/gold_accuracy" in m:
+        line += (
+            f", {m['rm_eval/gold_accuracy']:.1%} vs gold "
+            f"[{m['rm_eval/gold_accuracy_ci_low']:.1%}, {m['rm_eval/gold_accuracy_ci_high']:.1%}]"
+            f"; annotator-gold agreement {m['rm_eval/annotator_gold_agreement']:.1%}"
+        )
+    return [("RM test accuracy (95% CI)", line)]
+
+
+def _ppo_rows(m: dict, config) -> list[tuple[str, str]]:
+    line = (
+        f"RM score {m['ppo/objective_scores']:.2f}, KL {m['ppo/objective_kl']:.2f}, "
+        f"length {m['ppo/rollout_response_length']:.1f}, collapse warnings {m['ppo/collapse_warnings']}"
+    )
+    if "ppo/monitor_gold_score" in m:
+        line += f", gold score {m['ppo/monitor_gold_score']:.2f}"
+    return [(f"PPO ({config.ppo.preset}), last iterations", line)]
+
+
+def _eval_rows(m: dict, config) -> list[tuple[str, str]]:
+    rows = [
+        (f"PPO vs SFT, {j} judge: win / tie / lose",
+         f"{m[f'eval/{j}/win']:.1%} / {m[f'eval/{j}/tie']:.1%} / {m[f'eval/{j}/lose']:.1%}; "
+         f"win rate {m[f'eval/{j}/win_rate']:.1%} [{m[f'eval/{j}/win_rate_ci_low']:.1%}, "
+         f"{m[f'eval/{j}/win_rate_ci_high']:.1%}]")
+        for j in ("gold", "rm")
+        if f"eval/{j}/win_rate" in m
+    ]  # fmt: skip
+    if "eval/overoptimisation_gap" in m:
+        rows.append(("over-optimisation (RM minus gold win rate)", f"{m['eval/overoptimisation_gap']:+.1%}"))
+    if "eval/gold/cleanup_ceiling" in m:
+        rows.append(("gold clean-up ceiling (SFT answers, flaws fixed)", f"{m['eval/gold/cleanup_ceiling']:.1%}"))
+    return rows
+
+
+# stage -> (the file in its output directory the summary reads, the rows it makes of it)
+SUMMARY_ROWS = {
+    "prepare": ("stats.json", _prepare_rows),
+    "sft": ("metrics.json", _sft_rows),
+    "rm": ("metrics.json", _rm_rows),
+    "rm-eval": ("metrics.json", _rm_eval_rows),
+    "ppo": ("metrics.json", _ppo_rows),
+    "eval": ("metrics.json", _eval_rows),
+}
 
 
 def main() -> None:

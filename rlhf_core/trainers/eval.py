@@ -92,79 +92,19 @@ def _plot(metrics: dict, judges: list[str], groups: list[str], directory: Path) 
 
 def evaluate_win_rate(config: Config, out: Path, logger: Logger) -> StageResult:
     """Sample both policies on the eval prompts, judge every pair twice, and report win/tie/lose."""
-    data_dir = Path(config.paths.data)
-    models = {"sft": Path(config.paths.sft) / "model", "ppo": Path(config.paths.ppo) / "model"}
-    rm_dir = Path(config.paths.rm) / "model"
-    for path, stage in ((models["sft"], "sft"), (models["ppo"], "ppo"), (rm_dir, "rm")):
-        if not (path / "config.json").is_file():
-            raise DataError(f"no model at {path} (run `rlhf {stage}` first)")
-    tokenizer = load_tokenizer(data_dir / "tokenizer")
-    rows = load_split(data_dir, "eval", config.data)
-    prompts = [r["prompt"] for r in rows]
-    reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id).eval()
-    answers, rm_scores = {}, {}
-    for name, path in models.items():
-        policy = load_causal_lm(path, tokenizer).eval()
-        got = sample_responses(
-            policy,
-            tokenizer,
-            prompts,
-            config.eval.sampling,
-            config.data.max_response_tokens,
-            config.eval.seed,
-            torch.device("cpu"),
-            config.eval.batch_size,
-        )
-        answers[name] = got["texts"]
-        rm_scores[name] = score_samples(reward_model, got, config.eval.batch_size).tolist()
-
+    rows = load_split(Path(config.paths.data), "eval", config.data)
+    answers, rm_scores = _answers(config, [r["prompt"] for r in rows])
     gold_judge = None
     if config.data.source == "sim":
         from rlhf_core.data.judge import GoldJudge
         from rlhf_core.data.sources import build_world
 
         gold_judge = GoldJudge(build_world(config.data))
-    pairs = []
-    for i, row in enumerate(rows):
-        pair = {
-            "prompt": row["prompt"],
-            **({"category": row["category"]} if "category" in row else {}),
-            "sft": answers["sft"][i],
-            "ppo": answers["ppo"][i],
-            "rm_sft": rm_scores["sft"][i],
-            "rm_ppo": rm_scores["ppo"][i],
-            "rm_verdict": compare(rm_scores["ppo"][i], rm_scores["sft"][i], config.eval.rm_tie_margin),
-        }
-        if gold_judge is not None:
-            pair["gold_sft"] = gold_judge.score(row["prompt"], pair["sft"])
-            pair["gold_ppo"] = gold_judge.score(row["prompt"], pair["ppo"])
-            pair["gold_verdict"] = compare(pair["gold_ppo"], pair["gold_sft"])
-            pair["cleanup_verdict"] = compare(gold_judge.cleanup_score(row["prompt"], pair["sft"]), pair["gold_sft"])
-        pairs.append(pair)
-
+    pairs = [_judged_pair(config, row, i, answers, rm_scores, gold_judge) for i, row in enumerate(rows)]
     judges = ["gold", "rm"] if gold_judge is not None else ["rm"]
-    metrics: dict = {}
     groups = _groups(pairs)
-    for judge in judges:
-        for group, members in groups.items():
-            prefix = f"eval/{judge}/" if group == "all" else f"eval/{judge}/{group}/"
-            metrics.update(_summary([p[f"{judge}_verdict"] for p in members], prefix, config))
-    primary = judges[0]
-    for key in (*VERDICTS, "win_rate", "win_rate_ci_low", "win_rate_ci_high"):
-        metrics[f"eval/{key}"] = metrics[f"eval/{primary}/{key}"]
-    metrics["eval/primary_judge"] = primary
-    if gold_judge is not None:
-        # What PPO gained in the reward model's eyes but not in the gold judge's: reward over-optimisation.
-        metrics["eval/overoptimisation_gap"] = metrics["eval/rm/win_rate"] - metrics["eval/gold/win_rate"]
-        metrics["eval/gold_score_sft"] = sum(p["gold_sft"] for p in pairs) / len(pairs)
-        metrics["eval/gold_score_ppo"] = sum(p["gold_ppo"] for p in pairs) / len(pairs)
-        # The gold win rate of the SFT answers themselves with every flaw fixed and nothing new learnt: what a
-        # policy reaches that only removes flaws (harm, refusals, rambling, repetition, cut-offs). Above it
-        # means PPO also answers more questions correctly than SFT.
-        metrics["eval/gold/cleanup_ceiling"] = win_tie_lose([p["cleanup_verdict"] for p in pairs])["win_rate"]
-
-    plot_groups = [g for g in ("all", "harmless", "helpful") if g in groups]
-    _plot(metrics, judges, plot_groups, out / "plots")
+    metrics = _metrics(config, pairs, judges, groups)
+    _plot(metrics, judges, [g for g in ("all", "harmless", "helpful") if g in groups], out / "plots")
     disagree = [p for p in pairs if gold_judge is not None and p["gold_verdict"] != p["rm_verdict"]]
     agree = [p for p in pairs if p not in disagree]
     examples = (disagree + agree)[: config.eval.num_examples]
@@ -180,3 +120,66 @@ def evaluate_win_rate(config: Config, out: Path, logger: Logger) -> StageResult:
         artifacts={"metrics": "metrics.json", "plots": "plots"},
         logged=("pairs.jsonl", "examples.md", "plots"),
     )
+
+
+def _answers(config: Config, prompts: list[str]) -> tuple[dict[str, list[str]], dict[str, list[float]]]:
+    """Each policy's answer to every prompt (the paper's sampling, the same seed for both) and its RM score."""
+    models = {"sft": Path(config.paths.sft) / "model", "ppo": Path(config.paths.ppo) / "model"}
+    rm_dir = Path(config.paths.rm) / "model"
+    for path, stage in ((models["sft"], "sft"), (models["ppo"], "ppo"), (rm_dir, "rm")):
+        if not (path / "config.json").is_file():
+            raise DataError(f"no model at {path} (run `rlhf {stage}` first)")
+    tokenizer = load_tokenizer(Path(config.paths.data) / "tokenizer")
+    reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id).eval()
+    answers, rm_scores = {}, {}
+    for name, path in models.items():
+        policy = load_causal_lm(path, tokenizer).eval()
+        got = sample_responses(policy, tokenizer, prompts, config.eval.sampling, config.data.max_response_tokens,
+                               config.eval.seed, torch.device("cpu"), config.eval.batch_size)  # fmt: skip
+        answers[name] = got["texts"]
+        rm_scores[name] = score_samples(reward_model, got, config.eval.batch_size).tolist()
+    return answers, rm_scores
+
+
+def _judged_pair(config: Config, row: dict, i: int, answers: dict, rm_scores: dict, gold_judge) -> dict:
+    """Both answers to prompt ``i`` with the RM's verdict and, on the simulated domain, the gold judge's and the
+    clean-up verdict (the SFT answer with its flaws fixed against itself)."""
+    pair = {
+        "prompt": row["prompt"],
+        **({"category": row["category"]} if "category" in row else {}),
+        "sft": answers["sft"][i],
+        "ppo": answers["ppo"][i],
+        "rm_sft": rm_scores["sft"][i],
+        "rm_ppo": rm_scores["ppo"][i],
+        "rm_verdict": compare(rm_scores["ppo"][i], rm_scores["sft"][i], config.eval.rm_tie_margin),
+    }
+    if gold_judge is not None:
+        pair["gold_sft"] = gold_judge.score(row["prompt"], pair["sft"])
+        pair["gold_ppo"] = gold_judge.score(row["prompt"], pair["ppo"])
+        pair["gold_verdict"] = compare(pair["gold_ppo"], pair["gold_sft"])
+        pair["cleanup_verdict"] = compare(gold_judge.cleanup_score(row["prompt"], pair["sft"]), pair["gold_sft"])
+    return pair
+
+
+def _metrics(config: Config, pairs: list[dict], judges: list[str], groups: dict[str, list[dict]]) -> dict:
+    """Win/tie/lose with intervals per judge and group, the primary judge's under ``eval/``, and on the simulated
+    domain the over-optimisation gap, mean gold scores and the clean-up ceiling."""
+    metrics: dict = {}
+    for judge in judges:
+        for group, members in groups.items():
+            prefix = f"eval/{judge}/" if group == "all" else f"eval/{judge}/{group}/"
+            metrics.update(_summary([p[f"{judge}_verdict"] for p in members], prefix, config))
+    primary = judges[0]
+    for key in (*VERDICTS, "win_rate", "win_rate_ci_low", "win_rate_ci_high"):
+        metrics[f"eval/{key}"] = metrics[f"eval/{primary}/{key}"]
+    metrics["eval/primary_judge"] = primary
+    if "gold" in judges:
+        # What PPO gained in the reward model's eyes but not in the gold judge's: reward over-optimisation.
+        metrics["eval/overoptimisation_gap"] = metrics["eval/rm/win_rate"] - metrics["eval/gold/win_rate"]
+        metrics["eval/gold_score_sft"] = sum(p["gold_sft"] for p in pairs) / len(pairs)
+        metrics["eval/gold_score_ppo"] = sum(p["gold_ppo"] for p in pairs) / len(pairs)
+        # The gold win rate of the SFT answers themselves with every flaw fixed and nothing new learnt: what a
+        # policy reaches that only removes flaws (harm, refusals, rambling, repetition, cut-offs). Above it
+        # means PPO also answers more questions correctly than SFT.
+        metrics["eval/gold/cleanup_ceiling"] = win_tie_lose([p["cleanup_verdict"] for p in pairs])["win_rate"]
+    return metrics

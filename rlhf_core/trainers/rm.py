@@ -174,7 +174,7 @@ def train_reward_model(config: Config, out: Path, logger: Logger) -> StageResult
         model, opt, total_steps, ctx, config.distributed, opt.micro_batch_size, opt.gradient_accumulation_steps
     )
     order = global_order(len(train), total_steps * global_batch, opt.seed)
-    accum, micro = opt.gradient_accumulation_steps, opt.micro_batch_size
+    local = opt.gradient_accumulation_steps * opt.micro_batch_size  # this rank's share of a global batch
     model_dir = out / "model"
 
     history: list[dict] = []
@@ -183,52 +183,10 @@ def train_reward_model(config: Config, out: Path, logger: Logger) -> StageResult
     progress = tqdm(range(total_steps), desc="rm", disable=not ctx.is_main, dynamic_ncols=True, mininterval=2.0)
     for step in progress:
         batch_ids = order[step * global_batch : (step + 1) * global_batch]
-        mine = [train[i] for i in batch_ids[ctx.rank * accum * micro : (ctx.rank + 1) * accum * micro]]
-        batches = [
-            (len(mine[j : j + micro]), _to_device(engine, mine[j : j + micro], pad_id))
-            for j in range(0, len(mine), micro)
-        ]
-        local_tokens = sum(int((b["labels"][:n, 1:] != -100).sum()) for n, b in batches)
-        global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))
-        # As in SFT: after the engine divides by `accum` and averages ranks, the LM term is the token mean over
-        # the chosen responses of the whole global batch.
-        normaliser = global_tokens / (accum * ctx.world_size)
-        sums = torch.zeros(5, dtype=torch.float64)  # ranking loss, correct, gap, pairs, chosen nll
-        for n, batch in batches:
-            with engine.autocast():
-                scores, logits = engine.forward(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    lm_rows=n if opt.beta_rm > 0 else 0,
-                )
-            scores = scores.float()
-            rank_loss, stats = pairwise_loss(scores[:n], scores[n:], margin=opt.margin, center_coef=opt.center_coef)
-            loss = rank_loss
-            nll = 0.0
-            if logits is not None:
-                lm_loss, lm_stats = sft_loss(logits.float(), batch["labels"][:n], normaliser=normaliser)
-                loss = loss + opt.beta_rm * lm_loss
-                nll = float(lm_stats["nll_sum"])
-            engine.backward(loss)
-            engine.step()
-            sums += torch.tensor(
-                [float(rank_loss.detach()) * n, float(stats["accuracy"]) * n, float(stats["score_gap"]) * n, n, nll]
-            )
-        rank_sum, correct, gap, pairs, nll_sum = distributed.all_reduce_sum(sums).tolist()
-        record = {
-            "step": step + 1,
-            "rm/loss": rank_sum / pairs,
-            "rm/accuracy": correct / pairs,
-            "rm/score_gap": gap / pairs,
-            "rm/lr": engine.current_lr(),
-        }
-        if opt.beta_rm > 0:
-            record["rm/lm_loss"] = nll_sum / global_tokens
-        if engine.last_grad_norm is not None:
-            record["rm/grad_norm"] = engine.last_grad_norm
+        mine = [train[i] for i in batch_ids[ctx.rank * local : (ctx.rank + 1) * local]]
+        record = {"step": step + 1, **_train_step(engine, mine, opt, pad_id, ctx)}
         history.append(record)
         logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
-
         if (step + 1) % opt.eval_every == 0 or step + 1 == total_steps:
             val_metrics = validate(engine, val, config.rm_eval.batch_size, pad_id, ctx)
             value = val_metrics[f"rm/val_{opt.best_metric}"]
@@ -248,32 +206,12 @@ def train_reward_model(config: Config, out: Path, logger: Logger) -> StageResult
     metrics: dict = {}
     if ctx.is_main:
         atomic_write_json(model_dir / "reward_stats.json", reward_stats)
-        best_checkpoint = [c for c in checkpoints if c["saved"]][-1]
-        tail = history[-min(10, len(history)) :]
-        metrics = {
-            "rm/loss": sum(r["rm/loss"] for r in tail) / len(tail),
-            "rm/accuracy": sum(r["rm/accuracy"] for r in tail) / len(tail),
-            "rm/val_loss": best_checkpoint["rm/val_loss"],
-            "rm/val_accuracy": best_checkpoint["rm/val_accuracy"],
-            "rm/val_score_gap": best_checkpoint["rm/val_score_gap"],
-            "rm/best_step": best_checkpoint["step"],
-            "rm/reward_mean": reward_stats["mean"],
-            "rm/reward_std": reward_stats["std"],
-            "rm/steps": total_steps,
-            "rm/global_batch": global_batch,
-            "rm/train_pairs": len(train),
-            "rm/val_pairs": len(val),
-        }
+        sizes = {"rm/steps": total_steps, "rm/global_batch": global_batch, "rm/train_pairs": len(train),
+                 "rm/val_pairs": len(val)}  # fmt: skip
+        metrics = _summary(history, checkpoints, reward_stats, sizes)
         atomic_write_json(out / "checkpoints.json", checkpoints)
-        write_curves(
-            out / "plots",
-            "rm",
-            history,
-            checkpoints,
-            ["rm/loss", "rm/accuracy"],
-            ["rm/val_loss", "rm/val_accuracy"],
-            ylabel="ranking loss (nats/pair) / accuracy",
-        )
+        write_curves(out / "plots", "rm", history, checkpoints, ["rm/loss", "rm/accuracy"],
+                     ["rm/val_loss", "rm/val_accuracy"], ylabel="ranking loss (nats/pair) / accuracy")  # fmt: skip
     distributed.barrier()
     return StageResult(
         metrics=metrics,
@@ -281,3 +219,68 @@ def train_reward_model(config: Config, out: Path, logger: Logger) -> StageResult
         logged=("checkpoints.json", "plots", "model/reward_stats.json"),
         history=history,
     )
+
+
+def _train_step(engine, pairs: list[Pair], opt, pad_id: int, ctx) -> dict[str, float]:
+    """One optimizer step on this rank's ``pairs`` of a global batch (eq. 2: ranking loss + beta_rm x LM loss on
+    the chosen responses); the batch's metrics, reduced over every rank."""
+    micro = opt.micro_batch_size
+    batches = [
+        (len(pairs[j : j + micro]), _to_device(engine, pairs[j : j + micro], pad_id))
+        for j in range(0, len(pairs), micro)
+    ]
+    local_tokens = sum(int((b["labels"][:n, 1:] != -100).sum()) for n, b in batches)
+    global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))
+    # As in SFT: after the engine divides by the accumulation and averages ranks, the LM term is the token mean
+    # over the chosen responses of the whole global batch.
+    normaliser = global_tokens / (opt.gradient_accumulation_steps * ctx.world_size)
+    sums = torch.zeros(5, dtype=torch.float64)  # ranking loss, correct, gap, pairs, chosen nll
+    for n, batch in batches:
+        with engine.autocast():
+            scores, logits = engine.forward(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                lm_rows=n if opt.beta_rm > 0 else 0,
+            )
+        scores = scores.float()
+        rank_loss, stats = pairwise_loss(scores[:n], scores[n:], margin=opt.margin, center_coef=opt.center_coef)
+        loss = rank_loss
+        nll = 0.0
+        if logits is not None:
+            lm_loss, lm_stats = sft_loss(logits.float(), batch["labels"][:n], normaliser=normaliser)
+            loss = loss + opt.beta_rm * lm_loss
+            nll = float(lm_stats["nll_sum"])
+        engine.backward(loss)
+        engine.step()
+        sums += torch.tensor(
+            [float(rank_loss.detach()) * n, float(stats["accuracy"]) * n, float(stats["score_gap"]) * n, n, nll]
+        )
+    rank_sum, correct, gap, count, nll_sum = distributed.all_reduce_sum(sums).tolist()
+    record = {
+        "rm/loss": rank_sum / count,
+        "rm/accuracy": correct / count,
+        "rm/score_gap": gap / count,
+        "rm/lr": engine.current_lr(),
+    }
+    if opt.beta_rm > 0:
+        record["rm/lm_loss"] = nll_sum / global_tokens
+    if engine.last_grad_norm is not None:
+        record["rm/grad_norm"] = engine.last_grad_norm
+    return record
+
+
+def _summary(history: list[dict], checkpoints: list[dict], reward_stats: dict, sizes: dict) -> dict:
+    """metrics.json: the last steps' training metrics, the kept checkpoint's validation and the reward statistics."""
+    best = [c for c in checkpoints if c["saved"]][-1]
+    tail = history[-min(10, len(history)) :]
+    return {
+        "rm/loss": sum(r["rm/loss"] for r in tail) / len(tail),
+        "rm/accuracy": sum(r["rm/accuracy"] for r in tail) / len(tail),
+        "rm/val_loss": best["rm/val_loss"],
+        "rm/val_accuracy": best["rm/val_accuracy"],
+        "rm/val_score_gap": best["rm/val_score_gap"],
+        "rm/best_step": best["step"],
+        "rm/reward_mean": reward_stats["mean"],
+        "rm/reward_std": reward_stats["std"],
+        **sizes,
+    }

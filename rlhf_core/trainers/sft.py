@@ -98,6 +98,35 @@ def _sample_generations(config: Config, model_dir: Path, tokenizer, val_rows: li
     return samples, metrics
 
 
+def _train_step(engine, examples: list[tuple[list[int], list[int]]], opt, pad_id: int, ctx) -> dict[str, float]:
+    """One optimizer step on this rank's ``examples`` of a global batch, in micro-batches; the batch's loss (token
+    mean over every rank), learning rate, token count and gradient norm."""
+    micro = opt.micro_batch_size
+    micro_batches = [collate_sft(examples[j : j + micro], pad_id) for j in range(0, len(examples), micro)]
+    local_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
+    global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))
+    # Scaled so that after the engine divides by the accumulation and averages over ranks, the gradient is that of
+    # the token mean over the whole global batch.
+    normaliser = global_tokens / (opt.gradient_accumulation_steps * ctx.world_size)
+    nll_sum = torch.zeros(())
+    for mb in micro_batches:
+        mb = {k: v.to(engine.device) for k, v in mb.items()}
+        with engine.autocast():
+            logits = engine.forward(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        loss, stats = sft_loss(logits, mb["labels"], normaliser=normaliser)
+        engine.backward(loss)
+        engine.step()
+        nll_sum += stats["nll_sum"].float().cpu()
+    record = {
+        "sft/loss": float(distributed.all_reduce_sum(nll_sum)) / global_tokens,
+        "sft/lr": engine.current_lr(),
+        "sft/tokens": global_tokens,
+    }
+    if engine.last_grad_norm is not None:
+        record["sft/grad_norm"] = engine.last_grad_norm
+    return record
+
+
 def train_sft(config: Config, out: Path, logger: Logger) -> StageResult:
     """Fine-tune the initial policy on ``sft_train``; validate on ``sft_val``; save the policy into ``out``."""
     ctx = distributed.setup(config.distributed)
@@ -123,33 +152,9 @@ def train_sft(config: Config, out: Path, logger: Logger) -> StageResult:
     progress = tqdm(range(total_steps), desc="sft", disable=not ctx.is_main, dynamic_ncols=True, mininterval=2.0)
     for step in progress:
         batch_ids = order[step * global_batch : (step + 1) * global_batch]
-        mine = batch_ids[ctx.rank * accum * micro : (ctx.rank + 1) * accum * micro]
-        micro_batches = [
-            collate_sft([train[i] for i in mine[j : j + micro]], pad_id) for j in range(0, len(mine), micro)
-        ]
-        local_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
-        global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))
-        # Scaled so that after the engine divides by `accum` and averages over ranks, the gradient is that of
-        # the token mean over the whole global batch.
-        normaliser = global_tokens / (accum * ctx.world_size)
-        nll_sum = torch.zeros(())
-        for mb in micro_batches:
-            mb = {k: v.to(engine.device) for k, v in mb.items()}
-            with engine.autocast():
-                logits = engine.forward(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-            loss, stats = sft_loss(logits, mb["labels"], normaliser=normaliser)
-            engine.backward(loss)
-            engine.step()
-            nll_sum += stats["nll_sum"].float().cpu()
-        train_loss = float(distributed.all_reduce_sum(nll_sum)) / global_tokens
-        record = {
-            "step": step + 1,
-            "sft/loss": train_loss,
-            "sft/lr": engine.current_lr(),
-            "sft/tokens": global_tokens,
-        }
-        if engine.last_grad_norm is not None:
-            record["sft/grad_norm"] = engine.last_grad_norm
+        mine = [train[i] for i in batch_ids[ctx.rank * accum * micro : (ctx.rank + 1) * accum * micro]]
+        record = {"step": step + 1, **_train_step(engine, mine, opt, pad_id, ctx)}
+        train_loss = record["sft/loss"]
         history.append(record)
         logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
         if (step + 1) % opt.eval_every == 0 or step + 1 == total_steps:
