@@ -1,4 +1,5 @@
-"""The ``rlhf`` command: the stage subcommands of ``rlhf_core.cli`` plus ``rlhf run``, the whole pipeline.
+"""The ``rlhf`` command: the stage subcommands of ``rlhf_core.cli`` plus ``rlhf run``, the whole pipeline. The
+console script is this module's ``main`` (``rlhf_core.cli.main``, run once this module has added ``run``).
 
 ``rlhf run`` sits here, above the flow, because it can start the Prefect flow; with ``--no-prefect`` it runs the
 same pipeline loop (``rlhf_core.pipeline.run_pipeline``) without Prefect.
@@ -6,14 +7,13 @@ same pipeline loop (``rlhf_core.pipeline.run_pipeline``) without Prefect.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from rlhf_core.cli import ParamsOpt, SetOpt, app, console, fail, load, print_summary
+from rlhf_core.cli import ParamsOpt, SetOpt, app, fail, load, main, print_summary
 from rlhf_core.env import apply_defaults
 from rlhf_core.errors import RLHFError
 
@@ -44,14 +44,6 @@ def run(
         fail(exc)
         return
     print_summary(config, outputs, time.time() - started, prefect)
-
-
-def main() -> None:
-    try:
-        app()
-    except RLHFError as exc:  # pragma: no cover - safety net for errors raised outside commands
-        console.print(f"error: {exc}")
-        sys.exit(1)
 
 
 if __name__ == "__main__":

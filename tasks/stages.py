@@ -3,7 +3,7 @@ upstream stages are unchanged since its last successful run (``rlhf_core.pipelin
 
 Retries only where one is safe and cheap: every stage writes its outputs to a temporary path and renames, so a
 failed attempt leaves nothing half-written. ``prepare``, ``rm-eval`` and ``eval`` are deterministic and short;
-``ppo`` resumes from its newest checkpoint (``ppo.resume: auto``), so a retry continues rather than restarts.
+``ppo`` resumes from its newest checkpoint (``ppo.checkpoint.resume: auto``), so a retry continues rather than restarts.
 ``sft`` and ``rm`` keep no mid-run state, so a retry would silently redo the whole training: they fail at once.
 A configuration or data error (``RLHFError``) is never retried: it would fail the same way again."""
 
