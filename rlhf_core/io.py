@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -56,3 +57,8 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+def file_sha256(path: str | Path) -> str:
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

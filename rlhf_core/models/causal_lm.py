@@ -52,10 +52,12 @@ def load_causal_lm(name_or_path: str | Path, tokenizer=None) -> torch.nn.Module:
 
 
 def initial_policy(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
-    """The model SFT starts from: the tiny Llama, or ``model.name_or_path``."""
+    """The model SFT starts from: the tiny Llama, or ``model.name_or_path`` (a store name, directory or GGUF file)."""
+    from rlhf_core.models.store import resolve
+
     if cfg.name_or_path is None:
         return build_tiny_llama(cfg, tokenizer)
-    return load_causal_lm(cfg.name_or_path, tokenizer)
+    return load_causal_lm(resolve(cfg.name_or_path, cfg.store), tokenizer)
 
 
 def save_causal_lm(model: torch.nn.Module, tokenizer, path: str | Path) -> None:

