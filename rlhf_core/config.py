@@ -520,6 +520,17 @@ class Config(_Group):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     paths: PathsConfig = Field(default_factory=PathsConfig, description="Stage output directories.")
 
+    @model_validator(mode="after")
+    def _sequences_fit_the_tiny_model(self) -> Config:
+        # A pretrained model's positions are known once it is loaded (`rlhf prepare` checks them); the tiny one's now.
+        total = self.data.max_prompt_tokens + self.data.max_response_tokens
+        if self.model.name_or_path is None and total > self.model.max_position_embeddings:
+            raise ValueError(
+                f"data.max_prompt_tokens + data.max_response_tokens = {total} exceeds "
+                f"model.max_position_embeddings={self.model.max_position_embeddings}"
+            )
+        return self
+
 
 # ----------------------------------------------------------------------------------------------- loading
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:

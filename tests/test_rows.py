@@ -561,10 +561,11 @@ def test_prepare_over_long_prompt_tokens_name_file_and_line(tmp_path):
         run_stage("prepare", config)
     assert re.fullmatch(
         re.escape(f"{files['sft']}:4: over-long prompt: ")
-        + r"(\d+) tokens > data\.max_prompt_tokens=48"
+        + r"(\d+) tokens > data\.max_prompt_tokens=48 "
+        + r"\(the longest with this tokenizer: prompt \1, response \d+ tokens\)"
         + re.escape(HINT),
         str(info.value),
-    )
+    )  # the error says what would fit: this prompt is the longest
     assert int(re.search(r"prompt: (\d+) tokens", str(info.value)).group(1)) > 60
 
 
@@ -576,7 +577,8 @@ def test_prepare_over_long_response_tokens_name_file_and_line(tmp_path):
         run_stage("prepare", config)
     assert re.fullmatch(
         re.escape(f"{files['rm']}:2: over-long rejected: ")
-        + r"\d+ tokens \(with EOS\) > data\.max_response_tokens=30"
+        + r"(\d+) tokens \(with EOS\) > data\.max_response_tokens=30 \(the longest with this tokenizer: prompt \d+, "
+        + r"response \1 tokens\)"
         + re.escape(HINT),
         str(info.value),
     )

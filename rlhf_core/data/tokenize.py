@@ -1,15 +1,40 @@
 """Prompt formatting, tokenisation and collation for causal-LM training.
 
 A prompt is either one human turn (``"What is 7 + 5?"``) or a whole HH-RLHF dialogue history starting with
-``"Human:"``. The model sees ``<bos>\\n\\nHuman: ...\\n\\nAssistant:`` followed by `` response<eos>``, the same
-text the tokenizer's chat template renders.
+``"Human:"``. Two formats, the same in every stage (SFT, RM pairs, PPO queries, evaluation):
+
+- a tokenizer with a chat template of its own (a pretrained instruct model, e.g. SmolLM2's ChatML) renders the
+  prompt as chat messages with the assistant's generation prompt, and the response is its text followed by EOS,
+  the model's end-of-turn token;
+- otherwise (the built-in tokenizer, or a model without a template) the HH-RLHF text format:
+  ``<bos>\n\nHuman: ...\n\nAssistant:`` followed by `` response<eos>``, which ``HH_CHAT_TEMPLATE`` renders.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 IGNORE_INDEX = -100
+
+# Renders the Human/Assistant format of HH-RLHF; the final assistant turn ends with EOS.
+HH_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '\\n\\nHuman: ' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '\\n\\nAssistant: ' + message['content'] }}"
+    "{% if loop.last %}{{ eos_token }}{% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"
+)
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+
+
+def uses_own_template(tokenizer) -> bool:
+    """True when the tokenizer brings a chat template of its own, not the HH-RLHF format."""
+    return bool(tokenizer.chat_template) and tokenizer.chat_template != HH_CHAT_TEMPLATE
 
 
 def format_query(prompt: str) -> str:
@@ -19,12 +44,29 @@ def format_query(prompt: str) -> str:
     return f"\n\nHuman: {prompt}\n\nAssistant:"
 
 
+def to_messages(prompt: str) -> list[dict[str, str]]:
+    """A prompt as chat messages: one user turn, or an HH-RLHF history (``Human: a\\n\\nAssistant: b\\n\\nHuman:
+    c``) split into its alternating turns."""
+    prompt = prompt.strip()
+    if not prompt.startswith("Human:"):
+        return [{"role": "user", "content": prompt}]
+    parts = _TURN.split(prompt)[1:]  # speaker, text, speaker, text, ...
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[who], "content": text.strip()} for who, text in zip(parts[::2], parts[1::2], strict=True)]
+
+
 def encode_query(tokenizer, prompt: str) -> list[int]:
+    """Token ids of the prompt up to where the assistant's answer starts (see the module docstring)."""
+    if uses_own_template(tokenizer):
+        text = tokenizer.apply_chat_template(to_messages(prompt), add_generation_prompt=True, tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)
     return [tokenizer.bos_token_id, *tokenizer.encode(format_query(prompt), add_special_tokens=False)]
 
 
 def encode_response(tokenizer, response: str, add_eos: bool = True) -> list[int]:
-    ids = tokenizer.encode(" " + response.strip(), add_special_tokens=False)
+    """Token ids of an answer as the model writes it after :func:`encode_query`, ending with EOS."""
+    text = response.strip() if uses_own_template(tokenizer) else " " + response.strip()
+    ids = tokenizer.encode(text, add_special_tokens=False)
     return [*ids, tokenizer.eos_token_id] if add_eos else ids
 
 

@@ -5,21 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from rlhf_core.data.tokenize import HH_CHAT_TEMPLATE
 from rlhf_core.errors import RLHFError
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
-
-# Renders the Human/Assistant format of HH-RLHF; the final assistant turn ends with EOS.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '\\n\\nHuman: ' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}{{ '\\n\\nAssistant: ' + message['content'] }}"
-    "{% if loop.last %}{{ eos_token }}{% endif %}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"
-)
+CHAT_TEMPLATE = HH_CHAT_TEMPLATE  # the built-in tokenizer's, and any model's that has none
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):

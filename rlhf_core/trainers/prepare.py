@@ -14,8 +14,8 @@ import numpy as np
 from rlhf_core.config import Config, flatten
 from rlhf_core.data.rows import RESPONSE_FIELDS, BadRowLog
 from rlhf_core.data.sources import generate_sim, load_hh_rlhf, load_jsonl
-from rlhf_core.data.tokenize import format_query
-from rlhf_core.errors import DataError
+from rlhf_core.data.tokenize import encode_query, encode_response, format_query
+from rlhf_core.errors import ConfigError, DataError
 from rlhf_core.io import atomic_write_json, atomic_write_jsonl
 from rlhf_core.models.store import resolve
 from rlhf_core.models.tokenizer import load_pretrained_tokenizer, train_bpe_tokenizer
@@ -34,44 +34,41 @@ def _tokenizer_corpus(splits: dict[str, list[dict]]):
                     yield " " + row[name]
 
 
-def _token_lengths(tokenizer, texts: list[str]) -> list[int]:
-    if not texts:
-        return []
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
 def _enforce_token_limits(splits, tokenizer, config: Config, bad: BadRowLog) -> dict[str, dict]:
-    """Drop (or stop at) rows longer than the token limits; return length percentiles per field kind."""
+    """Drop (or stop at) rows longer than the token limits, measured as the stages encode them (the model's chat
+    template included); return length percentiles per field kind."""
     cfg = config.data
+    prompt_lens = {s: [len(encode_query(tokenizer, r["prompt"])) for r in rows] for s, rows in splits.items()}
+    response_lens = {
+        split: {name: [len(encode_response(tokenizer, r[name])) for r in rows] for name in RESPONSE_FIELDS
+                if rows and name in rows[0]}
+        for split, rows in splits.items()
+    }  # fmt: skip
+    longest_prompt = max((n for lens in prompt_lens.values() for n in lens), default=0)
+    longest_response = max(
+        (n for fields in response_lens.values() for lens in fields.values() for n in lens), default=0
+    )
+    fits = f"(the longest with this tokenizer: prompt {longest_prompt}, response {longest_response} tokens)"
     lengths: dict[str, list[int]] = {"prompt": [], "response": []}
     for split, rows in splits.items():
-        prompt_lens = [n + 1 for n in _token_lengths(tokenizer, [format_query(r["prompt"]) for r in rows])]
-        response_lens = {
-            name: [n + 1 for n in _token_lengths(tokenizer, [" " + r[name] for r in rows])]
-            for name in RESPONSE_FIELDS
-            if rows and name in rows[0]
-        }
         kept = []
         for i, row in enumerate(rows):
             where = row.get("_src", f"{split} row {i + 1}")
-            if prompt_lens[i] > cfg.max_prompt_tokens:
+            n_prompt = prompt_lens[split][i]
+            if n_prompt > cfg.max_prompt_tokens:
                 bad.report(
                     where,
-                    f"over-long prompt: {prompt_lens[i]} tokens > data.max_prompt_tokens={cfg.max_prompt_tokens}",
+                    f"over-long prompt: {n_prompt} tokens > data.max_prompt_tokens={cfg.max_prompt_tokens} {fits}",
                 )
                 continue
-            too_long = [name for name, lens in response_lens.items() if lens[i] > cfg.max_response_tokens]
+            too_long = [name for name, lens in response_lens[split].items() if lens[i] > cfg.max_response_tokens]
             if too_long:
-                n = response_lens[too_long[0]][i]
-                bad.report(
-                    where,
-                    f"over-long {too_long[0]}: {n} tokens (with EOS) > data.max_response_tokens="
-                    f"{cfg.max_response_tokens}",
-                )
+                n = response_lens[split][too_long[0]][i]
+                bad.report(where, f"over-long {too_long[0]}: {n} tokens (with EOS) > data.max_response_tokens="
+                                  f"{cfg.max_response_tokens} {fits}")  # fmt: skip
                 continue
-            lengths["prompt"].append(prompt_lens[i])
-            for lens in response_lens.values():
-                lengths["response"].append(lens[i])
+            lengths["prompt"].append(n_prompt)
+            lengths["response"].extend(lens[i] for lens in response_lens[split].values())
             kept.append(row)
         splits[split] = kept
     return {
@@ -79,6 +76,25 @@ def _enforce_token_limits(splits, tokenizer, config: Config, bad: BadRowLog) -> 
         for kind, vals in lengths.items()
         if vals
     }
+
+
+def _max_positions(model_path: str) -> int | None:
+    from transformers import AutoConfig
+
+    try:
+        return getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    except (OSError, ValueError):
+        return None  # the tokenizer load that follows names the problem
+
+
+def _check_positions(config: Config, positions: int | None) -> None:
+    """A prompt and a response at their limits must fit the model's positions."""
+    total = config.data.max_prompt_tokens + config.data.max_response_tokens
+    if positions is not None and total > positions:
+        raise ConfigError(
+            f"data.max_prompt_tokens + data.max_response_tokens = {total} exceeds the {positions} positions of "
+            f"model.name_or_path={config.model.name_or_path}; lower them"
+        )
 
 
 def prepare_data(config: Config, out: Path, logger: Logger) -> StageResult:
@@ -93,7 +109,9 @@ def prepare_data(config: Config, out: Path, logger: Logger) -> StageResult:
         splits, source_stats = load_jsonl(cfg, bad)
 
     if config.model.name_or_path:
-        tokenizer = load_pretrained_tokenizer(resolve(config.model.name_or_path, config.model.store))
+        model_path = resolve(config.model.name_or_path, config.model.store)
+        _check_positions(config, _max_positions(model_path))
+        tokenizer = load_pretrained_tokenizer(model_path)
     else:
         tokenizer = train_bpe_tokenizer(_tokenizer_corpus(splits), config.model.vocab_size)
     token_lengths = _enforce_token_limits(splits, tokenizer, config, bad)
