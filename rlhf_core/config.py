@@ -125,6 +125,20 @@ class DataConfig(_Group):
 
 
 # ----------------------------------------------------------------------------------------------- model
+class LoraConfig(_Group):
+    """LoRA adapters (peft) on every trained model: the policy (SFT, PPO), the reward model and the critic."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of every weight (full fine-tuning).")
+    rank: int = Field(16, ge=1, description="Rank r of each adapter.")
+    alpha: float = Field(32.0, gt=0, description="Scale alpha: the update is (alpha / r) B A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input (PPO runs in eval mode).")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Linear layers that get adapters (Llama names: attention and MLP projections).",
+    )
+
+
 class ModelConfig(_Group):
     name_or_path: str | None = Field(
         None,
@@ -133,6 +147,7 @@ class ModelConfig(_Group):
         "built from the sizes below with a BPE tokenizer trained on the prepared data.",
     )
     store: str = Field("models", min_length=1, description="The local model store: pulled and converted models.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning.")
     vocab_size: int = Field(1024, ge=300, description="BPE vocabulary size (byte-level, 256 base symbols).")
     hidden_size: int = Field(128, ge=8, description="Tiny Llama: hidden size.")
     num_layers: int = Field(4, ge=1, description="Tiny Llama: decoder layers.")
@@ -519,6 +534,12 @@ class Config(_Group):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Training engine.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     paths: PathsConfig = Field(default_factory=PathsConfig, description="Stage output directories.")
+
+    @model_validator(mode="after")
+    def _lora_unsharded(self) -> Config:
+        if self.model.lora.enabled and self.distributed.engine == "deepspeed" and self.distributed.zero_stage == 3:
+            raise ValueError("model.lora.enabled with distributed.zero_stage=3 is not supported yet: use ZeRO 0-2")
+        return self
 
     @model_validator(mode="after")
     def _sequences_fit_the_tiny_model(self) -> Config:

@@ -60,11 +60,11 @@ STAGE_PARAMS = {
     "prepare": ["data", "model.vocab_size", "model.name_or_path"],
     "sft": ["model", "sft", "distributed", "data.source", "data.seed", "data.max_response_tokens"],
     "rm": [
-        "rm", "distributed", "rm_eval.batch_size", "data.source", "data.seed", "data.max_response_tokens",
-        "ppo.sampling",
+        "rm", "model.lora", "distributed", "rm_eval.batch_size", "data.source", "data.seed",
+        "data.max_response_tokens", "ppo.sampling",
     ],
     "rm-eval": ["rm_eval", "data.source", "data.seed", "data.sim"],
-    "ppo": ["ppo", "distributed", "data.source", "data.seed", "data.sim", "data.max_response_tokens"],
+    "ppo": ["ppo", "model.lora", "distributed", "data.source", "data.seed", "data.sim", "data.max_response_tokens"],
     "eval": ["eval", "data.source", "data.seed", "data.sim", "data.max_response_tokens"],
 }  # fmt: skip
 UPSTREAM = {

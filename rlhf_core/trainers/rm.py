@@ -30,6 +30,7 @@ from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response, 
 from rlhf_core.errors import DataError
 from rlhf_core.io import atomic_write_json
 from rlhf_core.models.generation import sample
+from rlhf_core.models.lora import apply_lora, is_lora, merged
 from rlhf_core.models.reward import load_reward_model, reward_model_for_training, reward_scores, save_reward_model
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import write_curves
@@ -169,7 +170,8 @@ def train_reward_model(config: Config, out: Path, logger: Logger) -> StageResult
     global_batch, total_steps = steps_for(len(train), opt, ctx.world_size)
 
     init_from = opt.init_from or str(Path(config.paths.sft) / "model")
-    model = reward_model_for_training(init_from, pad_id, with_lm_head=opt.beta_rm > 0)
+    model = apply_lora(reward_model_for_training(init_from, pad_id, with_lm_head=opt.beta_rm > 0), config.model.lora,
+                       heads=("score",))  # fmt: skip
     engine = distributed.make_engine(
         model, opt, total_steps, ctx, config.distributed, opt.micro_batch_size, opt.gradient_accumulation_steps
     )
@@ -192,11 +194,8 @@ def train_reward_model(config: Config, out: Path, logger: Logger) -> StageResult
             value = val_metrics[f"rm/val_{opt.best_metric}"]
             saved = _is_better(opt.best_metric, value, best)
             if saved:
-                # Every rank takes part (ZeRO-3 gathers shards); rank 0 writes.
                 best = value
-                state = distributed.gather_full_state_dict(engine)
-                if ctx.is_main:
-                    save_reward_model(state, engine.unwrapped(), tokenizer, model_dir)
+                _save_best(engine, tokenizer, model_dir, ctx)
             checkpoints.append({"step": step + 1, **val_metrics, "saved": saved})
             logger.log_metrics(val_metrics, step=step + 1)
             progress.set_postfix(acc=f"{record['rm/accuracy']:.2f}", val_acc=f"{val_metrics['rm/val_accuracy']:.3f}")
@@ -219,6 +218,19 @@ def train_reward_model(config: Config, out: Path, logger: Logger) -> StageResult
         logged=("checkpoints.json", "plots", "model/reward_stats.json"),
         history=history,
     )
+
+
+def _save_best(engine, tokenizer, model_dir: Path, ctx) -> None:
+    """The reward model as it is now, merged if it trains LoRA adapters. Every rank takes part (ZeRO-3 gathers
+    shards); rank 0 writes."""
+    module = engine.unwrapped()
+    if is_lora(module):
+        template = merged(module)
+        state = template.state_dict()
+    else:
+        template, state = module, distributed.gather_full_state_dict(engine)
+    if ctx.is_main:
+        save_reward_model(state, template, tokenizer, model_dir)
 
 
 def _train_step(engine, pairs: list[Pair], opt, pad_id: int, ctx) -> dict[str, float]:

@@ -26,6 +26,7 @@ from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response, 
 from rlhf_core.io import atomic_write_jsonl
 from rlhf_core.models.causal_lm import initial_policy, load_causal_lm
 from rlhf_core.models.generation import sample
+from rlhf_core.models.lora import apply_lora, is_lora, save_causal_lm
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import write_curves
 from rlhf_core.tracking import Logger
@@ -139,7 +140,7 @@ def train_sft(config: Config, out: Path, logger: Logger) -> StageResult:
     train, val = _encode(tokenizer, train_rows), _encode(tokenizer, val_rows)
     global_batch, total_steps = steps_for(len(train), opt, ctx.world_size)
 
-    model = initial_policy(config.model, tokenizer)
+    model = apply_lora(initial_policy(config.model, tokenizer), config.model.lora)
     engine = distributed.make_engine(
         model, opt, total_steps, ctx, config.distributed, opt.micro_batch_size, opt.gradient_accumulation_steps
     )
@@ -168,11 +169,11 @@ def train_sft(config: Config, out: Path, logger: Logger) -> StageResult:
             logger.log_metrics({k: v for k, v in val_record.items() if k != "step"}, step=step + 1)
             progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
 
-    state = distributed.gather_full_state_dict(engine)
+    policy = engine.unwrapped()
+    state = None if is_lora(policy) else distributed.gather_full_state_dict(engine)
     metrics: dict = {}
     if ctx.is_main:
-        engine.unwrapped().save_pretrained(out / "model", state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out / "model")
+        save_causal_lm(policy, state, tokenizer, out / "model")
         samples, sample_metrics = _sample_generations(config, out / "model", tokenizer, val_rows)
         tail = history[-min(10, len(history)) :]
         metrics = {
@@ -187,9 +188,10 @@ def train_sft(config: Config, out: Path, logger: Logger) -> StageResult:
         atomic_write_jsonl(out / "samples.jsonl", samples)
         write_curves(out / "plots", "sft", history, val_history, ["sft/loss"], ["sft/val_loss"])
     distributed.barrier()
+    adapter = {"adapter": "adapter"} if is_lora(policy) else {}
     return StageResult(
         metrics=metrics,
-        artifacts={"model": "model", "metrics": "metrics.json"},
+        artifacts={"model": "model", **adapter, "metrics": "metrics.json"},
         logged=("samples.jsonl", "plots"),
         history=history,
     )

@@ -3,6 +3,7 @@ the last iterations, and the training curves."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -53,9 +54,10 @@ def compare_on_eval_prompts(config: Config, models, tokenizer, judge) -> dict:
     prompts = [r["prompt"] for r in load_split(config.paths.data, "eval", config.data)]
     out: dict = {}
     gold: dict[str, list[float]] = {}
-    for name, model in (("sft", models.reference), ("policy", models.policy.unwrapped())):
-        got = sample_responses(model, tokenizer, prompts, config.eval.sampling, config.data.max_response_tokens,
-                               config.eval.seed, models.device, synced_gpus=models.synced_gpus)  # fmt: skip
+    for name in ("sft", "policy"):
+        with models.reference() if name == "sft" else contextlib.nullcontext(models.policy.unwrapped()) as model:
+            got = sample_responses(model, tokenizer, prompts, config.eval.sampling, config.data.max_response_tokens,
+                                   config.eval.seed, models.device, synced_gpus=models.synced_gpus)  # fmt: skip
         out.update(_with_interval(f"ppo/eval_rm_score_{name}", score_samples(models.reward_model, got).tolist()))
         out[f"ppo/eval_response_length_{name}"] = float(got["response_mask"].sum(1).float().mean())
         if judge is not None:

@@ -3,6 +3,7 @@ reward model."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from rlhf_core import distributed
@@ -11,6 +12,7 @@ from rlhf_core.errors import DataError
 from rlhf_core.io import read_json
 from rlhf_core.models.causal_lm import load_causal_lm
 from rlhf_core.models.critic import load_critic
+from rlhf_core.models.lora import adapters_off, apply_lora
 from rlhf_core.models.reward import load_reward_model
 
 
@@ -32,16 +34,21 @@ class PPOModels:
         self.sharded = distributed.shards_parameters(ctx, config.distributed)
         # Ranks stop sampling at different lengths; with sharded weights each must keep stepping until all are done.
         self.synced_gpus = self.sharded and ctx.world_size > 1
+        lora = config.model.lora
+        # With LoRA the reference is the policy with its adapters off: the SFT weights are held once.
+        frozen = [] if lora.enabled else [load_causal_lm(sft_dir, tokenizer)]
         # The FrozenModel objects stay referenced: under ZeRO-3 they keep the engines whose hooks gather weights.
         self._frozen = [
             distributed.make_frozen(model, ppo.forward_batch_size, ctx, config.distributed)
-            for model in (load_causal_lm(sft_dir, tokenizer), load_reward_model(rm_dir, tokenizer.pad_token_id))
+            for model in (*frozen, load_reward_model(rm_dir, tokenizer.pad_token_id))
         ]
-        self.reference, self.reward_model = (frozen.module for frozen in self._frozen)
+        self._reference = None if lora.enabled else self._frozen[0].module
+        self.reward_model = self._frozen[-1].module
         stats_file = rm_dir / "reward_stats.json"
         self.reward_stats = read_json(stats_file) if stats_file.is_file() else None
-        policy = load_causal_lm(sft_dir, tokenizer)
-        critic = load_critic(rm_dir, sft_dir, tricks.critic_from_rm, tokenizer.pad_token_id)
+        policy = apply_lora(load_causal_lm(sft_dir, tokenizer), lora)
+        critic = apply_lora(load_critic(rm_dir, sft_dir, tricks.critic_from_rm, tokenizer.pad_token_id), lora,
+                            heads=("score",))  # fmt: skip
 
         def engine(model, optim: OptimizerConfig, total_steps: int):
             if not tricks.global_grad_clip:
@@ -56,6 +63,16 @@ class PPOModels:
         # must come from the same function, or the ratio is noise. Gradients flow in eval mode all the same.
         self.policy.unwrapped().eval()
         self.critic.unwrapped().eval()
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen SFT policy, for KL and the final comparison: its own copy, or the LoRA policy with its
+        adapters off."""
+        if self._reference is not None:
+            yield self._reference
+        else:
+            with adapters_off(self.policy.unwrapped()) as model:
+                yield model
 
     @property
     def engines(self) -> dict:

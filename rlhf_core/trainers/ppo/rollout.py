@@ -54,7 +54,8 @@ def score(models: PPOModels, exp: Experience, temperature: float, batch_size: in
         mask = exp.attention_mask[start : start + batch_size]
         tokens = exp.responses[start : start + batch_size]
         logits = response_logits(policy, ids, mask, qw, width)
-        ref_logits = response_logits(models.reference, ids, mask, qw, width)
+        with models.reference() as reference:
+            ref_logits = response_logits(reference, ids, mask, qw, width)
         parts["logprobs"].append(algo.logprobs_from_logits(logits, tokens, temperature))
         parts["ref_logprobs"].append(algo.logprobs_from_logits(ref_logits, tokens, temperature))
         parts["nll"].append(-algo.logprobs_from_logits(logits, tokens))

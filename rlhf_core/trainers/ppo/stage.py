@@ -23,6 +23,7 @@ from rlhf_core import distributed
 from rlhf_core.checkpoint import config_fingerprint, list_checkpoints, load_checkpoint, save_checkpoint
 from rlhf_core.config import Config
 from rlhf_core.io import atomic_write_json, atomic_write_jsonl
+from rlhf_core.models.lora import is_lora, save_causal_lm
 from rlhf_core.tracking import Logger
 from rlhf_core.trainers.ppo.evaluation import compare_on_eval_prompts, final_metrics, write_plots
 from rlhf_core.trainers.ppo.experience import Experience
@@ -129,11 +130,11 @@ def _finish(
 ) -> StageResult:
     """Save the policy, compare it with the SFT policy on the eval prompts, write the outputs."""
     models, ctx = run.models, run.ctx
-    state = distributed.gather_full_state_dict(models.policy)
+    policy = models.policy.unwrapped()
+    state = None if is_lora(policy) else distributed.gather_full_state_dict(models.policy)
     metrics: dict = {}
     if ctx.is_main:
-        models.policy.unwrapped().save_pretrained(out / "model", state_dict=state, safe_serialization=True)
-        run.tokenizer.save_pretrained(out / "model")
+        save_causal_lm(policy, state, run.tokenizer, out / "model")
     if ctx.is_main or models.sharded:
         # Sharded models answer only when every rank runs the same forwards: then every rank evaluates the same
         # prompts from the same seed (what rank 0 alone computes otherwise), and rank 0 reports.
@@ -150,9 +151,10 @@ def _finish(
         write_plots(out / "plots", history)
         logger.register_model(out / "model", run.config.tracking.registered_model)
     distributed.barrier()
+    adapter = {"adapter": "adapter"} if is_lora(policy) else {}
     return StageResult(
         metrics=metrics,
-        artifacts={"model": "model", "metrics": "metrics.json"},
+        artifacts={"model": "model", **adapter, "metrics": "metrics.json"},
         logged=("tricks.json", "samples.jsonl", "plots"),
         history=history,
     )
