@@ -101,12 +101,12 @@ def run_stage(
         for name in (*UPSTREAM[stage], stage):
             commit.recover(Path(stage_output_dir(config, name)))
     distributed.barrier()
-    if skip_unchanged:
-        previous = unchanged_artifacts(config, stage)
-        if previous is not None:
-            return StageOutcome({**previous, "skipped": "unchanged"}, _previous_metrics(config, stage))
     out = Path(stage_output_dir(config, stage))
     fingerprint = stage_fingerprint(config, stage)
+    if skip_unchanged:
+        previous = unchanged_artifacts(config, stage, fingerprint)
+        if previous is not None:
+            return StageOutcome({**previous, "skipped": "unchanged"}, _previous_metrics(config, stage))
     with stage_run(config, stage, is_main=is_main, parent_run_id=parent_run_id) as logger:
         staging = commit.start(out) if is_main else out / commit.STAGING
         distributed.barrier()
@@ -182,12 +182,11 @@ def stage_fingerprint(config: Config, stage: str) -> str | None:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def unchanged_artifacts(config: Config, stage: str) -> dict[str, str] | None:
-    """The recorded artifacts when the stage already ran with the same fingerprint and every output it recorded is
-    on disk with the recorded content."""
+def unchanged_artifacts(config: Config, stage: str, fingerprint: str | None) -> dict[str, str] | None:
+    """The recorded artifacts when the stage already ran with ``fingerprint`` (``stage_fingerprint``) and every
+    output it recorded is on disk with the recorded content."""
     out = Path(stage_output_dir(config, stage))
     stamp = commit.read_manifest(out)
-    fingerprint = stage_fingerprint(config, stage)
     if stamp is None or fingerprint is None or stamp.get("fingerprint") != fingerprint:
         return None
     if not commit.unchanged(out, stamp):
