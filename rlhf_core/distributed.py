@@ -17,6 +17,7 @@ so nothing compiles (results are identical).
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import random
@@ -95,6 +96,18 @@ def shutdown() -> None:
         for name, value in vars(groups).items():
             if name.startswith("_") and name.endswith("_GROUP") and not callable(value):
                 setattr(groups, name, {} if isinstance(value, dict) else None)
+    _release_zero3_modules()
+
+
+def _release_zero3_modules() -> None:
+    """ZeRO-3 pushes every engine's top module onto a module-level stack and never pops it, so the model, its
+    engine and the gloo process group its parameters hold outlive the run. Left to interpreter exit, that group's
+    worker threads are torn down in an undefined order and the process can abort ("terminate called without an
+    active exception", exit -6) after all the work succeeded. Drop those references and collect now."""
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if offload is not None and getattr(offload, "FWD_MODULE_STACK", None):
+        offload.FWD_MODULE_STACK.clear()
+        gc.collect()
 
 
 def _import_deepspeed():

@@ -116,6 +116,32 @@ def test_two_process_zero3_ppo_saves_resumes_and_loads(trained_tiny_rm, prepared
     assert any(not (a == sft.state_dict()[k]).all() for k, a in model.state_dict().items()), "the policy moved"
 
 
+def test_shutdown_releases_a_zero3_model():
+    """DeepSpeed's ZeRO-3 keeps every engine's module on a global stack; unless ``shutdown`` drops it, the model and
+    the process group its parameters hold live until interpreter exit, where a torchrun rank could abort with -6."""
+    import gc
+    import weakref
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_core import distributed
+    from rlhf_core.config import DistributedConfig
+
+    cfg = DistributedConfig(engine="deepspeed", zero_stage=3, zero3_param_persistence_threshold=0)
+    ctx = distributed.setup(cfg)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)  # fmt: skip
+    frozen = distributed.make_frozen(LlamaForCausalLM(config), 1, ctx, cfg)
+    with torch.no_grad():
+        frozen.module(input_ids=torch.tensor([[1, 2, 3]]))
+    module = weakref.ref(frozen.module)
+    del frozen
+    distributed.shutdown()
+    gc.collect()
+    assert module() is None, "the sharded model outlived shutdown"
+
+
 def _read_history(path: Path) -> list[dict]:
     with open(path) as handle:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
