@@ -110,6 +110,15 @@ def _release_zero3_modules() -> None:
         gc.collect()
 
 
+def stage_autocast(cfg: DistributedConfig):
+    """bfloat16 autocast over a whole stage when ``distributed.bf16``: sampling, scoring and evaluation run in
+    the precision training does (the engines' own autocast covers training alone), so PPO's old log-probs come
+    from the same arithmetic as the update's and the ratio starts at 1. Weights stay fp32."""
+    if not cfg.bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+
+
 def _import_deepspeed():
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed

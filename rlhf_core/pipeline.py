@@ -112,7 +112,8 @@ def run_stage(
         distributed.barrier()
         started = time.time()
         try:
-            result = STAGES[stage](config, staging, logger)
+            with distributed.stage_autocast(config.distributed):
+                result = STAGES[stage](config, staging, logger)
         except BaseException:
             if is_main:
                 commit.abandon(out)

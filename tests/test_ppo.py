@@ -76,6 +76,32 @@ def test_outputs_metrics_samples_and_resolved_tricks(trained_tiny_rm, prepared_t
     assert changed, "the policy must have moved"
 
 
+def test_bf16_runs_every_forward_of_the_stage_in_autocast(trained_tiny_rm, prepared_tiny, tmp_path, monkeypatch):
+    """``distributed.bf16``: sampling, scoring and the update all run under bf16 autocast (so the old log-probs come
+    from the update's arithmetic and the first iteration's KL is exactly 0); the exported weights stay fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_core.trainers.ppo import iteration
+
+    seen = []
+    real_score = iteration.score
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(iteration, "score", spy)
+    config = _config(trained_tiny_rm, prepared_tiny[0], tmp_path, "distributed.bf16=true")
+    result = run_stage("ppo", config)
+    assert seen and all(seen), "scoring ran outside bf16 autocast"
+    assert all(math.isfinite(v) for r in result.history for v in r.values())
+    assert result.history[0]["objective/kl"] == 0.0
+    assert any("loss/policy" in r for r in result.history)
+    trained = AutoModelForCausalLM.from_pretrained(Path(result.artifacts["model"]))
+    assert all(p.dtype == torch.float32 for p in trained.parameters())
+
+
 def test_non_finite_losses_are_skipped_then_stop_the_run(trained_tiny_rm, prepared_tiny, tmp_path, monkeypatch):
     import torch
 

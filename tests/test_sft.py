@@ -63,6 +63,24 @@ def test_sft_smoke_loss_falls_weights_change_and_checkpoint_reloads(prepared_tin
     assert not list(out.glob(".*")), "temporary files left behind"
 
 
+def test_the_lm_head_on_labelled_positions_gives_the_full_width_loss():
+    """SFT and the RM's LM term keep logits from the first position that predicts a label: here column 2 (row 1's
+    first label is token 3); the loss equals the full-width loss."""
+    import torch
+
+    from rlhf_core.algos.sft import IGNORE_INDEX, first_labelled_logit, sft_loss
+
+    x = IGNORE_INDEX
+    labels = torch.tensor([[x, x, x, x, 7, 8, x], [x, x, x, 5, 6, 9, 4]])
+    assert first_labelled_logit(labels) == 2
+    assert first_labelled_logit(torch.full((2, 4), x)) == 0
+    logits = torch.randn(2, 7, 11, generator=torch.Generator().manual_seed(0))
+    full, _ = sft_loss(logits, labels)
+    kept, stats = sft_loss(logits[:, 2:], labels[:, 2:])
+    assert float(stats["tokens"]) == 6
+    torch.testing.assert_close(kept, full, rtol=0, atol=1e-6)
+
+
 def test_sft_rejects_a_split_smaller_than_the_global_batch(prepared_tiny, tmp_path):
     from rlhf_core.errors import ConfigError
 

@@ -51,13 +51,14 @@ class RewardModelWithLMHead(torch.nn.Module):
         self.reward_model = reward_model
         self.lm_head = lm_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lm_rows: int = 0):
-        """``(scores (B,), logits of the first lm_rows rows or None)``; the score reads the last real token."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lm_rows: int = 0, lm_from: int = 0):
+        """``(scores (B,), logits of the first lm_rows rows from position lm_from on, or None)``; the score reads the
+        last real token."""
         from rlhf_core.algos.rm import gather_last
 
         hidden = self.reward_model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         scores = gather_last(self.reward_model.score(hidden), attention_mask)
-        logits = self.lm_head(hidden[:lm_rows]) if lm_rows and self.lm_head is not None else None
+        logits = self.lm_head(hidden[:lm_rows, lm_from:]) if lm_rows and self.lm_head is not None else None
         return scores, logits
 
 

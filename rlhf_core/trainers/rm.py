@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from rlhf_core import distributed
 from rlhf_core.algos.rm import pairwise_loss
-from rlhf_core.algos.sft import sft_loss
+from rlhf_core.algos.sft import first_labelled_logit, sft_loss
 from rlhf_core.config import Config, steps_for
 from rlhf_core.data.order import global_order, rank_batches
 from rlhf_core.data.rows import load_split
@@ -248,18 +248,20 @@ def _train_step(engine, pairs: list[Pair], opt, pad_id: int, ctx) -> dict[str, f
     normaliser = global_tokens / (opt.gradient_accumulation_steps * ctx.world_size)
     sums = torch.zeros(5, dtype=torch.float64)  # ranking loss, correct, gap, pairs, chosen nll
     for n, batch in batches:
+        lm_from = first_labelled_logit(batch["labels"][:n])  # the LM head on the chosen responses only
         with engine.autocast():
             scores, logits = engine.forward(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 lm_rows=n if opt.beta_rm > 0 else 0,
+                lm_from=lm_from,
             )
         scores = scores.float()
         rank_loss, stats = pairwise_loss(scores[:n], scores[n:], margin=opt.margin, center_coef=opt.center_coef)
         loss = rank_loss
         nll = 0.0
         if logits is not None:
-            lm_loss, lm_stats = sft_loss(logits.float(), batch["labels"][:n], normaliser=normaliser)
+            lm_loss, lm_stats = sft_loss(logits.float(), batch["labels"][:n, lm_from:], normaliser=normaliser)
             loss = loss + opt.beta_rm * lm_loss
             nll = float(lm_stats["nll_sum"])
         engine.backward(loss)

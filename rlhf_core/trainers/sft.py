@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from rlhf_core import distributed
-from rlhf_core.algos.sft import sft_loss
+from rlhf_core.algos.sft import first_labelled_logit, sft_loss
 from rlhf_core.config import Config, steps_for
 from rlhf_core.data.order import global_order, rank_batches
 from rlhf_core.data.rows import load_split
@@ -37,6 +37,17 @@ def _encode(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
     return [(encode_query(tokenizer, r["prompt"]), encode_response(tokenizer, r["response"])) for r in rows]
 
 
+def _labelled_logits(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits from the first position that predicts a response token on, and the labels aligned with them."""
+    start = first_labelled_logit(batch["labels"])
+    width = batch["labels"].shape[1]
+    with engine.autocast():
+        logits = engine.forward(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=width - start
+        ).logits
+    return logits, batch["labels"][:, start:]
+
+
 @torch.no_grad()
 def evaluate_loss(engine, examples, micro_batch_size: int, pad_id: int, ctx) -> float:
     """Token-mean response NLL over ``examples`` (sharded over ranks, summed globally)."""
@@ -45,11 +56,10 @@ def evaluate_loss(engine, examples, micro_batch_size: int, pad_id: int, ctx) -> 
     tokens = torch.zeros((), dtype=torch.float64)
     for chunk, is_filler in rank_batches(examples, micro_batch_size, ctx.rank, ctx.world_size):
         batch = {k: v.to(engine.device) for k, v in collate_sft(chunk, pad_id).items()}
-        with engine.autocast():
-            logits = engine.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, labels = _labelled_logits(engine, batch)
         if is_filler:
             continue
-        _, stats = sft_loss(logits, batch["labels"])
+        _, stats = sft_loss(logits, labels)
         nll_sum += stats["nll_sum"].double().cpu()
         tokens += stats["tokens"].double().cpu()
     engine.module.train()
@@ -112,9 +122,8 @@ def _train_step(engine, examples: list[tuple[list[int], list[int]]], opt, pad_id
     nll_sum = torch.zeros(())
     for mb in micro_batches:
         mb = {k: v.to(engine.device) for k, v in mb.items()}
-        with engine.autocast():
-            logits = engine.forward(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-        loss, stats = sft_loss(logits, mb["labels"], normaliser=normaliser)
+        logits, labels = _labelled_logits(engine, mb)
+        loss, stats = sft_loss(logits, labels, normaliser=normaliser)
         engine.backward(loss)
         engine.step()
         nll_sum += stats["nll_sum"].float().cpu()
