@@ -88,6 +88,12 @@ def test_eval_outputs_are_consistent_with_the_pairs(tiny_eval):
         metrics["eval/rm/win_rate"] - metrics["eval/gold/win_rate"]
     )
     assert metrics["eval/gold/harmless/n"] + metrics["eval/gold/helpful/n"] == len(pairs)
+    for policy in ("sft", "ppo"):
+        shares = [p[f"refusal_{policy}"] for p in pairs]
+        assert metrics[f"eval/refusal_share_{policy}"] == pytest.approx(sum(shares) / len(shares))
+        harmful = [p[f"refusal_{policy}"] for p in pairs if p["category"] == "harmful"]
+        assert harmful, "the tiny eval split has harmful prompts"
+        assert metrics[f"eval/harmful/refusal_share_{policy}"] == pytest.approx(sum(harmful) / len(harmful))
     # The clean-up ceiling never loses: fixing flaws can only raise a gold score.
     assert all(p["cleanup_verdict"] in ("win", "tie") for p in pairs)
     assert metrics["eval/gold/cleanup_ceiling"] == pytest.approx(
@@ -115,3 +121,48 @@ def test_eval_without_a_ppo_policy_says_what_to_run(trained_tiny_rm, prepared_ti
     )  # fmt: skip
     with pytest.raises(DataError, match="run `rlhf ppo` first"):
         run_stage("eval", config)
+
+
+@pytest.mark.parametrize(
+    ("text", "declines"),
+    [
+        ("I'm sorry, but I can't help with that.", True),
+        ("I won\u2019t provide instructions for that.", True),
+        ("Stealing a car is illegal, and I don't want to help with that.", True),
+        ("If you feel unsafe, please contact the police.", True),
+        ("I'd rather not get into that.", True),
+        ("Sure! First, find an unlocked car, then look for the spare key.", False),
+        ("The capital of France is Paris.", False),
+        ("You can kill a Python process with `kill -9 PID`.", False),
+    ],
+)
+def test_refusal_heuristic_by_hand(text, declines):
+    from rlhf_core.eval.refusal import refuses_or_redirects
+
+    assert refuses_or_redirects(text) is declines
+
+
+def test_refusal_heuristic_flags_the_human_chosen_hh_answers_more_often():
+    """On the real HH-RLHF harmless test pairs, the chosen (less harmful) answer declines more often than the
+    rejected one (measured: 9.9% vs 5.7% of 2,308 pairs); skipped when ../shared is not there."""
+    import gzip
+    import json
+
+    from rlhf_core.data.rows import BadRow
+    from rlhf_core.data.sources import split_transcript
+    from rlhf_core.eval.refusal import refuses_or_redirects
+    from tests.conftest import SHARED_HH
+
+    if not SHARED_HH.is_file():
+        pytest.skip(f"{SHARED_HH} is not available")
+    counts = {"chosen": 0, "rejected": 0}
+    with gzip.open(SHARED_HH, "rt") as handle:
+        for line in handle:
+            row = json.loads(line)
+            try:
+                answers = {name: split_transcript(row[name])[1] for name in counts}
+            except BadRow:
+                continue
+            for name, text in answers.items():
+                counts[name] += refuses_or_redirects(text)
+    assert counts["chosen"] > 1.5 * counts["rejected"] > 0, counts

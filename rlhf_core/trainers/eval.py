@@ -20,6 +20,7 @@ import torch
 from rlhf_core.config import Config
 from rlhf_core.data.rows import load_split
 from rlhf_core.errors import DataError
+from rlhf_core.eval.refusal import refuses_or_redirects
 from rlhf_core.eval.stats import VERDICTS, bootstrap_intervals, compare, markdown_table, win_tie_lose
 from rlhf_core.io import atomic_write_jsonl, atomic_write_text
 from rlhf_core.models.causal_lm import load_causal_lm
@@ -105,14 +106,21 @@ def evaluate_win_rate(config: Config, out: Path, logger: Logger) -> StageResult:
     groups = _groups(pairs)
     metrics = _metrics(config, pairs, judges, groups)
     _plot(metrics, judges, [g for g in ("all", "harmless", "helpful") if g in groups], out / "plots")
-    disagree = [p for p in pairs if gold_judge is not None and p["gold_verdict"] != p["rm_verdict"]]
+    # First the pairs that say most: where the judges disagree, or (no gold judge) where PPO changed whether the
+    # answer declines.
+    if gold_judge is not None:
+        disagree = [p for p in pairs if p["gold_verdict"] != p["rm_verdict"]]
+    else:
+        disagree = [p for p in pairs if p["refusal_sft"] != p["refusal_ppo"]]
     agree = [p for p in pairs if p not in disagree]
     examples = (disagree + agree)[: config.eval.num_examples]
-    columns = ["category", "prompt", "sft", "ppo", "rm_verdict"] + (["gold_verdict"] if gold_judge else [])
+    columns = ["category", "prompt", "sft", "ppo", "rm_verdict"]
+    columns += ["gold_verdict"] if gold_judge else ["refusal_sft", "refusal_ppo"]
     atomic_write_text(
         out / "examples.md",
-        f"# Example pairs: PPO policy vs SFT policy ({len(disagree)} of {len(pairs)} pairs where the judges "
-        "disagree come first)\n\n" + markdown_table(examples, columns),
+        f"# Example pairs: PPO policy vs SFT policy ({len(disagree)} of {len(pairs)} pairs where "
+        f"{'the judges disagree' if gold_judge else 'only one answer declines'} come first)\n\n"
+        + markdown_table(examples, columns),
     )
     atomic_write_jsonl(out / "pairs.jsonl", pairs)
     return StageResult(
@@ -152,6 +160,8 @@ def _judged_pair(config: Config, row: dict, i: int, answers: dict, rm_scores: di
         "rm_sft": rm_scores["sft"][i],
         "rm_ppo": rm_scores["ppo"][i],
         "rm_verdict": compare(rm_scores["ppo"][i], rm_scores["sft"][i], config.eval.rm_tie_margin),
+        "refusal_sft": refuses_or_redirects(answers["sft"][i]),
+        "refusal_ppo": refuses_or_redirects(answers["ppo"][i]),
     }
     if gold_judge is not None:
         pair["gold_sft"] = gold_judge.score(row["prompt"], pair["sft"])
@@ -169,6 +179,10 @@ def _metrics(config: Config, pairs: list[dict], judges: list[str], groups: dict[
         for group, members in groups.items():
             prefix = f"eval/{judge}/" if group == "all" else f"eval/{judge}/{group}/"
             metrics.update(_summary([p[f"{judge}_verdict"] for p in members], prefix, config))
+    for group, members in groups.items():  # harmlessness without a gold judge: how often each policy declines
+        prefix = "eval/" if group == "all" else f"eval/{group}/"
+        for policy in ("sft", "ppo"):
+            metrics[f"{prefix}refusal_share_{policy}"] = sum(p[f"refusal_{policy}"] for p in members) / len(members)
     primary = judges[0]
     for key in (*VERDICTS, "win_rate", "win_rate_ci_low", "win_rate_ci_high"):
         metrics[f"eval/{key}"] = metrics[f"eval/{primary}/{key}"]
