@@ -98,7 +98,10 @@ def main() -> None:
         model.config.pad_token_id = pad_id
         return model
 
-    policy, reference = causal_lm(), causal_lm()
+    # With LoRA (our model.lora), TRL puts the adapters on the policy and uses it with the adapters off as the
+    # reference, as ours does; its value model trains in full (ours puts adapters on the critic too).
+    lora = spec.get("lora")
+    policy, reference = causal_lm(), None if lora else causal_lm()
     # Value model initialised from the reward model (PPO-max's critic init, TRL's usual recipe as well).
     value_model, reward_model = reward_shaped(), reward_shaped()
 
@@ -141,9 +144,9 @@ def main() -> None:
         adam_beta1=s["adam_beta1"],
         adam_beta2=s["adam_beta2"],
         adam_epsilon=s["adam_eps"],
-        # Plain fp32, no activation recomputation: what our trainer runs (PPOConfig defaults to bf16 and
-        # gradient checkpointing).
-        bf16=False,
+        # No activation recomputation, and bf16 autocast only when ours has it (distributed.bf16): what our
+        # trainer runs (PPOConfig defaults to bf16 and gradient checkpointing).
+        bf16=bool(spec.get("bf16")),
         fp16=False,
         gradient_checkpointing=False,
         use_cpu=True,
@@ -164,7 +167,14 @@ def main() -> None:
             if logs:
                 logged.append(dict(logs))
 
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                 target_modules=lora["target_modules"], task_type="CAUSAL_LM")  # fmt: skip
     trainer = PPOTrainer(
+        peft_config=peft_config,
         args=config,
         processing_class=tokenizer,
         model=policy,

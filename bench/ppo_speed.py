@@ -2,6 +2,11 @@
 
     .venv/bin/python bench/ppo_speed.py                           # 3 repeats x (ours, TRL), 20 iterations each
     .venv/bin/python bench/ppo_speed.py --iterations 2 --repeats 1  # smoke run
+    # SmolLM2-135M at the sim recipe's PPO sizes, bf16, full fine-tuning (add --set model.lora.enabled=true for LoRA)
+    .venv/bin/python bench/ppo_speed.py --base outputs/smollm2-sim --iterations 4 --repeats 2 \
+        --set distributed.bf16=true --set data.max_response_tokens=64 --set ppo.rollout_size=32 \
+        --set ppo.minibatch_size=16 --set ppo.micro_batch_size=16 --set ppo.forward_batch_size=32 \
+        --results bench/results/ppo_speed_smollm2_full.json
 
 The workload is the default pipeline's PPO stage: the tiny Llama SFT policy (outputs/sft), the reward model
 (outputs/rm, also the critic's / value model's initialisation), the byte-level BPE tokenizer and the PPO prompts
@@ -86,8 +91,12 @@ DIFFERENCES = [
     "Left out of ours: the gold-judge scores of the simulated domain (monitoring only; the bench switches them off) "
     "and the evaluation on held-out prompts after the last iteration (not timed either way). Left out of TRL: its "
     "periodic sample generations (num_sample_generations=0). Neither saves checkpoints.",
-    "Both run in fp32 without gradient checkpointing (TRL's PPOConfig defaults to bf16 and gradient checkpointing; "
-    "set off here) and with dropout off.",
+    "Both run without gradient checkpointing (TRL's PPOConfig default; set off here), with dropout off, and in fp32 "
+    "unless --set distributed.bf16=true, which turns on bf16 autocast in both (ours over every forward of the "
+    "stage, TRL's through accelerate's mixed precision).",
+    "With --set model.lora.enabled=true both train LoRA adapters of the same rank, alpha and target modules on the "
+    "policy and use it with its adapters off as the reference; ours also puts adapters on the critic, TRL's value "
+    "model trains in full.",
 ]
 
 PHASES = ("generation", "scoring", "training")
@@ -422,6 +431,8 @@ def main() -> None:
                 "sft_model": str(base / "sft" / "model"),
                 "rm_model": str(base / "rm" / "model"),
                 "threads": args.threads,
+                "lora": config.model.lora.model_dump() if config.model.lora.enabled else None,
+                "bf16": config.distributed.bf16,
                 "settings": settings,
                 "batches": batches,
             }

@@ -13,7 +13,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$REPO/.venv-trl}"
 PYTHON="${PYTHON:-python3}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
-PINS=(trl==1.12.0 transformers==5.23.0 accelerate==1.15.0)
+PINS=(trl==1.12.0 transformers==5.23.0 accelerate==1.15.0 peft==0.21.2)
 STAMP="$VENV/.bench-stamp"
 WANT="torch==$TORCH_VERSION ${PINS[*]}"
 
@@ -32,7 +32,7 @@ else
     echo "$WANT" >"$STAMP"
 fi
 "$VENV/bin/python" - <<'PY'
-import accelerate, sys, torch, transformers, trl
+import accelerate, peft, sys, torch, transformers, trl
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, "
-      f"accelerate {accelerate.__version__}, trl {trl.__version__}")
+      f"accelerate {accelerate.__version__}, peft {peft.__version__}, trl {trl.__version__}")
 PY

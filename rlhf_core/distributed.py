@@ -113,10 +113,20 @@ def _release_zero3_modules() -> None:
 def stage_autocast(cfg: DistributedConfig):
     """bfloat16 autocast over a whole stage when ``distributed.bf16``: sampling, scoring and evaluation run in
     the precision training does (the engines' own autocast covers training alone), so PPO's old log-probs come
-    from the same arithmetic as the update's and the ratio starts at 1. Weights stay fp32."""
+    from the same arithmetic as the update's and the ratio starts at 1. Weights stay fp32.
+
+    Autocast keeps the bf16 copy of each trainable weight it casts until the outermost autocast region ends, and
+    an optimizer's in-place update does not invalidate it: inside one region that spans training, every forward
+    after the first step would run on the initial weights (measured: SmolLM2 SFT stopped learning, val loss 1.88
+    instead of 0.61). So the engines clear that cache whenever the weights change (:func:`weights_changed`)."""
     if not cfg.bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+
+
+def weights_changed() -> None:
+    """Drop autocast's bf16 copies of the weights (see :func:`stage_autocast`): call after every in-place update."""
+    torch.clear_autocast_cache()
 
 
 def _import_deepspeed():
@@ -214,6 +224,7 @@ class TorchEngine:
             self.skipped_steps += 1
             return False
         self.optimizer.step()
+        weights_changed()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
@@ -231,6 +242,7 @@ class TorchEngine:
     def load_state(self, directory: Path) -> None:
         state = torch.load(Path(directory) / "engine.pt", map_location=self.device, weights_only=False)
         self.module.load_state_dict(state["module"])
+        weights_changed()
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._micro = state["micro"]
@@ -265,6 +277,7 @@ class DeepSpeedEngine:
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
         if boundary:
+            weights_changed()
             norm = self.engine.get_global_grad_norm()
             self.last_grad_norm = None if norm is None else float(norm)
         return boundary
@@ -278,6 +291,7 @@ class DeepSpeedEngine:
 
     def load_state(self, directory: Path) -> None:
         self.engine.load_checkpoint(str(directory), tag="engine")
+        weights_changed()
 
     def unwrapped(self):
         return self.engine.module

@@ -81,6 +81,33 @@ def test_the_lm_head_on_labelled_positions_gives_the_full_width_loss():
     torch.testing.assert_close(kept, full, rtol=0, atol=1e-6)
 
 
+def test_bf16_stage_region_sees_every_optimizer_step():
+    """Inside one autocast region spanning training (``distributed.bf16`` wraps the stage), the forward after an
+    optimizer step must use the updated weights, not autocast's cached bf16 copy of the old ones."""
+    import torch
+
+    from rlhf_core import distributed
+    from rlhf_core.config import DistributedConfig, OptimizerConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    cfg = DistributedConfig(bf16=True)
+    ctx = distributed.setup(cfg)
+    engine = distributed.make_engine(model, OptimizerConfig(lr=0.1), 10, ctx, cfg, 4, 1)
+    x = torch.randn(4, 8)
+    with distributed.stage_autocast(cfg):
+        for _ in range(2):
+            with engine.autocast():
+                loss = engine.forward(input=x).float().pow(2).mean()
+            engine.backward(loss)
+            assert engine.step()
+        with engine.autocast():
+            inside = engine.forward(input=x).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a fresh region: casts the current weights
+        fresh = model(x).float()
+    torch.testing.assert_close(inside, fresh, rtol=0, atol=0)
+
+
 def test_sft_rejects_a_split_smaller_than_the_global_batch(prepared_tiny, tmp_path):
     from rlhf_core.errors import ConfigError
 
