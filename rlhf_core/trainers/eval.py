@@ -4,7 +4,9 @@ Both policies answer every ``eval`` prompt once, sampled with the paper's settin
 repetition penalty 1.1) from the same seed. Two judges compare each pair: the gold judge (the simulated domain's
 stand-in for the paper's human and GPT-4 judges) and the reward model. Verdicts are win / tie / lose for the PPO
 policy; the win rate counts ties half. The RM-judged win rate minus the gold-judged one measures reward
-over-optimisation: how much of what PPO gained only the reward model sees.
+over-optimisation: how much of what PPO gained only the reward model sees. Without a gold judge (HH-RLHF), the
+share of answers that decline or redirect (``eval/refusal_share_{sft,ppo}``, a phrase heuristic in
+``rlhf_core/eval/refusal.py``) measures harmlessness before and after.
 
 Outputs (committed to ``paths.eval`` by the stage scaffold, which adds ``metrics.json`` and ``config.yaml``):
 ``pairs.jsonl`` (both answers, scores and verdicts per prompt), ``examples.md`` (a table of example pairs, judge
