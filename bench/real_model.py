@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.real_model_options import cpu_description  # noqa: E402
+from rlhf_core.io import atomic_write_json  # noqa: E402
 
 STAGES = ("prepare", "sft", "rm", "rm-eval", "ppo", "eval")
 HEADLINE = (  # (label, stage, metric key) shown in the summary when the stage wrote it
@@ -76,13 +77,6 @@ def stage_metrics(config, stage: str) -> dict:
     directory = Path(getattr(config.paths, stage.replace("-", "_") if stage != "prepare" else "data"))
     path = directory / ("stats.json" if stage == "prepare" else "metrics.json")
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _write(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _fmt(metrics: dict, key) -> str | None:
@@ -137,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         stage_config = load_config(args.recipe, overrides)
         record["metrics"] = stage_metrics(stage_config, stage) if record["returncode"] == 0 else {}
         results["stages"][label] = record
-        _write(results_path, results)
+        atomic_write_json(results_path, results)
         print(f"{label}: {record['seconds']:.0f} s, peak RSS {record['peak_rss_gib']:.2f} GiB", flush=True)
         if record["returncode"] != 0:
             tail = (logs / f"{label}.log").read_text()[-3000:]

@@ -125,12 +125,6 @@ def _time_generate(variant: str, model, tokenizer, queries, mask, tokens: int) -
     return seconds
 
 
-def _write(path: Path, results: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _summary(results: dict) -> list[dict]:
     rows = []
     for group in (TRAIN_VARIANTS, GEN_VARIANTS):
@@ -159,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from rlhf_core.io import atomic_write_json
     from rlhf_core.models.store import resolve
     from rlhf_core.models.tokenizer import load_tokenizer
 
@@ -186,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             seconds = _time_generate(variant, full, tokenizer, queries, qmask, args.gen_tokens)
             results["seconds"].setdefault(variant, []).append(seconds)
         results["summary"] = _summary(results)
-        _write(args.results, results)
+        atomic_write_json(args.results, results)
         print(f"repeat {repeat + 1}/{args.repeats} written to {args.results}", flush=True)
     for row in results.get("summary", _summary(results)):
         print(f"{row['variant']:<26} {row['median_s']:>8.3f} s  x{row['speedup']:<5} ({row['runs']} runs)")

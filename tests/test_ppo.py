@@ -76,9 +76,10 @@ def test_outputs_metrics_samples_and_resolved_tricks(trained_tiny_rm, prepared_t
     assert changed, "the policy must have moved"
 
 
-def test_bf16_runs_every_forward_of_the_stage_in_autocast(trained_tiny_rm, prepared_tiny, tmp_path, monkeypatch):
-    """``distributed.bf16``: sampling, scoring and the update all run under bf16 autocast (so the old log-probs come
-    from the update's arithmetic and the first iteration's KL is exactly 0); the exported weights stay fp32."""
+def test_bf16_scores_rollouts_in_autocast_and_exports_fp32(trained_tiny_rm, prepared_tiny, tmp_path, monkeypatch):
+    """``distributed.bf16``: rollout scoring runs under the stage's bf16 autocast (so the old log-probs come from the
+    update's arithmetic and the first iteration's KL is exactly 0), the run stays finite and updates the policy,
+    and the exported weights stay fp32."""
     import torch
     from transformers import AutoModelForCausalLM
 
