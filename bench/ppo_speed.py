@@ -29,9 +29,13 @@ generation / scoring (reward, reference, value forwards, advantages) / training 
 iteration's bookkeeping up to the next rollout), peak RSS; and the ratio ours/TRL of each. Our phases are the
 trainer's own ``time/generation|scoring|training`` history entries (plus the bookkeeping after ``time/training``,
 timed up to the next rollout); TRL's are timed around the functions its ``train()`` calls (see
-bench/_trl_ppo_worker.py). Writes ``bench/results/ppo_speed.json`` (settings, versions, every run's
-per-iteration numbers) and prints a table. Needs the default pipeline's outputs (``make run``). Timings are only
-meaningful on an otherwise idle machine: the load average before and after is recorded.
+bench/_trl_ppo_worker.py). After a few updates the two policies may sample different answers (a policy that
+learns to answer at length makes every later phase slower), so two more views compare like with like: the
+iterations whose rollouts are the same in both (the first always is; warm-up included), and each phase's time per
+padded rollout token (samples x generated width). Writes ``bench/results/ppo_speed.json`` (settings, versions, the
+CPU, every run's per-iteration numbers) and prints a table; ``--summarise RESULTS`` reprints a results file.
+Needs the default pipeline's outputs (``make run``). Timings are only meaningful on an otherwise idle machine: the
+load average before and after is recorded.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.real_model_options import cpu_description  # noqa: E402
 
 SETUP_SCRIPT = REPO / "bench" / "setup_trl_venv.sh"
 TRL_WORKER = REPO / "bench" / "_trl_ppo_worker.py"
@@ -316,6 +322,35 @@ def summarise(runs: list[dict], warmup: int) -> dict:
     return summary
 
 
+def same_work(runs: dict[str, list[dict]]) -> dict:
+    """Both trainers on token-for-token the same work: the iterations (warm-up included) whose rollouts have the
+    same response-token total and padded width in the same repeat. The first iteration always qualifies (same
+    prompts, weights, sampler and seed); after an update the two policies may sample different answers, and then
+    per-iteration times compare different amounts of work."""
+    pairs = [
+        (a, b)
+        for ours_run, trl_run in zip(runs["ours"], runs["trl"], strict=True)
+        for a, b in zip(ours_run["records"], trl_run["records"], strict=True)
+        if (a["response_tokens"], a.get("generated_width")) == (b["response_tokens"], b.get("generated_width"))
+    ]
+    if not pairs:
+        return {"iterations": 0}
+    result: dict = {"iterations": len(pairs), "iteration_numbers": [a["iteration"] for a, _ in pairs]}
+    for side, index in (("ours", 0), ("trl", 1)):
+        records = [pair[index] for pair in pairs]
+        result[side] = {f"{p}_seconds": sum(r[p] for r in records) / len(records) for p in PHASES}
+        result[side]["seconds"] = sum(result[side][f"{p}_seconds"] for p in PHASES)
+    return result
+
+
+def padded_token_rates(runs: list[dict], warmup: int) -> dict:
+    """Milliseconds per padded rollout token (samples x generated width) of each phase over the measured
+    iterations: per-iteration times normalised for how long the sampled answers ran."""
+    measured = [rec for run in runs for rec in run["records"][warmup:] if rec.get("generated_width")]
+    padded = sum(rec["samples"] * rec["generated_width"] for rec in measured)
+    return {f"{p}_ms_per_padded_token": 1000 * sum(rec[p] for rec in measured) / padded for p in PHASES}
+
+
 # (label, summary key, format)
 ROWS = [
     ("samples / s", "samples_per_second", "{:.2f}"),
@@ -333,13 +368,13 @@ ROWS = [
 ]
 
 
-def print_table(summary: dict, ratios: dict, args, contended: bool) -> None:
+def print_table(summary: dict, ratios: dict, settings: dict, contended: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
     title = (
-        f"PPO speed: ours vs TRL {summary['trl_version']}, {args.repeats} run(s) x {args.iterations} iteration(s) "
-        f"each (+{args.warmup} warm-up left out)"
+        f"PPO speed: ours vs TRL {summary['trl_version']}, {settings['repeats']} run(s) x {settings['iterations']} "
+        f"iteration(s) each (+{settings['warmup']} warm-up left out)"
     )
     if contended:
         title += "\n[bold red]CPU was busy: contended timings, not a measurement[/]"
@@ -363,6 +398,20 @@ def print_table(summary: dict, ratios: dict, args, contended: bool) -> None:
     )
     same, total = summary["iterations_with_equal_response_tokens"]
     table.add_row("iterations with equal response tokens", f"{same} / {total}", "", "")
+    work = summary.get("same_work", {"iterations": 0})
+    if work["iterations"]:
+        table.add_section()
+        table.add_row(f"same work ({work['iterations']} iteration(s), warm-up incl.)", "", "", "")
+        for phase in ("seconds", *(f"{p}_seconds" for p in PHASES)):
+            a, b = work["ours"][phase], work["trl"][phase]
+            label = "  s / iteration" if phase == "seconds" else f"    {phase.removesuffix('_seconds')}"
+            table.add_row(label, f"{a:.3f}", f"{b:.3f}", f"{a / b:.2f}")
+    table.add_section()
+    table.add_row("ms per padded rollout token (samples x width)", "", "", "")
+    for p in PHASES:
+        key = f"{p}_ms_per_padded_token"
+        a, b = ours[key], trl[key]
+        table.add_row(f"  {p}", f"{a:.2f}", f"{b:.2f}", f"{a / b:.2f}")
     console = Console()
     console.print(table)
     speedup = trl["seconds_per_iteration"] / ours["seconds_per_iteration"]
@@ -370,9 +419,49 @@ def print_table(summary: dict, ratios: dict, args, contended: bool) -> None:
         f"ours is {speedup:.2f}x TRL's speed per iteration ({'faster' if speedup >= 1 else 'slower'}); "
         "ours / TRL < 1 on seconds and memory, > 1 on throughput means ours is better."
     )
+    if work["iterations"] and same < total:
+        same_speedup = work["trl"]["seconds"] / work["ours"]["seconds"]
+        console.print(
+            f"On the iterations with the same rollouts ours is {same_speedup:.2f}x TRL's speed; the others compare "
+            "different amounts of work (see the generated widths and the per-token rows)."
+        )
     print("Remaining differences between the two runs:")
     for item in DIFFERENCES:
         print(f"  - {item}")
+
+
+def compare(runs: dict[str, list[dict]], warmup: int) -> tuple[dict, dict]:
+    """The per-trainer summaries, the same-work comparison and the ratios ours / TRL."""
+    summary = {name: summarise(trainer_runs, warmup) | padded_token_rates(trainer_runs, warmup)
+               for name, trainer_runs in runs.items()}  # fmt: skip
+    # Same seed and sampler: the two trainers usually draw the very same responses (checked by their lengths).
+    pairs = [
+        (a["response_tokens"], b["response_tokens"])
+        for ours_run, trl_run in zip(runs["ours"], runs["trl"], strict=True)
+        for a, b in zip(ours_run["records"], trl_run["records"], strict=True)
+    ]
+    summary["iterations_with_equal_response_tokens"] = [sum(a == b for a, b in pairs), len(pairs)]
+    summary["same_work"] = same_work(runs)
+    summary["trl_version"] = runs["trl"][0]["versions"]["trl"]
+    ratios = {
+        key: summary["ours"][key] / summary["trl"][key]
+        for _, key, _ in ROWS
+        if summary["ours"].get(key) and summary["trl"].get(key)
+    }
+    return summary, ratios
+
+
+def resummarise(path: Path) -> None:
+    """Recompute and print the comparison of a results file written earlier (e.g. after the summary changed)."""
+    from rlhf_core.io import atomic_write_json
+
+    results = json.loads(path.read_text())
+    settings = results["settings"]
+    summary, ratios = compare(results["runs"], settings["warmup"])
+    results.update(summary=summary, ratios_ours_over_trl=ratios)
+    atomic_write_json(path, results)
+    print_table(summary, ratios, settings, results["contended"])
+    print(f"results: {path}")
 
 
 def main() -> None:
@@ -386,10 +475,14 @@ def main() -> None:
     parser.add_argument("--trl-venv", type=Path, default=REPO / ".venv-trl")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep run outputs and logs here")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "ppo_speed.json")
+    parser.add_argument("--summarise", type=Path, metavar="RESULTS", help="reprint the comparison of a results file")
     parser.add_argument("--worker-ours", nargs=2, type=Path, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker_ours:
         run_ours_worker(*args.worker_ours)
+        return
+    if args.summarise:
+        resummarise(args.summarise)
         return
     if args.iterations < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--iterations and --repeats must be >= 1, --warmup >= 0")
@@ -466,20 +559,7 @@ def main() -> None:
             print(f"    {per_iter:.2f} s / iteration, peak RSS {max_rss / 1024:.0f} MiB, {wall:.0f} s wall", flush=True)
     load_after = os.getloadavg()
 
-    summary = {name: summarise(trainer_runs, args.warmup) for name, trainer_runs in runs.items()}
-    # Same seed and sampler: the two trainers usually draw the very same responses (checked by their lengths).
-    pairs = [
-        (a["response_tokens"], b["response_tokens"])
-        for ours_run, trl_run in zip(runs["ours"], runs["trl"], strict=True)
-        for a, b in zip(ours_run["records"], trl_run["records"], strict=True)
-    ]
-    summary["iterations_with_equal_response_tokens"] = [sum(a == b for a, b in pairs), len(pairs)]
-    summary["trl_version"] = runs["trl"][0]["versions"]["trl"]
-    ratios = {
-        key: summary["ours"][key] / summary["trl"][key]
-        for _, key, _ in ROWS
-        if summary["ours"].get(key) and summary["trl"].get(key)
-    }
+    summary, ratios = compare(runs, args.warmup)
     # Something else was running when the benchmark started (the load after it includes the benchmark itself).
     contended = load_before[0] > cpus * 0.5
     results = {
@@ -500,6 +580,7 @@ def main() -> None:
         "differences": DIFFERENCES,
         "runs": runs,
         "machine": {
+            "cpu": cpu_description(),
             "cpu_count": cpus,
             "platform": platform.platform(),
             "load_average_before": load_before,
@@ -515,7 +596,7 @@ def main() -> None:
         },
     }
     atomic_write_json(args.results, results)
-    print_table(summary, ratios, args, contended)
+    print_table(summary, ratios, results["settings"], contended)
     print(f"results: {args.results}")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
