@@ -322,6 +322,15 @@ def summarise(runs: list[dict], warmup: int) -> dict:
     return summary
 
 
+def record_pairs(runs: dict[str, list[dict]]) -> list[tuple[dict, dict]]:
+    """(ours, TRL) records of the same iteration in the same repeat, warm-up included."""
+    return [
+        (a, b)
+        for ours_run, trl_run in zip(runs["ours"], runs["trl"], strict=True)
+        for a, b in zip(ours_run["records"], trl_run["records"], strict=True)
+    ]
+
+
 def same_work(runs: dict[str, list[dict]]) -> dict:
     """Both trainers on token-for-token the same work: the iterations (warm-up included) whose rollouts have the
     same response-token total and padded width in the same repeat. The first iteration always qualifies (same
@@ -329,8 +338,7 @@ def same_work(runs: dict[str, list[dict]]) -> dict:
     per-iteration times compare different amounts of work."""
     pairs = [
         (a, b)
-        for ours_run, trl_run in zip(runs["ours"], runs["trl"], strict=True)
-        for a, b in zip(ours_run["records"], trl_run["records"], strict=True)
+        for a, b in record_pairs(runs)
         if (a["response_tokens"], a.get("generated_width")) == (b["response_tokens"], b.get("generated_width"))
     ]
     if not pairs:
@@ -435,12 +443,9 @@ def compare(runs: dict[str, list[dict]], warmup: int) -> tuple[dict, dict]:
     summary = {name: summarise(trainer_runs, warmup) | padded_token_rates(trainer_runs, warmup)
                for name, trainer_runs in runs.items()}  # fmt: skip
     # Same seed and sampler: the two trainers usually draw the very same responses (checked by their lengths).
-    pairs = [
-        (a["response_tokens"], b["response_tokens"])
-        for ours_run, trl_run in zip(runs["ours"], runs["trl"], strict=True)
-        for a, b in zip(ours_run["records"], trl_run["records"], strict=True)
-    ]
-    summary["iterations_with_equal_response_tokens"] = [sum(a == b for a, b in pairs), len(pairs)]
+    pairs = record_pairs(runs)
+    equal = sum(a["response_tokens"] == b["response_tokens"] for a, b in pairs)
+    summary["iterations_with_equal_response_tokens"] = [equal, len(pairs)]
     summary["same_work"] = same_work(runs)
     summary["trl_version"] = runs["trl"][0]["versions"]["trl"]
     ratios = {
