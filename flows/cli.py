@@ -7,6 +7,7 @@ same pipeline loop (``rlhf_core.pipeline.run_pipeline``) without Prefect.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Annotated
@@ -31,12 +32,14 @@ def run(
     started = time.time()
     try:
         config = load(params, set_)
-        from rlhf_core.pipeline import run_pipeline, select_stages
+        from rlhf_core.pipeline import check_before_work, run_pipeline, select_stages
 
         selected = select_stages([s.strip() for s in stages.split(",")] if stages else None)
+        check_before_work(config, selected)
         if prefect:
             from flows.rlhf import rlhf as rlhf_flow
 
+            _keep_user_errors_off_the_console()
             outputs = rlhf_flow(params_file=str(params), overrides=list(set_ or []), stages=selected, force=force)
         else:
             outputs = run_pipeline(config, selected, force)
@@ -44,6 +47,41 @@ def run(
         fail(exc)
         return
     print_summary(config, outputs, time.time() - started, prefect)
+
+
+def _user_error_names() -> tuple[str, ...]:
+    names, todo = [], [RLHFError]
+    while todo:
+        cls = todo.pop()
+        names.append(cls.__name__)
+        todo += cls.__subclasses__()
+    return tuple(names)
+
+
+class _NoUserErrorReports(logging.Filter):
+    """Prefect logs a failed task and flow with the exception's traceback (twice: task, then flow) and then their
+    final states. For a mistake of the user's (an RLHFError) the one line ``rlhf run`` prints is the whole story:
+    keep these records off the console. They still reach the Prefect API, so the UI shows why the run failed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("prefect"):
+            return True
+        if record.exc_info and isinstance(record.exc_info[1], RLHFError):
+            return False
+        return not any(f"{name}:" in record.getMessage() or f"{name}(" in record.getMessage()
+                       for name in _user_error_names())  # fmt: skip
+
+
+def _keep_user_errors_off_the_console() -> None:
+    from prefect.logging.configuration import setup_logging
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    setup_logging()  # idempotent; makes sure the console handler exists before we filter it
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+            isinstance(f, _NoUserErrorReports) for f in handler.filters
+        ):
+            handler.addFilter(_NoUserErrorReports())
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ from rlhf_core.errors import ConfigError
 
 
 class _Group(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    # allow_inf_nan=False: ".inf" or ".nan" is never a sensible hyperparameter, and accepted it fails much later
+    # with a message that blames something else.
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -515,12 +517,53 @@ class TrackingConfig(_Group):
 
 
 class PathsConfig(_Group):
-    data: str = Field("outputs/data", description="prepare: splits/, tokenizer/, stats.json, config.yaml.")
-    sft: str = Field("outputs/sft", description="sft: model/, metrics.json, plots/, samples.jsonl, config.yaml.")
-    rm: str = Field("outputs/rm", description="rm: reward model directory and metrics.")
-    rm_eval: str = Field("outputs/rm_eval", description="rm-eval: metrics and plots.")
-    ppo: str = Field("outputs/ppo", description="ppo: policy, checkpoints and metrics.")
-    eval: str = Field("outputs/eval", description="eval: win rates and plots.")
+    """Where each stage commits its outputs. A relative path must stay inside the project (the working directory);
+    an absolute path is taken as the user's explicit choice. No two stages share a directory or nest."""
+
+    data: str = Field("outputs/data", min_length=1, description="prepare: splits/, tokenizer/, stats.json.")
+    sft: str = Field("outputs/sft", min_length=1, description="sft: model/, metrics.json, plots/, samples.jsonl.")
+    rm: str = Field("outputs/rm", min_length=1, description="rm: reward model directory and metrics.")
+    rm_eval: str = Field("outputs/rm_eval", min_length=1, description="rm-eval: metrics and plots.")
+    ppo: str = Field("outputs/ppo", min_length=1, description="ppo: policy, checkpoints and metrics.")
+    eval: str = Field("outputs/eval", min_length=1, description="eval: win rates and plots.")
+
+    @model_validator(mode="after")
+    def _separate_and_inside_the_project(self) -> PathsConfig:
+        project = Path.cwd().resolve()
+        resolved = {}
+        for name, value in self.model_dump().items():
+            problem = _output_path_problem(value, project)
+            if problem:
+                raise ValueError(f"paths.{name}={value!r} {problem}")
+            resolved[name] = (project / value).resolve()
+        names = list(resolved)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                if (
+                    resolved[a] == resolved[b]
+                    or resolved[a] in resolved[b].parents
+                    or resolved[b] in resolved[a].parents
+                ):
+                    raise ValueError(
+                        f"paths.{a}={getattr(self, a)!r} and paths.{b}={getattr(self, b)!r} overlap: one stage would "
+                        "overwrite or delete the other's outputs; give each stage its own directory"
+                    )
+        return self
+
+
+def _output_path_problem(value: str, project: Path) -> str | None:
+    """Why ``value`` cannot be a stage's output directory, or None."""
+    if "\0" in value or any(ord(ch) < 32 for ch in value):
+        return "contains a control character"
+    path = Path(value).expanduser()
+    target = (project / path).resolve()
+    if target == project or target in project.parents:
+        return "is the project directory or one of its parents: a stage replaces its directory's contents"
+    if target == Path.home().resolve() or target == Path(target.anchor):
+        return "is the home or root directory"
+    if not path.is_absolute() and project not in target.parents:
+        return "leaves the project directory; use an absolute path to write outside it on purpose"
+    return None
 
 
 class Config(_Group):
@@ -631,21 +674,57 @@ def _format_validation_error(err: ValidationError, tree: dict, source: str) -> s
     return "\n".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: plain YAML keeps the last
+    one, so a second ``sft:`` group would silently replace the first with its few keys (and defaults)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(
+                    f"{self.name}:{key_node.start_mark.line + 1}: key '{key}' is given twice "
+                    f"(first on line {seen[key] + 1}); keep one"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_params_file(path: Path) -> dict:
+    """The params file as a tree of groups, or one ConfigError line naming the file, the line and the problem."""
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path} (pass --params FILE)")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"
+        ) from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)
+    try:
+        tree = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    finally:
+        loader.dispose()
+    if tree is None:
+        raise ConfigError(f"{path}: the params file is empty; write the groups to change, or copy params.yaml")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of groups at the top level")
+    return tree
+
+
 def load_config(params_file: str | Path | None = "params.yaml", overrides: list[str] | tuple = ()) -> Config:
     """Read ``params_file`` (None: the built-in defaults), apply ``group.key=value`` overrides, validate."""
     tree: dict = {}
     source = "defaults"
     if params_file is not None:
-        path = Path(params_file)
-        if not path.is_file():
-            raise ConfigError(f"params file not found: {path} (pass --params FILE)")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of groups at the top level")
-        source = str(path)
+        tree = read_params_file(Path(params_file))
+        source = str(params_file)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value, f"--set {text}")

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf_core import commit, distributed
+from rlhf_core import commit, distributed, preflight
 from rlhf_core.config import Config, flatten, save_config
 from rlhf_core.errors import ConfigError
 from rlhf_core.io import atomic_write_json, read_json
@@ -95,6 +95,7 @@ def run_stage(
     is_main = int(os.environ.get("RANK", "0")) == 0
     if stage not in DISTRIBUTED_STAGES and not is_main:
         return StageOutcome({})  # evaluation and data preparation run once, on rank 0
+    check_before_work(config, [stage])
     if stage in DISTRIBUTED_STAGES:
         distributed.setup(config.distributed)  # joins torchrun's process group before any rank touches files
     if is_main:
@@ -130,6 +131,13 @@ def run_stage(
             commit.commit(out, {**manifest, "outputs": commit.digests(staging)})
         distributed.barrier()
     return StageOutcome(artifacts, metrics, result.history)
+
+
+def check_before_work(config: Config, stages: list[str]) -> None:
+    """What the disk must allow for ``stages`` to run, checked before any stage reads, trains or deletes."""
+    preflight.check_tracking_store(config)
+    for stage in stages:
+        preflight.check_stage_output(config, stage)
 
 
 def _write_and_log(config: Config, staging: Path, result, metrics: dict, logger: Logger) -> None:
@@ -224,6 +232,7 @@ def run_pipeline(
     runs one stage (the Prefect flow passes its tasks). Returns each stage's artifacts."""
     outputs: dict[str, dict[str, str]] = {}
     selected = select_stages(stages)
+    check_before_work(config, selected)
     with pipeline_run(config, name="rlhf") as parent:
         for stage in selected:
             outputs[stage] = runner(stage, config, parent.run_id, not force)

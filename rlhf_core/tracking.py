@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,17 @@ from typing import Protocol
 from rlhf_core.config import Config, config_to_dict, flatten
 
 PARENT_RUN_ENV = "RLHF_MLFLOW_PARENT_RUN_ID"
+# MLflow rejects the whole batch when one metric or param name has another character (on Windows ":" too).
+_NOT_IN_MLFLOW_NAMES = re.compile(r"[^/\w.\- ]")
+MLFLOW_MAX_KEY_LENGTH = 250
+
+
+def mlflow_key(name: str) -> str:
+    """``name`` as MLflow accepts it: letters, digits, ``_ - . / space``, no empty, ``.`` or ``..`` path parts.
+    Our own keys already are; names built from the user's data (a split or category name) may not be."""
+    clean = _NOT_IN_MLFLOW_NAMES.sub("_", str(name))
+    parts = [p if p not in (".", "..") else "_" for p in clean.split("/") if p]
+    return "/".join(parts)[:MLFLOW_MAX_KEY_LENGTH] or "_"
 
 
 class Logger(Protocol):
@@ -71,7 +83,7 @@ class MLflowLogger:
             self.curves.update(metrics)
         now = int(time.time() * 1000)
         batch = [
-            Metric(key, float(value), now, step or 0)
+            Metric(mlflow_key(key), float(value), now, step or 0)
             for key, value in metrics.items()
             if value is not None and math.isfinite(float(value))
         ]
@@ -86,7 +98,7 @@ class MLflowLogger:
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
-        items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+        items = [Param(mlflow_key(key), str(value)[:6000]) for key, value in params.items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
@@ -99,7 +111,7 @@ class MLflowLogger:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+            self.client.set_tag(self.run_id, mlflow_key(key), str(value)[:5000])
 
     def register_model(self, path: str | Path, name: str) -> str | None:
         """Log the model directory as this run's ``model`` artifact and register it as a new version of ``name``

@@ -193,9 +193,36 @@ def test_missing_and_unreadable_files(tmp_path):
     with pytest.raises(DataError, match="data file not found"):
         read_rows(tmp_path / "nope.jsonl", "sft", CFG, BadRowLog("skip"))
     binary = tmp_path / "binary.jsonl"
-    binary.write_bytes(b'{"prompt": "\xff\xfe", "response": "x."}\n')
-    with pytest.raises(DataError, match=re.escape(f"{binary}: cannot read")):
-        read_rows(binary, "sft", CFG, BadRowLog("skip"))
+    binary.write_bytes(b'{"prompt": "A?", "response": "B."}\n{"prompt": "\xff\xfe", "response": "x."}\n')
+    with pytest.raises(DataError, match=re.escape(f"{binary}:2: not UTF-8: byte 0xff at column 13")):
+        read_rows(binary, "sft", CFG, BadRowLog("error"))
+    skipped = BadRowLog("skip")  # a bad byte is a bad row like any other: on_bad_rows=skip drops it
+    assert [r["prompt"] for r in read_rows(binary, "sft", CFG, skipped)] == ["A?"]
+    assert skipped.as_stats()["by_reason"] == {"not UTF-8": 1}
+
+
+def test_a_truncated_gzip_file_names_the_file_and_the_last_line_read(tmp_path):
+    import gzip
+
+    rows = b"".join(b'{"prompt": "Q%d?", "response": "A."}\n' % i for i in range(2000))
+    packed = gzip.compress(rows)
+    truncated = tmp_path / "rows.jsonl.gz"
+    truncated.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(DataError, match=re.escape(f"{truncated}: cannot read past line ")) as caught:
+        read_rows(truncated, "sft", CFG, BadRowLog("skip"))
+    assert "truncated or damaged" in str(caught.value)
+    garbage = tmp_path / "garbage.jsonl.gz"
+    garbage.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match=re.escape(f"{garbage}: cannot read past line 0")):
+        read_rows(garbage, "sft", CFG, BadRowLog("skip"))
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x07", "\x1b", "\x7f", "\x85"])
+def test_control_characters_in_a_text_are_a_bad_row(char):
+    row = {"prompt": f"Hi{char}there?", "response": "Hello."}
+    with pytest.raises(BadRow, match=f"control character: U\\+{ord(char):04X} in field 'prompt' at character 3"):
+        validate_row(row, "sft", CFG)
+    assert validate_row({"prompt": "A\tb,\r\nc?", "response": "Yes."}, "sft", CFG)  # tab and newlines are text
 
 
 def test_load_split_reads_prepared_splits_and_fails_clearly(tmp_path):
@@ -522,7 +549,7 @@ def test_prepare_jsonl_reports_prompts_shared_between_files(tmp_path):
     overlap = stats["cross_split_prompt_overlap"]
     assert sum(overlap.values()) == 1
     (key,) = overlap
-    a, b = key.split("&")
+    a, b = key.split("-")
     assert a in ("sft_train", "sft_val") and b in ("ppo", "eval")
 
 

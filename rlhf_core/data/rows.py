@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,6 +38,9 @@ SPLIT_KINDS = {
     "eval": "prompt",
 }
 RESPONSE_FIELDS = ("response", "chosen", "rejected")
+# Characters no prompt or answer contains on purpose (NUL, the C0 and C1 controls, DEL), but a damaged export
+# does; tab, newline and carriage return are text.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 class BadRow(ValueError):
@@ -73,6 +78,10 @@ def validate_row(obj, kind: str, cfg: DataConfig) -> dict:
             raise BadRow(f"field '{name}' must be a string, got {type(value).__name__}")
         if not value.strip():
             raise BadRow(f"empty field '{name}'")
+        control = _CONTROL_CHARACTER.search(value)
+        if control:
+            code, at = ord(control.group()), control.start() + 1
+            raise BadRow(f"control character: U+{code:04X} in field '{name}' at character {at}")
         limit = cfg.max_prompt_chars if name == "prompt" else cfg.max_response_chars
         if len(value) > limit:
             limit_key = "max_prompt_chars" if name == "prompt" else "max_response_chars"
@@ -82,26 +91,44 @@ def validate_row(obj, kind: str, cfg: DataConfig) -> dict:
     return obj
 
 
-def open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
-
-
 def iter_json_lines(path: str | Path, bad: BadRowLog) -> Iterator[tuple[int, object]]:
-    """Yield ``(line_number, parsed_object)`` for every non-blank line; bad JSON goes to ``bad``."""
+    """Yield ``(line_number, parsed_object)`` for every non-blank line; a line that is not UTF-8 or not JSON goes
+    to ``bad`` (so ``on_bad_rows=skip`` can drop it); a damaged file is one DataError naming the last good line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
+    lineno = 0
     try:
-        with open_text(path) as handle:
-            for lineno, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield lineno, json.loads(line.rstrip("\r\n"))
-                except json.JSONDecodeError as exc:
-                    bad.report(f"{path}:{lineno}", f"bad JSON: {exc.msg} at column {exc.colno}")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read: {exc}") from None
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                parsed = _parse_line(raw, lineno == 1, f"{path}:{lineno}", bad)
+                if parsed is not _BLANK:
+                    yield lineno, parsed
+    except (OSError, EOFError, zlib.error) as exc:
+        # gzip: a truncated file raises EOFError, a corrupt one BadGzipFile (an OSError) or zlib.error.
+        raise DataError(
+            f"{path}: cannot read past line {lineno}: {exc}. The file is truncated or damaged; copy or "
+            "download it again"
+        ) from None
+
+
+_BLANK = object()
+
+
+def _parse_line(raw: bytes, first: bool, where: str, bad: BadRowLog):
+    """One line's JSON value, ``_BLANK`` for a blank line, or ``_BLANK`` after reporting a bad one."""
+    try:
+        line = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as exc:
+        bad.report(where, f"not UTF-8: byte 0x{raw[exc.start]:02x} at column {exc.start + 1}")
+        return _BLANK
+    if not line.strip():
+        return _BLANK
+    try:
+        return json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as exc:
+        bad.report(where, f"bad JSON: {exc.msg} at column {exc.colno}")
+        return _BLANK
 
 
 def read_rows(path: str | Path, kind: str, cfg: DataConfig, bad: BadRowLog) -> list[dict]:

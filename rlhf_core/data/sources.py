@@ -213,7 +213,7 @@ def load_jsonl(cfg: DataConfig, bad: BadRowLog) -> tuple[dict[str, list[dict]], 
             stats["scaled_splits"][kind] = scaling
     prompts = {name: {r["prompt"] for r in rows} for name, rows in splits.items()}
     overlap = {
-        f"{a}&{b}": len(prompts[a] & prompts[b])
+        f"{a}-{b}": len(prompts[a] & prompts[b])  # "&" is not allowed in an MLflow metric name
         for i, a in enumerate(SPLITS)
         for b in SPLITS[i + 1 :]
         if prompts[a] & prompts[b]

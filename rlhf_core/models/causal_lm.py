@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from rlhf_core.config import ModelConfig
-from rlhf_core.errors import RLHFError
 from rlhf_core.io import atomic_directory
+from rlhf_core.models.loading import from_pretrained
 
 
 def build_tiny_llama(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
@@ -35,14 +35,11 @@ def build_tiny_llama(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
     return model
 
 
-def load_causal_lm(name_or_path: str | Path, tokenizer=None) -> torch.nn.Module:
+def load_causal_lm(name_or_path: str | Path, tokenizer=None, role: str | None = None) -> torch.nn.Module:
     """Load a Hugging Face causal LM; embeddings grow when the tokenizer gained tokens (a pad token)."""
     from transformers import AutoModelForCausalLM
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise RLHFError(f"cannot load a causal LM from {name_or_path}: {exc}") from None
+    model = from_pretrained(AutoModelForCausalLM, name_or_path, "causal LM", role, dtype=torch.float32)
     if tokenizer is not None:
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
@@ -57,7 +54,7 @@ def initial_policy(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
 
     if cfg.name_or_path is None:
         return build_tiny_llama(cfg, tokenizer)
-    return load_causal_lm(resolve(cfg.name_or_path, cfg.store), tokenizer)
+    return load_causal_lm(resolve(cfg.name_or_path, cfg.store), tokenizer, role="model.name_or_path")
 
 
 def save_causal_lm(model: torch.nn.Module, tokenizer, path: str | Path) -> None:

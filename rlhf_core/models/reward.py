@@ -13,16 +13,18 @@ from pathlib import Path
 import torch
 
 from rlhf_core.errors import ConfigError, RLHFError
+from rlhf_core.models.loading import from_pretrained
 
 
-def load_reward_model(name_or_path: str | Path, pad_token_id: int | None = None) -> torch.nn.Module:
+def load_reward_model(
+    name_or_path: str | Path, pad_token_id: int | None = None, role: str | None = None
+) -> torch.nn.Module:
     """A causal LM directory gets a fresh scalar head; a reward-model directory keeps its trained head."""
     from transformers import AutoModelForSequenceClassification
 
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(name_or_path), num_labels=1, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise RLHFError(f"cannot load a reward model from {name_or_path}: {exc}") from None
+    model = from_pretrained(
+        AutoModelForSequenceClassification, name_or_path, "reward model", role, num_labels=1, dtype=torch.float32
+    )
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if model.config.pad_token_id is None:
@@ -62,7 +64,9 @@ class RewardModelWithLMHead(torch.nn.Module):
         return scores, logits
 
 
-def reward_model_for_training(name_or_path: str | Path, pad_token_id: int, with_lm_head: bool) -> RewardModelWithLMHead:
+def reward_model_for_training(
+    name_or_path: str | Path, pad_token_id: int, with_lm_head: bool, role: str | None = None
+) -> RewardModelWithLMHead:
     """Load ``name_or_path`` as a reward model; attach its LM output layer when the LM term is on.
 
     Tied embeddings (the tiny Llama) share the input embedding as output layer, exactly as the causal LM does;
@@ -75,7 +79,7 @@ def reward_model_for_training(name_or_path: str | Path, pad_token_id: int, with_
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialised" is the expected, not a problem
     try:
-        reward_model = load_reward_model(name_or_path, pad_token_id)
+        reward_model = load_reward_model(name_or_path, pad_token_id, role)
         lm_head = None
         if with_lm_head:
             embeddings = reward_model.get_input_embeddings()
@@ -84,8 +88,8 @@ def reward_model_for_training(name_or_path: str | Path, pad_token_id: int, with_
                 lm_head = torch.nn.Linear(hidden, vocab, bias=False)
                 lm_head.weight = embeddings.weight
             else:
-                causal, info = AutoModelForCausalLM.from_pretrained(
-                    str(name_or_path), dtype=torch.float32, output_loading_info=True
+                causal, info = from_pretrained(
+                    AutoModelForCausalLM, name_or_path, "causal LM", role, dtype=torch.float32, output_loading_info=True
                 )
                 lm_head = causal.get_output_embeddings()
                 if any("lm_head" in key for key in info["missing_keys"]):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rlhf_core.data.tokenize import HH_CHAT_TEMPLATE
 from rlhf_core.errors import RLHFError
+from rlhf_core.models.loading import from_pretrained
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 CHAT_TEMPLATE = HH_CHAT_TEMPLATE  # the built-in tokenizer's, and any model's that has none
@@ -44,10 +45,7 @@ def load_pretrained_tokenizer(name_or_path: str):
     """A model's own tokenizer; a pad token distinct from EOS is added when it has none."""
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, padding_side="left")
-    except (OSError, ValueError) as exc:
-        raise RLHFError(f"model.name_or_path={name_or_path!r}: cannot load its tokenizer: {exc}") from None
+    tokenizer = from_pretrained(AutoTokenizer, name_or_path, "tokenizer", "model.name_or_path", padding_side="left")
     if tokenizer.bos_token is None or tokenizer.eos_token is None:
         raise RLHFError(f"model.name_or_path={name_or_path!r}: the tokenizer needs bos and eos tokens")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -63,4 +61,4 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise RLHFError(f"tokenizer not found: {path} (run `rlhf prepare` first)")
-    return AutoTokenizer.from_pretrained(str(path), padding_side="left")
+    return from_pretrained(AutoTokenizer, path, "tokenizer", padding_side="left")

@@ -170,8 +170,9 @@ def train_reward_model(config: Config, out: Path, logger: Logger) -> StageResult
     global_batch, total_steps = steps_for(len(train), opt, ctx.world_size)
 
     init_from = opt.init_from or str(Path(config.paths.sft) / "model")
-    model = apply_lora(reward_model_for_training(init_from, pad_id, with_lm_head=opt.beta_rm > 0), config.model.lora,
-                       heads=("score",))  # fmt: skip
+    role = "rm.init_from" if opt.init_from else None
+    model = apply_lora(reward_model_for_training(init_from, pad_id, with_lm_head=opt.beta_rm > 0, role=role),
+                       config.model.lora, heads=("score",))  # fmt: skip
     engine = distributed.make_engine(
         model, opt, total_steps, ctx, config.distributed, opt.micro_batch_size, opt.gradient_accumulation_steps
     )

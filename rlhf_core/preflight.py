@@ -1,0 +1,98 @@
+"""Checks of the file system a stage is about to write, run before it reads, trains or deletes anything.
+
+The configuration already refuses output paths that collide or leave the project (``PathsConfig``). What only the
+disk can tell is checked here: the directory is a directory, it and everything in it can be written (a read-only
+``outputs/ppo`` would otherwise lose its checkpoints to a fresh run and then fail), and it holds nothing the stage
+did not write (``paths.ppo`` pointed at a folder of the user's would have its ``model/`` replaced).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rlhf_core import commit
+from rlhf_core.errors import ConfigError
+
+# What each stage may leave in its directory (a test runs every stage and checks this list covers it), and what
+# any stage's directory may hold: the scaffold's files and DVC's .gitignore.
+STAGE_ENTRIES = {
+    "prepare": {"splits", "tokenizer", "stats.json"},
+    "sft": {"model", "samples.jsonl"},
+    "rm": {"model", "checkpoints.json"},
+    "rm-eval": {"confident_errors.jsonl", "confident_errors.md", "pair_scores.jsonl"},
+    "ppo": {"model", "checkpoints", "samples.jsonl", "tricks.json"},
+    "eval": {"examples.md", "pairs.jsonl"},
+}
+COMMON_ENTRIES = {"config.yaml", "metrics.json", "plots", commit.MANIFEST, commit.STAGING, commit.TRASH, ".gitignore"}
+
+
+def check_stage_output(config, stage: str) -> None:
+    """One ConfigError line, before any work, when ``stage`` could not safely write its output directory."""
+    from rlhf_core.pipeline import stage_output_dir
+
+    key = "paths." + {"prepare": "data"}.get(stage, stage.replace("-", "_"))
+    out = Path(stage_output_dir(config, stage))
+    where = f"{key}={stage_output_dir(config, stage)}"
+    _check_creatable(out, where)
+    if not out.exists():
+        return
+    _check_writable_tree(out, where)
+    _check_only_stage_files(out, stage, where)
+
+
+def check_tracking_store(config) -> None:
+    """The local SQLite file an ``sqlite:///`` tracking URI names must be creatable (MLflow's own error for a path
+    under a file is a traceback)."""
+    uri = config.tracking.uri
+    if not config.tracking.enabled or not uri.startswith("sqlite:///"):
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    if database.is_dir():
+        raise ConfigError(f"tracking.uri={uri}: {database} is a directory; name a .db file")
+    _check_creatable(database, f"tracking.uri={uri}")
+
+
+def _check_creatable(path: Path, where: str) -> None:
+    """``path`` is a directory or can become one: no file in its way, and the nearest existing folder writable."""
+    if path.exists() and not path.is_dir() and not where.startswith("tracking"):
+        raise ConfigError(f"{where}: {path} is a file, not a directory; choose a directory")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{where}: {parent} is a file, so nothing can be created under it")
+            if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{where}: cannot create it, {parent} is not writable")
+            return
+
+
+def _check_writable_tree(out: Path, where: str) -> None:
+    """Every folder under ``out`` writable: committing renames entries and clears old ones in any of them."""
+    for folder, subfolders, _ in os.walk(out):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"{where}: {folder} is not writable; nothing was changed. Make it writable (chmod -R u+w {out}) "
+                "or choose another directory"
+            )
+        subfolders[:] = [s for s in subfolders if not os.path.islink(os.path.join(folder, s))]
+
+
+def _our_temporary(name: str) -> bool:
+    """A leftover of our own atomic writes (``.name.xxxx.tmp`` / ``.old``), cleared by the next commit."""
+    return name.startswith(".") and name.endswith((".tmp", ".old"))
+
+
+def _check_only_stage_files(out: Path, stage: str, where: str) -> None:
+    """``out`` holds this stage's outputs (or nothing): never another stage's or a folder of the user's."""
+    manifest = commit.read_manifest(out)
+    if manifest is not None and manifest.get("stage") not in (stage, None):
+        raise ConfigError(f"{where}: {out} holds the outputs of the {manifest['stage']} stage; give each stage its own")
+    recorded = set((manifest or {}).get("outputs") or {})
+    allowed = STAGE_ENTRIES[stage] | COMMON_ENTRIES | recorded
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in allowed and not _our_temporary(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise ConfigError(
+            f"{where}: {out} holds files the {stage} stage did not write ({shown}); the stage replaces what is "
+            "in its directory, so choose an empty or new one"
+        )
