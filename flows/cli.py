@@ -14,7 +14,18 @@ from typing import Annotated
 
 import typer
 
-from rlhf_core.cli import ParamsOpt, SetOpt, app, fail, load, main, print_summary
+from rlhf_core.cli import (
+    ParamsOpt,
+    SetOpt,
+    app,
+    fail,
+    install_stop_handlers,
+    load,
+    main,
+    print_summary,
+    report_stop,
+    stopped,
+)
 from rlhf_core.env import apply_defaults
 from rlhf_core.errors import RLHFError
 
@@ -29,7 +40,9 @@ def run(
 ) -> None:
     """Run the whole pipeline (the Prefect flow 'rlhf' by default) and print a summary."""
     apply_defaults()
+    install_stop_handlers()
     started = time.time()
+    config = None
     try:
         config = load(params, set_)
         from rlhf_core.pipeline import check_before_work, run_pipeline, select_stages
@@ -45,6 +58,13 @@ def run(
             outputs = run_pipeline(config, selected, force)
     except RLHFError as exc:
         fail(exc)
+        return
+    except BaseException as exc:
+        if not stopped(exc) or config is None:
+            raise
+        report_stop(
+            "rlhf run was interrupted", "stages that finished keep their outputs, the interrupted one its previous ones"
+        )
         return
     print_summary(config, outputs, time.time() - started, prefect)
 

@@ -8,7 +8,9 @@ print one line naming the problem and exit with status 2 (config) or 1 (data), b
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -38,8 +40,40 @@ def load(params: Path, overrides: list[str] | None):
     return load_config(params, overrides or [])
 
 
+# The signals that ask a run to stop: Ctrl-C, and what schedulers, `kill` and Prefect cancellations send.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_stop_requested: list[str] = []  # names of the stop signals received
+
+
+def _stop(signum, frame) -> None:
+    _stop_requested.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt
+
+
+def install_stop_handlers() -> None:
+    """SIGTERM stops a run the way Ctrl-C does (a KeyboardInterrupt: stages clean up, PPO checkpoints), and both
+    are remembered, so an error raised while Python unwinds an interrupted import still reads as the stop."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _stop)
+
+
+def stopped(exc: BaseException) -> bool:
+    """True when ``exc`` is (or came out of) a stop request rather than a failure."""
+    return isinstance(exc, KeyboardInterrupt) or bool(_stop_requested)
+
+
+def report_stop(what: str, where: str) -> None:
+    """One line saying what stopped and what is left; exit status 128 + signal number, as a shell reports it."""
+    name = _stop_requested[0] if _stop_requested else "SIGINT"
+    console.print(f"[bold yellow]stopped[/] ({name}): {what}; {where}", highlight=False, soft_wrap=True)
+    raise typer.Exit(128 + signal.Signals[name].value)
+
+
 def _run_single(stage: str, params: Path, overrides: list[str] | None) -> None:
     apply_defaults()
+    install_stop_handlers()
+    config = None
     try:
         config = load(params, overrides)
         from rlhf_core.pipeline import run_stage
@@ -48,11 +82,25 @@ def _run_single(stage: str, params: Path, overrides: list[str] | None) -> None:
     except RLHFError as exc:
         fail(exc)
         return
+    except BaseException as exc:
+        if not stopped(exc) or config is None:
+            raise
+        report_stop(f"rlhf {stage} was interrupted", _what_is_left(stage, config))
+        return
     finally:
         from rlhf_core import distributed
 
         distributed.shutdown()
     _print_artifacts(stage, artifacts, config)
+
+
+def _what_is_left(stage: str, config) -> str:
+    from rlhf_core.pipeline import stage_output_dir
+
+    out = stage_output_dir(config, stage)
+    if stage == "ppo":
+        return f"{out} is as it was before the run; rerun the same command to resume from the newest checkpoint"
+    return f"{out} is as it was before the run (nothing half-written); rerun the same command to start again"
 
 
 def _print_artifacts(stage: str, artifacts: dict[str, str], config) -> None:

@@ -12,7 +12,10 @@ import contextlib
 import math
 import os
 import re
+import signal
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -138,11 +141,50 @@ def git_commit() -> str:
         return "unknown"
 
 
+@contextlib.contextmanager
+def stop_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them. An interrupt inside an MLflow call would
+    leave SQLite's write lock held by the abandoned transaction: ending the run as KILLED then fails ("database
+    is locked", after a long wait and a traceback) and the run stays RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            signal.raise_signal(pending[0])  # now, to the handler the block borrowed it from
+
+
+class _StopSafeClient:
+    """An ``MlflowClient`` whose every call runs under :func:`stop_deferred`."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name):
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            with stop_deferred():
+                return attribute(*args, **kwargs)
+
+        return call
+
+
 def _client(config: Config):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=config.tracking.uri)
+    client = _StopSafeClient(MlflowClient(tracking_uri=config.tracking.uri))
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
     return client, experiment_id
@@ -173,17 +215,54 @@ def _base_tags(config: Config) -> dict[str, str]:
     }
 
 
+# Which process owns a run: a run left RUNNING by a process that no longer exists was killed (SIGKILL, power).
+HOST_TAG, PID_TAG = "rlhf.host", "rlhf.pid"
+
+
 @contextlib.contextmanager
 def _run(config: Config, name: str, tags: dict[str, str]) -> Iterator[MLflowLogger]:
     client, experiment_id = _client(config)
-    run = client.create_run(experiment_id, run_name=name, tags={**_base_tags(config), **tags})
+    end_runs_of_dead_processes(client, experiment_id)
+    owner = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    run = client.create_run(experiment_id, run_name=name, tags={**_base_tags(config), **owner, **tags})
     logger = MLflowLogger(client, run.info.run_id)
     try:
         yield logger
-    except BaseException:
-        client.set_terminated(run.info.run_id, "FAILED")
+    except BaseException as exc:
+        # Ctrl-C and SIGTERM (a KeyboardInterrupt, see cli.install_stop_handlers) are a stop, not a failure.
+        client.set_terminated(run.info.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def end_runs_of_dead_processes(client, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs still RUNNING whose process (on this host) is gone; returns their ids. A process
+    killed with SIGKILL cannot end its own run, so the next run started here does it."""
+    host = socket.gethostname().replace("'", "")
+    try:
+        running = client.search_runs(
+            [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+        )
+    except Exception:  # noqa: BLE001 - housekeeping must never stop a run
+        return []
+    ended = []
+    for run in running:
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and not _process_exists(int(pid)):
+            client.set_tag(run.info.run_id, "rlhf.ended_by", "its process was gone; marked by a later run")
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 @contextlib.contextmanager
