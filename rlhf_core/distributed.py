@@ -21,7 +21,6 @@ import gc
 import math
 import os
 import random
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +43,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _backend(cfg: DistributedConfig) -> str:
@@ -77,10 +70,14 @@ def setup(cfg: DistributedConfig) -> DistContext:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         deepspeed = _import_deepspeed()
         if not torch.distributed.is_initialized():
+            if "MASTER_ADDR" not in os.environ and world_size == 1:
+                # A process alone needs no rendezvous: an in-memory store instead of torch's TCP store, which
+                # would listen on every interface, unauthenticated, for the whole run. torchrun keeps its own.
+                torch.distributed.init_process_group(
+                    _backend(cfg), store=torch.distributed.HashStore(), rank=0, world_size=1
+                )
             deepspeed.init_distributed(dist_backend=_backend(cfg), verbose=False)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, engine=cfg.engine)
@@ -240,8 +237,20 @@ class TorchEngine:
         torch.save(state, Path(directory) / "engine.pt")
 
     def load_state(self, directory: Path) -> None:
-        state = torch.load(Path(directory) / "engine.pt", map_location=self.device, weights_only=False)
-        self.module.load_state_dict(state["module"])
+        """Restore what :meth:`save_state` wrote. ``weights_only``: torch's restricted unpickler builds tensors and
+        plain containers only, so a planted pickle is refused instead of run. Weights of another model (other
+        keys or shapes) raise one ValueError line before anything is changed."""
+        state = torch.load(Path(directory) / "engine.pt", map_location=self.device, weights_only=True)
+        saved, expected = state["module"], self.module.state_dict()
+        missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+        reshaped = [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]
+        if missing or unexpected or reshaped:
+            example = reshaped[0] if reshaped else (missing or unexpected)[0]
+            if reshaped:
+                example += f" {tuple(saved[example].shape)} here {tuple(expected[example].shape)}"
+            raise ValueError(f"weights of another model: {len(missing)} missing, {len(unexpected)} unexpected and "
+                             f"{len(reshaped)} reshaped tensors (e.g. {example})")  # fmt: skip
+        self.module.load_state_dict(saved)
         weights_changed()
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -290,6 +299,22 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(directory), tag="engine")
 
     def load_state(self, directory: Path) -> None:
+        """DeepSpeed reads its checkpoint with the full unpickler (``TorchCheckpointEngine.load`` in
+        deepspeed/runtime/checkpoint_engine/torch_checkpoint_engine.py calls ``torch.load(weights_only=False)``;
+        no option changes that). So each file is first read by torch's weights-only unpickler, which besides
+        tensors and plain containers allows only the three DeepSpeed classes these files hold; a file with anything
+        else is refused before DeepSpeed unpickles it. Memory-mapped, the check parses each pickle without reading
+        the tensors behind it."""
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            for file in sorted(Path(directory).rglob("*.pt")):
+                try:
+                    torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as exc:
+                    raise ValueError(f"{file.relative_to(directory)}: {exc}") from exc
         self.engine.load_checkpoint(str(directory), tag="engine")
         weights_changed()
 
