@@ -555,7 +555,9 @@ def _output_path_problem(value: str, project: Path) -> str | None:
     """Why ``value`` cannot be a stage's output directory, or None."""
     if "\0" in value or any(ord(ch) < 32 for ch in value):
         return "contains a control character"
-    path = Path(value).expanduser()
+    if value.startswith("~"):
+        return "starts with '~', which no stage expands; write the full path"
+    path = Path(value)
     target = (project / path).resolve()
     if target == project or target in project.parents:
         return "is the project directory or one of its parents: a stage replaces its directory's contents"
@@ -703,14 +705,15 @@ def read_params_file(path: Path) -> dict:
         raise ConfigError(
             f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"
         ) from None
-    loader = _UniqueKeyLoader(text)
-    loader.name = str(path)
     try:
-        tree = loader.get_single_data()
+        loader = _UniqueKeyLoader(text)  # the reader checks every character here (NUL and the like)
+        loader.name = str(path)
+        try:
+            tree = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
-    finally:
-        loader.dispose()
     if tree is None:
         raise ConfigError(f"{path}: the params file is empty; write the groups to change, or copy params.yaml")
     if not isinstance(tree, dict):

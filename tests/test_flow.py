@@ -64,6 +64,7 @@ def test_flow_runs_all_stages_with_nested_mlflow_runs(prefect_harness, tmp_path)
     ppo_run = children["ppo"]
     assert "objective/kl" in ppo_run.data.metrics and "rollout/response_length" in ppo_run.data.metrics
     assert ppo_run.data.params["ppo.resolved.reward_norm"] == "True"
+    _every_output_is_known_and_every_key_is_valid_for_mlflow(tmp_path, client, runs)
     versions = client.search_model_versions("name='rlhf-ppo-max-policy'")
     assert [v.run_id for v in versions] == [ppo_run.info.run_id]  # the final policy is in the model registry
     assert "model/model.safetensors" in {a.path for a in client.list_artifacts(ppo_run.info.run_id, "model")}
@@ -81,3 +82,26 @@ def test_retries_only_where_safe_and_never_for_config_or_data_errors():
     assert condition(None, None, Failed(data=OSError("disk hiccup")))
     assert not condition(None, None, Failed(data=ConfigError("ppo.steps: bad")))
     assert not condition(None, None, Failed(data=DataError("ppo.jsonl:3: empty prompt")))
+
+
+def _every_output_is_known_and_every_key_is_valid_for_mlflow(root, client, runs) -> None:
+    """What the stages wrote is what the output-directory preflight allows (else a rerun would call a stage's own
+    files foreign), and every number of every stage's outputs logs to a real MLflow store under its flattened key."""
+    from mlflow.utils.validation import _validate_metric_name, _validate_param_name
+
+    from rlhf_core.config import flatten
+    from rlhf_core.preflight import COMMON_ENTRIES, STAGE_ENTRIES
+
+    keys = set()
+    for stage, directory in {"prepare": "data", "sft": "sft", "rm": "rm", "rm-eval": "rm_eval", "ppo": "ppo",
+                             "eval": "eval"}.items():  # fmt: skip
+        entries = {p.name for p in (root / directory).iterdir()}
+        assert entries <= STAGE_ENTRIES[stage] | COMMON_ENTRIES, (stage, entries - STAGE_ENTRIES[stage])
+        for name in ("metrics.json", "stats.json"):
+            if (root / directory / name).is_file():
+                keys |= set(flatten(json.loads((root / directory / name).read_text())))
+    logged = {key for run in runs for key in [*run.data.metrics, *run.data.params]}
+    assert len(keys) > 100 and logged
+    for key in keys | logged:
+        _validate_metric_name(key)
+        _validate_param_name(key)

@@ -15,11 +15,14 @@ def from_pretrained(auto_class, name_or_path: str | Path, what: str, role: str |
     name = str(name_or_path)
     label = f"{role}={name}" if role else name
     if _is_local_path(name) and not Path(name).expanduser().exists():
-        raise RLHFError(f"{label}: no such directory{_written_by(Path(name))}")
+        hint = _written_by(Path(name)) or "; `rlhf models list` names the models `rlhf models pull` can fetch"
+        raise RLHFError(f"{label}: no such directory{hint}")
     try:
         return auto_class.from_pretrained(name, **kwargs)
     except Exception as exc:  # noqa: BLE001 - a third-party loader: any failure here is about the files
         problem = " ".join(str(exc).split())[:300] or type(exc).__name__
+        if "mismatched_sizes" in problem or "size mismatch" in problem:
+            problem = "the weights' shapes do not match config.json"
         if not Path(name).expanduser().exists():
             raise RLHFError(
                 f"{label}: neither a local directory nor a model the hub could provide ({problem})"
@@ -36,15 +39,12 @@ def _is_local_path(name: str) -> bool:
 
 
 def _written_by(path: Path) -> str:
-    """'; rerun `rlhf sft`' when ``path`` is a stage's model directory (its parent has a stage manifest)."""
+    """'; the sft stage writes it (`rlhf sft`)' when ``path`` is a stage's model directory (its parent has that
+    stage's manifest, or is named after it)."""
     import json
 
-    manifest = path.parent / "stage.json"
     try:
-        stage = json.loads(manifest.read_text())["stage"]
+        stage = json.loads((path.parent / "stage.json").read_text())["stage"]
     except (OSError, ValueError, KeyError, TypeError):
-        for stage in ("sft", "rm", "ppo"):
-            if path.name == "model" and path.parent.name == stage:
-                return f"; the {stage} stage writes it: run `rlhf {stage}` first"
-        return ""
-    return f"; the {stage} stage writes it: rerun `rlhf {stage}`"
+        stage = path.parent.name if path.name == "model" and path.parent.name in ("sft", "rm", "ppo") else None
+    return f"; the {stage} stage writes it (`rlhf {stage}`)" if stage else ""
