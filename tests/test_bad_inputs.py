@@ -419,3 +419,29 @@ def test_bad_input_is_one_line_and_changes_nothing(case: Case, project: Path):
     for word in case.words:
         assert word in message, f"{word!r} not in: {message[-1500:]}"
     assert tree_digest(project) == before, "the command changed the project tree"
+
+
+@pytest.mark.parametrize("stage, folder", [("ppo", "outputs/ppo/checkpoints"), ("sft", "outputs/sft")])
+def test_a_read_only_output_folder_stops_the_stage_before_it_trains_or_deletes(project, monkeypatch, stage, folder):
+    """A read-only ``outputs/ppo`` used to lose its checkpoints to a fresh run before the PermissionError; a
+    read-only ``outputs/sft`` failed only after training. Root ignores permission bits, so as root the check's
+    view of the folder is made read-only instead of the folder itself."""
+    checkpoint = project / "outputs" / "ppo" / "checkpoints" / "step-000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer-rank0.json").write_text("{}\n")
+    read_only = (project / folder).resolve()
+    if os.geteuid() == 0:
+        real_access = os.access
+        monkeypatch.setattr(
+            "rlhf_core.preflight.os.access", lambda p, mode: Path(p).resolve() != read_only and real_access(p, mode)
+        )
+    else:
+        read_only.chmod(0o555)
+    before = tree_digest(project)
+    try:
+        result = run_cli([stage, "--params", "params.yaml"])
+    finally:
+        read_only.chmod(0o755)
+    assert result.exit_code == CONFIG and "Traceback" not in result.output, result.output[-2000:]
+    assert "is not writable; nothing was changed" in " ".join(result.output.split())
+    assert tree_digest(project) == before
