@@ -247,7 +247,7 @@ class TorchEngine:
         if missing or unexpected or reshaped:
             example = reshaped[0] if reshaped else (missing or unexpected)[0]
             if reshaped:
-                example += f" {tuple(saved[example].shape)} here {tuple(expected[example].shape)}"
+                example += f" is {tuple(saved[example].shape)} there, {tuple(expected[example].shape)} here"
             raise ValueError(f"weights of another model: {len(missing)} missing, {len(unexpected)} unexpected and "
                              f"{len(reshaped)} reshaped tensors (e.g. {example})")  # fmt: skip
         self.module.load_state_dict(saved)

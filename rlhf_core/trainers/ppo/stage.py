@@ -15,13 +15,23 @@ collapse signals); the scaffold adds ``metrics.json`` and ``config.yaml``. Check
 from __future__ import annotations
 
 import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from rlhf_core import distributed
-from rlhf_core.checkpoint import config_fingerprint, list_checkpoints, load_checkpoint, save_checkpoint
+from rlhf_core.checkpoint import (
+    CheckpointError,
+    config_fingerprint,
+    load_checkpoint,
+    resume_latest,
+    rng_state,
+    save_checkpoint,
+)
 from rlhf_core.config import Config
+from rlhf_core.errors import RLHFError
 from rlhf_core.io import atomic_write_json, atomic_write_jsonl
 from rlhf_core.models.lora import is_lora, save_causal_lm
 from rlhf_core.tracking import Logger
@@ -40,33 +50,38 @@ def train_ppo(config: Config, out: Path, logger: Logger) -> StageResult:
     checkpoint_root = Path(config.paths.ppo) / "checkpoints"
     run = start_run(config, ctx, checkpoint_root)
     fingerprint = _resume_fingerprint(config)
-    start, history, samples = _resume(run, checkpoint_root, fingerprint)
+    start, history, samples, latest = _resume(run, checkpoint_root, fingerprint)
     run.start_ptx(start)
     logger.log_params({f"ppo.resolved.{k}": v for k, v in run.tricks.model_dump().items()})
     progress = tqdm(range(start, ppo.steps), desc="ppo", disable=not ctx.is_main, dynamic_ncols=True,
                     mininterval=2.0, initial=start, total=ppo.steps)  # fmt: skip
+    done = _Completed.take(run, start, history, samples)
     stopped_early = False
-    for step in progress:
-        record, exp = ppo_iteration(run, step)
-        reasons = run.monitor.observe(step + 1, record)
-        if reasons:
-            _report_collapse(run, reasons, step + 1, logger)
-        history.append(record)
-        logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
-        if (step + 1) % ppo.monitor.sample_every == 0 or step == start:
-            samples += _sample_table(exp, step + 1)
-        progress.set_postfix(score=f"{record['objective/scores']:.2f}", kl=f"{record['objective/kl']:.2f}",
-                             len=f"{record['rollout/response_length']:.0f}")  # fmt: skip
-        if reasons and ppo.monitor.stop_on_collapse:
-            stopped_early = True
-            break
-        if (step + 1) % ppo.checkpoint.every == 0 and step + 1 < ppo.steps:
-            state = {"step": step + 1, "history": history, "samples": samples, **_trainer_state(run)}
-            save_checkpoint(checkpoint_root, step + 1, run.models.engines, state, ctx, fingerprint)
-    if stopped_early:
-        healthy = list_checkpoints(checkpoint_root, fingerprint)
-        if healthy:
-            load_checkpoint(healthy[-1], {"policy": run.models.policy}, ctx)  # keep the last healthy policy
+    try:
+        for step in progress:
+            record, exp = ppo_iteration(run, step)
+            reasons = run.monitor.observe(step + 1, record)
+            if reasons:
+                _report_collapse(run, reasons, step + 1, logger)
+            history.append(record)
+            logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
+            if (step + 1) % ppo.monitor.sample_every == 0 or step == start:
+                samples += _sample_table(exp, step + 1)
+            progress.set_postfix(score=f"{record['objective/scores']:.2f}", kl=f"{record['objective/kl']:.2f}",
+                                 len=f"{record['rollout/response_length']:.0f}")  # fmt: skip
+            done = _Completed.take(run, step + 1, history, samples)
+            if reasons and ppo.monitor.stop_on_collapse:
+                stopped_early = True
+                break
+            if (step + 1) % ppo.checkpoint.every == 0 and step + 1 < ppo.steps:
+                state = done.state(history, samples)
+                latest = save_checkpoint(checkpoint_root, step + 1, run.models.engines, state, ctx, fingerprint)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as the CLI raises it
+        if ctx.world_size == 1:  # with several processes the others may be anywhere: no collective save
+            _checkpoint_interrupted(run, done, latest, history, samples, checkpoint_root, fingerprint)
+        raise
+    if stopped_early and latest is not None:
+        load_checkpoint(latest, {"policy": run.models.policy}, ctx)  # keep the last healthy policy
     return _finish(run, out, history, samples, stopped_early, logger)
 
 
@@ -77,23 +92,49 @@ def _resume_fingerprint(config: Config) -> str:
     return config_fingerprint(config.model_dump(exclude={"tracking": True, "ppo": ppo_excluded}))
 
 
-def _resume(run: PPORun, root: Path, fingerprint: str) -> tuple[int, list[dict], list[dict]]:
-    """(first iteration, history, samples): from the newest checkpoint of this configuration when
-    ``ppo.checkpoint.resume`` is auto, else a fresh start that clears stale checkpoints."""
-    existing = list_checkpoints(root, fingerprint) if run.config.ppo.checkpoint.resume == "auto" else []
-    if not existing:
-        if run.ctx.is_main and root.exists():
-            shutil.rmtree(root)  # a fresh run: stale checkpoints of another run must not be resumed later
-        distributed.barrier()
-        return 0, [], []
-    state = load_checkpoint(existing[-1], run.models.engines, run.ctx)
+def _resume(run: PPORun, root: Path, fingerprint: str) -> tuple[int, list[dict], list[dict], Path | None]:
+    """(first iteration, history, samples, checkpoint resumed from): from the newest intact checkpoint of this
+    configuration when ``ppo.checkpoint.resume`` is auto, else a fresh start that clears stale checkpoints."""
+    if run.config.ppo.checkpoint.resume == "auto":
+        found = _resume_newest(run, root, fingerprint)
+        if found is not None:
+            return found
+    if run.ctx.is_main and root.exists():
+        # resume=never, or only other configurations' checkpoints: they must not be resumed later.
+        shutil.rmtree(root)
+    distributed.barrier()
+    return 0, [], [], None
+
+
+def _resume_newest(run: PPORun, root: Path, fingerprint: str) -> tuple[int, list[dict], list[dict], Path] | None:
+    """Resume the newest intact checkpoint, reporting (not deleting) each newer damaged one in one line; None when
+    this configuration has none; RLHFError when it has some and none can be resumed."""
+
+    def report(problem: str) -> None:  # every rank finds the same problems; rank 0 says them
+        if run.ctx.is_main:
+            tqdm.write(f"ppo: not resuming {problem}", file=sys.stderr)
+
+    try:
+        found = resume_latest(root, fingerprint, run.models.engines, run.ctx, lambda s: _restore(run, s), report)
+    except CheckpointError as exc:
+        raise RLHFError(f"ppo: {exc}; `--set ppo.checkpoint.resume=never` starts afresh (and deletes them)") from None
+    if found is None:
+        return None
+    path, state = found
+    if run.ctx.is_main:
+        tqdm.write(f"ppo: resumed from {path} (step {state['step']})")
+    return state["step"], state["history"], state["samples"], path
+
+
+def _restore(run: PPORun, state: dict) -> None:
+    """Give the run's own objects their checkpointed state (only the keys they save: a loaded file sets no other
+    attribute)."""
+    if not isinstance(state["history"], list) or not isinstance(state["samples"], list):
+        raise ValueError("history and samples must be lists")
     run.moments.load_state_dict(state["moments"])
     run.kl_controller.load_state_dict(state["kl_controller"])
-    run.monitor.load_state_dict(state["monitor"])
+    run.monitor.load_state_dict({k: state["monitor"][k] for k in run.monitor.state_dict()})
     run.guard.load_state_dict(state["guard"])
-    if run.ctx.is_main:
-        tqdm.write(f"ppo: resumed from {existing[-1]} (step {state['step']})")
-    return state["step"], state["history"], state["samples"]
 
 
 def _trainer_state(run: PPORun) -> dict:
@@ -103,6 +144,61 @@ def _trainer_state(run: PPORun) -> dict:
         "monitor": run.monitor.state_dict(),
         "guard": run.guard.state_dict(),
     }
+
+
+@dataclass(frozen=True)
+class _Completed:
+    """The trainer state after the last completed iteration (plain data, RNG states included) and how many
+    micro-batches each engine had stepped then. An interrupt arrives anywhere in the next iteration, after its
+    sampling has drawn from the RNGs and its scoring has moved the moments: this is what a checkpoint of the
+    completed iteration must hold, and its engines are still that iteration's while their counts are unchanged."""
+
+    step: int
+    trainer: dict
+    history_len: int
+    samples_len: int
+    engine_steps: tuple[int, ...]
+
+    @classmethod
+    def take(cls, run: PPORun, step: int, history: list[dict], samples: list[dict]) -> _Completed:
+        trainer = {**_trainer_state(run), "rng": rng_state()}
+        return cls(step, trainer, len(history), len(samples), _engine_steps(run))
+
+    def state(self, history: list[dict], samples: list[dict]) -> dict:
+        """The checkpoint's trainer state (history and samples only grow, so their first entries are this one's)."""
+        return {"step": self.step, "history": history[: self.history_len], "samples": samples[: self.samples_len],
+                **self.trainer}  # fmt: skip
+
+
+def _engine_steps(run: PPORun) -> tuple[int, ...]:
+    """Micro-batches each training engine has stepped: DeepSpeed counts them in ``micro_steps``, TorchEngine in
+    ``_micro`` (which its checkpoint saves)."""
+    engines = run.models.engines.values()
+    return tuple(e.engine.micro_steps if isinstance(e, distributed.DeepSpeedEngine) else e._micro for e in engines)
+
+
+def _checkpoint_interrupted(
+    run: PPORun, done: _Completed, latest: Path | None, history: list, samples: list, root: Path, fingerprint: str
+) -> None:
+    """After Ctrl-C or SIGTERM (one process): checkpoint the last completed iteration unless a checkpoint holds it
+    already or an engine has stepped since (the interrupt came inside an update: those weights belong to no
+    iteration), and say in one line how to go on. A second interrupt during the save leaves at most a temporary
+    folder: the checkpoint appears by one rename when complete."""
+    saved = int(latest.name.split("-")[-1]) if latest is not None else 0
+    if done.step > saved and _engine_steps(run) == done.engine_steps:
+        latest = save_checkpoint(root, done.step, run.models.engines, done.state(history, samples), run.ctx,
+                                 fingerprint)  # fmt: skip
+        saved = done.step
+    if saved == done.step:
+        head = f"ppo: interrupted at iteration {done.step}"
+    else:
+        head = f"ppo: interrupted inside the update of iteration {done.step + 1}, which no checkpoint can hold"
+    if latest is None:
+        tail = "no checkpoint yet; rerun the same command to start again"
+    else:
+        tail = f"checkpoint {latest}" + ("" if saved == done.step else f" (iteration {saved})")
+        tail += "; rerun the same command to resume"
+    tqdm.write(f"{head}; {tail}", file=sys.stderr)
 
 
 def _report_collapse(run: PPORun, reasons: list[str], iteration: int, logger: Logger) -> None:
