@@ -131,7 +131,10 @@ def save_checkpoint(
     _write_manifest(tmp, step, fingerprint, ctx)
     if ctx.is_main:
         _publish(tmp, final)
-        for old in list_checkpoints(root)[:-keep]:
+        # Prune only behind this step: a newer checkpoint here is a damaged one this run resumed past, reported
+        # then and replaced when the run gets there; counting it could prune the intact checkpoint just written.
+        behind = [p for p in list_checkpoints(root) if _step_of(p) <= step]
+        for old in behind[:-keep]:
             _remove(old)
     distributed.barrier()
     return final
@@ -176,17 +179,17 @@ def _files_in(directory: Path) -> list[str]:
 
 
 def _sizes_and_hashes(directory: Path, names: list[str], ctx) -> list[tuple[int, str]]:
-    """(size, SHA-256) of each of ``names``; (-1, "") for a file that is gone. Rank r hashes every world_size-th
-    file and the ranks sum their rows (one collective), so a sharded checkpoint is hashed in parallel and every
-    rank ends with every row. float64 holds sizes below 2**53 and digest bytes exactly."""
+    """(size, SHA-256) of each of ``names``; (-1, "") for a file that is gone or unreadable. Rank r hashes every
+    world_size-th file and the ranks sum their rows (one collective), so a sharded checkpoint is hashed in
+    parallel and every rank ends with every row. float64 holds sizes below 2**53 and digest bytes exactly."""
     rows = torch.zeros(len(names), 33, dtype=torch.float64)
     for i in range(ctx.rank, len(names), ctx.world_size):
-        file = directory / names[i]
-        if not file.is_file():
+        try:
+            digest = bytes.fromhex(file_sha256(directory / names[i]))
+            rows[i, 0] = (directory / names[i]).stat().st_size
+            rows[i, 1:] = torch.tensor(list(digest), dtype=torch.float64)
+        except OSError:  # no exception on one rank alone: the others are about to wait for its rows
             rows[i, 0] = -1
-            continue
-        rows[i, 0] = file.stat().st_size
-        rows[i, 1:] = torch.tensor(list(bytes.fromhex(file_sha256(file))), dtype=torch.float64)
     rows = distributed.all_reduce_sum(rows.to(ctx.device)).cpu()
     return [(int(r[0]), bytes(int(b) for b in r[1:]).hex() if r[0] >= 0 else "") for r in rows]
 
@@ -275,6 +278,8 @@ def verify(path: Path, ctx) -> str | None:
         return f"missing file {missing[0]}" if missing else f"unexpected file {extra[0]}"
     for name, (size, sha) in zip(listed, _sizes_and_hashes(path, listed, ctx), strict=True):
         expected = manifest["files"][name]
+        if size < 0:
+            return f"{name} is unreadable"
         if size != expected.get("size"):
             return f"{name} is {size} bytes, the manifest says {expected.get('size')} (truncated or replaced)"
         if sha != expected.get("sha256"):

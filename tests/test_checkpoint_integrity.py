@@ -39,10 +39,14 @@ class Payload:
         return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
 
 
-def _config(stack, prepared_root: Path, ppo_dir: Path, *extra):
+def _overrides(stack, prepared_root: Path, ppo_dir: Path, *extra) -> list[str]:
     out, _ = stack
     paths = [f"paths.sft={out / 'sft'}", f"paths.rm={out / 'rm'}", f"paths.ppo={ppo_dir}"]
-    return load_config(None, [*tiny_overrides(prepared_root), *paths, *extra])  # 4 iterations, checkpoint every 2
+    return [*tiny_overrides(prepared_root), *paths, *extra]  # 4 iterations, checkpoint every 2
+
+
+def _config(stack, prepared_root: Path, ppo_dir: Path, *extra):
+    return load_config(None, _overrides(stack, prepared_root, ppo_dir, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +76,9 @@ def runs(trained_tiny_rm, prepared_tiny, tmp_path_factory):
     heard = io.StringIO()
     with contextlib.redirect_stdout(heard):
         resumed = run_stage("ppo", config)
-    return SimpleNamespace(root=root, config=config, straight=straight, resumed=resumed, pristine=pristine,
-                           interrupt_said=said.getvalue(), resume_said=heard.getvalue())  # fmt: skip
+    overrides = _overrides(trained_tiny_rm, prepared_tiny[0], root / "interrupted")[:-1]  # all but paths.ppo
+    return SimpleNamespace(root=root, config=config, overrides=overrides, straight=straight, resumed=resumed,
+                           pristine=pristine, interrupt_said=said.getvalue(), resume_said=heard.getvalue())  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +222,43 @@ def test_an_interrupt_inside_an_update_writes_no_checkpoint(runs, trained_tiny_r
     said = (f"ppo: interrupted inside the update of iteration 4, which no checkpoint can hold; checkpoint "
             f"{root / 'step-000002'} (iteration 2); rerun the same command to resume")  # fmt: skip
     assert said in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_through_the_cli_stops_with_a_checkpoint_and_the_rerun_resumes(runs, tmp_path):
+    """The real chain: `rlhf ppo` gets SIGTERM once its first checkpoint exists, says where it stopped, exits 143,
+    and the same command again resumes and ends with the straight run's weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({}))
+    ppo = runs.config.paths.ppo.replace("interrupted", "sigterm")
+    overrides = [*runs.overrides, f"paths.ppo={ppo}"]
+    command = [sys.executable, "-m", "rlhf_core.cli", "ppo", "--params", str(params)]
+    command += [arg for override in overrides for arg in ("--set", override)]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = Path(ppo) / "checkpoints" / "step-000002"
+    deadline = time.time() + 240
+    while not first.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.is_dir(), "the run never wrote its first checkpoint"
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "ppo: interrupted" in err and "stopped (SIGTERM)" in err, err[-3000:]
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "ppo: resumed from" in again.stdout + again.stderr
+    weights = "model/model.safetensors"
+    assert (Path(ppo) / weights).read_bytes() == (runs.root / "straight" / weights).read_bytes()
 
 
 # ------------------------------------------------------------------------------------------- damage

@@ -185,14 +185,16 @@ def _checkpoint_interrupted(
     iteration), and say in one line how to go on. A second interrupt during the save leaves at most a temporary
     folder: the checkpoint appears by one rename when complete."""
     saved = int(latest.name.split("-")[-1]) if latest is not None else 0
-    if done.step > saved and _engine_steps(run) == done.engine_steps:
-        latest = save_checkpoint(root, done.step, run.models.engines, done.state(history, samples), run.ctx,
-                                 fingerprint)  # fmt: skip
-        saved = done.step
-    if saved == done.step:
-        head = f"ppo: interrupted at iteration {done.step}"
-    else:
+    head = f"ppo: interrupted at iteration {done.step}"
+    if done.step > saved and _engine_steps(run) != done.engine_steps:
         head = f"ppo: interrupted inside the update of iteration {done.step + 1}, which no checkpoint can hold"
+    elif done.step > saved:
+        try:
+            state = done.state(history, samples)
+            latest = save_checkpoint(root, done.step, run.models.engines, state, run.ctx, fingerprint)
+            saved = done.step
+        except Exception as exc:  # a full disk must not turn a clean stop into a traceback
+            head += f", not checkpointed ({type(exc).__name__}: {''.join(str(exc).splitlines()[:1])})"
     if latest is None:
         tail = "no checkpoint yet; rerun the same command to start again"
     else:
