@@ -267,6 +267,8 @@ def verify(path: Path, ctx) -> str | None:
         manifest = read_manifest(path)
     except (OSError, ValueError) as exc:
         return f"{MANIFEST} unreadable ({_one_line(exc)})"
+    if manifest.get("format") != FORMAT:
+        return f"checkpoint format {manifest.get('format')!r}; this code reads format {FORMAT}"
     if manifest.get("step") != _step_of(path):
         return f"{MANIFEST} is of step {manifest.get('step')}, not {_step_of(path)}"
     if manifest.get("world_size") != ctx.world_size:
