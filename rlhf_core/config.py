@@ -551,6 +551,15 @@ class PathsConfig(_Group):
         return self
 
 
+def stage_path_key(stage: str) -> str:
+    """The ``paths`` field of a stage's output directory ("rm-eval" -> "rm_eval", "prepare" -> "data")."""
+    return {"prepare": "data"}.get(stage, stage.replace("-", "_"))
+
+
+def stage_output_dir(config: Config, stage: str) -> str:
+    return getattr(config.paths, stage_path_key(stage))
+
+
 def _output_path_problem(value: str, project: Path) -> str | None:
     """Why ``value`` cannot be a stage's output directory, or None."""
     if "\0" in value or any(ord(ch) < 32 for ch in value):

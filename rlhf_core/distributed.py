@@ -256,6 +256,11 @@ class TorchEngine:
         self.scheduler.load_state_dict(state["scheduler"])
         self._micro = state["micro"]
 
+    @property
+    def micro_steps(self) -> int:
+        """Micro-batches stepped so far (what a checkpoint saves): tells whether the weights moved since."""
+        return self._micro
+
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
@@ -290,6 +295,10 @@ class DeepSpeedEngine:
             norm = self.engine.get_global_grad_norm()
             self.last_grad_norm = None if norm is None else float(norm)
         return boundary
+
+    @property
+    def micro_steps(self) -> int:
+        return self.engine.micro_steps
 
     def current_lr(self) -> float:
         return self.engine.get_lr()[0]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_core import commit, distributed, preflight
-from rlhf_core.config import Config, flatten, save_config
+from rlhf_core.config import Config, flatten, save_config, stage_output_dir
 from rlhf_core.errors import ConfigError
 from rlhf_core.io import atomic_write_json, read_json
 from rlhf_core.tracking import Logger, pipeline_run, stage_run
@@ -49,10 +49,6 @@ STAGES = {
 }
 # Stages that train (and so run on every process under torchrun); the others run on rank 0 only.
 DISTRIBUTED_STAGES = ("sft", "rm", "ppo")
-
-
-def stage_output_dir(config: Config, stage: str) -> str:
-    return getattr(config.paths, {"prepare": "data"}.get(stage, stage.replace("-", "_")))
 
 
 # The config keys each stage reads (its `dvc.yaml` params; a test keeps the two equal) and the stages it reads from.

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from rlhf_core import commit
+from rlhf_core.config import stage_output_dir, stage_path_key
 from rlhf_core.errors import ConfigError
 
 # What each stage may leave in its directory (a test runs every stage and checks this list covers it), and what
@@ -29,11 +30,8 @@ COMMON_ENTRIES = {"config.yaml", "metrics.json", "plots", commit.MANIFEST, commi
 
 def check_stage_output(config, stage: str) -> None:
     """One ConfigError line, before any work, when ``stage`` could not safely write its output directory."""
-    from rlhf_core.pipeline import stage_output_dir
-
-    key = "paths." + {"prepare": "data"}.get(stage, stage.replace("-", "_"))
     out = Path(stage_output_dir(config, stage))
-    where = f"{key}={stage_output_dir(config, stage)}"
+    where = f"paths.{stage_path_key(stage)}={stage_output_dir(config, stage)}"
     _check_creatable(out, where)
     if not out.exists():
         return

@@ -171,10 +171,8 @@ class _Completed:
 
 
 def _engine_steps(run: PPORun) -> tuple[int, ...]:
-    """Micro-batches each training engine has stepped: DeepSpeed counts them in ``micro_steps``, TorchEngine in
-    ``_micro`` (which its checkpoint saves)."""
-    engines = run.models.engines.values()
-    return tuple(e.engine.micro_steps if isinstance(e, distributed.DeepSpeedEngine) else e._micro for e in engines)
+    """Micro-batches each training engine has stepped (unchanged since a checkpoint: the weights are its)."""
+    return tuple(engine.micro_steps for engine in run.models.engines.values())
 
 
 def _checkpoint_interrupted(
