@@ -58,6 +58,8 @@ def runs(trained_tiny_rm, prepared_tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
     straight = run_stage("ppo", _config(trained_tiny_rm, prepared_tiny[0], root / "straight"))
     config = _config(trained_tiny_rm, prepared_tiny[0], root / "interrupted")
+    tracked = {"enabled": True, "uri": f"sqlite:///{root / 'mlflow.db'}"}  # outside the resume fingerprint
+    config = config.model_copy(update={"tracking": config.tracking.model_copy(update=tracked)})
     real_score, calls = iteration.score, []
 
     def score_then_interrupt(*args, **kwargs):  # iteration 4 has sampled (drawn from the RNGs) when it stops
@@ -371,3 +373,21 @@ def test_deepspeed_state_is_checked_by_the_weights_only_unpickler_first(tmp_path
         assert not marker.exists()
     finally:
         distributed.shutdown()
+
+
+def test_the_resumed_run_continues_the_interrupted_runs_mlflow_record(runs):
+    """The interrupted run ends KILLED; the resumed run links it and holds the whole curve, from iteration 1."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=runs.config.tracking.uri)
+    experiment = client.get_experiment_by_name(runs.config.tracking.experiment)
+    ppo_runs = sorted(client.search_runs([experiment.experiment_id]), key=lambda r: r.info.start_time)
+    killed, resumed = ppo_runs
+    assert killed.info.status == "KILLED" and resumed.info.status == "FINISHED"
+    tags = resumed.data.tags
+    assert tags["resumed_from_run"] == killed.info.run_id and tags["resumed_from_step"] == "3"
+    assert tags["resumed_from_checkpoint"].endswith("step-000003")
+    curve = client.get_metric_history(resumed.info.run_id, "objective/kl")
+    assert [m.step for m in curve] == [1, 2, 3, 4]
+    before = {m.step: m.value for m in client.get_metric_history(killed.info.run_id, "objective/kl")}
+    assert before and all(before[m.step] == m.value for m in curve if m.step in before)

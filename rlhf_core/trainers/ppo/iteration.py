@@ -46,6 +46,8 @@ class PPORun:
     monitor: CollapseMonitor
     guard: NonFiniteGuard
     ptx: PtxBatches | None = None
+    mlflow_run_id: str | None = None  # this run's MLflow run, saved in checkpoints so a resumed run can link to it
+    resumed_from_run_id: str | None = None  # the MLflow run of the checkpoint this run resumed from
 
     def prompts_for(self, iteration: int) -> list[str]:
         """This rank's share of the iteration's ``ppo.rollout_size`` prompts."""

@@ -49,10 +49,13 @@ def train_ppo(config: Config, out: Path, logger: Logger) -> StageResult:
     ctx = distributed.setup(config.distributed)
     checkpoint_root = Path(config.paths.ppo) / "checkpoints"
     run = start_run(config, ctx, checkpoint_root)
+    run.mlflow_run_id = logger.run_id
     fingerprint = _resume_fingerprint(config)
     start, history, samples, latest = _resume(run, checkpoint_root, fingerprint)
     run.start_ptx(start)
     logger.log_params({f"ppo.resolved.{k}": v for k, v in run.tricks.model_dump().items()})
+    if start:
+        _continue_the_record(logger, run, start, history, latest)
     progress = tqdm(range(start, ppo.steps), desc="ppo", disable=not ctx.is_main, dynamic_ncols=True,
                     mininterval=2.0, initial=start, total=ppo.steps)  # fmt: skip
     done = _Completed.take(run, start, history, samples)
@@ -121,6 +124,8 @@ def _resume_newest(run: PPORun, root: Path, fingerprint: str) -> tuple[int, list
     if found is None:
         return None
     path, state = found
+    previous = state.get("mlflow_run_id")
+    run.resumed_from_run_id = previous if isinstance(previous, str) else None
     if run.ctx.is_main:
         tqdm.write(f"ppo: resumed from {path} (step {state['step']})")
     return state["step"], state["history"], state["samples"], path
@@ -143,7 +148,19 @@ def _trainer_state(run: PPORun) -> dict:
         "kl_controller": run.kl_controller.state_dict(),
         "monitor": run.monitor.state_dict(),
         "guard": run.guard.state_dict(),
+        "mlflow_run_id": run.mlflow_run_id,
     }
+
+
+def _continue_the_record(logger: Logger, run: PPORun, start: int, history: list[dict], checkpoint: Path) -> None:
+    """A resumed run's MLflow record holds the whole curve, not only the iterations after ``start``: the
+    checkpoint's history is logged again at its own steps, and tags link the run it continues."""
+    tags = {"resumed_from_step": start, "resumed_from_checkpoint": checkpoint}
+    if run.resumed_from_run_id:
+        tags["resumed_from_run"] = run.resumed_from_run_id
+    logger.set_tags(tags)
+    for record in history:
+        logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
 
 
 @dataclass(frozen=True)
