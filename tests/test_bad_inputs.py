@@ -43,7 +43,27 @@ def template_project(trained_tiny_rm, prepared_tiny, tmp_path_factory) -> Path:
     tree = config_to_dict(load_config(None, [*TINY, "tracking.enabled=false"]))
     tree["paths"] = {k: f"outputs/{k}" for k in ("data", "sft", "rm", "rm_eval", "ppo", "eval")}
     (project / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    _with_ppo_checkpoints(project)
     return project
+
+
+def _with_ppo_checkpoints(project: Path) -> None:
+    """A finished 4-iteration PPO run (its checkpoint of iteration 2 stays in outputs/ppo/checkpoints/); a rerun
+    with more iterations (``MORE``) resumes from it. The run's outputs go: only the checkpoints are kept."""
+    from rlhf_core.config import load_config
+    from rlhf_core.pipeline import run_stage
+
+    cwd = Path.cwd()
+    os.chdir(project)
+    try:
+        run_stage("ppo", load_config(project / "params.yaml"))
+    finally:
+        os.chdir(cwd)
+    ppo = project / "outputs" / "ppo"
+    for entry in ppo.iterdir():
+        if entry.name != "checkpoints":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    assert [p.name for p in (ppo / "checkpoints").iterdir()] == ["step-000002"]
 
 
 @pytest.fixture
@@ -395,7 +415,69 @@ MODEL_CASES = [
     Case("no-data-for-sft", lambda p: shutil.rmtree(p / "outputs" / "data"), "sft", DATA, ("outputs/data",)),
 ]  # fmt: skip
 
-CASES = [*CONFIG_CASES, *PATH_CASES, *DATA_CASES, *MODEL_CASES]
+
+MORE = "ppo.steps=6"  # the resume fingerprint leaves out ppo.steps: a longer run resumes the checkpoint
+
+
+def in_checkpoint(relative: str, damage: Callable[[Path], None]) -> Callable[[Path], list[str]]:
+    def setup(project: Path) -> list[str]:
+        damage(project / "outputs" / "ppo" / "checkpoints" / "step-000002" / relative)
+        return [MORE]
+
+    return setup
+
+
+class Planted:
+    """Unpickles into a call that writes ``marker``: what an unsafe load of a received checkpoint would run."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def plant_pickle(path: Path) -> None:
+    import torch
+
+    torch.save({"module": Planted(str(path.parent / "PWNED"))}, path)
+
+
+def plant_pickle_and_rewrite_the_manifest(path: Path) -> None:
+    """What someone who hands over a checkpoint can do: the manifest is a checksum, not a signature."""
+    plant_pickle(path)
+    manifest_file = path.parents[1] / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    relative = path.relative_to(path.parents[1]).as_posix()
+    manifest["files"][relative] = {"size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    manifest_file.write_text(json.dumps(manifest))
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+CHECKPOINT_CASES = [
+    Case("checkpoint-engine-truncated", in_checkpoint("policy/engine.pt", truncate), "ppo", DATA,
+         ("step-000002", "policy/engine.pt", "resume=never")),
+    Case("checkpoint-engine-zero-byte", in_checkpoint("critic/engine.pt", lambda p: p.write_bytes(b"")), "ppo",
+         DATA, ("step-000002", "critic/engine.pt", "resume=never")),
+    Case("checkpoint-trainer-state-zero-byte", in_checkpoint("trainer-rank0.json", lambda p: p.write_bytes(b"")),
+         "ppo", DATA, ("step-000002", "trainer-rank0.json", "resume=never")),
+    Case("checkpoint-policy-folder-missing", in_checkpoint("policy", remove), "ppo", DATA,
+         ("step-000002", "policy", "resume=never")),
+    Case("checkpoint-planted-pickle", in_checkpoint("policy/engine.pt", plant_pickle), "ppo", DATA,
+         ("step-000002", "policy/engine.pt", "resume=never")),
+    Case("checkpoint-planted-pickle-matching-manifest",
+         in_checkpoint("policy/engine.pt", plant_pickle_and_rewrite_the_manifest), "ppo", DATA,
+         ("step-000002", "policy", "resume=never")),
+    Case("checkpoint-old-format", in_checkpoint("manifest.json", remove), "ppo", DATA,
+         ("step-000002", "resume=never")),
+    Case("checkpoint-manifest-garbage", in_checkpoint("manifest.json", lambda p: p.write_text("{not json")), "ppo",
+         DATA, ("step-000002", "manifest.json", "resume=never")),
+]  # fmt: skip
+
+CASES = [*CONFIG_CASES, *PATH_CASES, *DATA_CASES, *MODEL_CASES, *CHECKPOINT_CASES]
 
 
 def test_the_corpus_is_large_and_ids_unique():
@@ -419,6 +501,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case: Case, project: Path):
     for word in case.words:
         assert word in message, f"{word!r} not in: {message[-1500:]}"
     assert tree_digest(project) == before, "the command changed the project tree"
+    assert not list(project.rglob("PWNED")), "a planted pickle ran"
 
 
 @pytest.mark.parametrize("stage, folder", [("ppo", "outputs/ppo/checkpoints"), ("sft", "outputs/sft")])
@@ -426,9 +509,7 @@ def test_a_read_only_output_folder_stops_the_stage_before_it_trains_or_deletes(p
     """A read-only ``outputs/ppo`` used to lose its checkpoints to a fresh run before the PermissionError; a
     read-only ``outputs/sft`` failed only after training. Root ignores permission bits, so as root the check's
     view of the folder is made read-only instead of the folder itself."""
-    checkpoint = project / "outputs" / "ppo" / "checkpoints" / "step-000002"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "trainer-rank0.json").write_text("{}\n")
+    assert (project / "outputs" / "ppo" / "checkpoints" / "step-000002" / "manifest.json").is_file()
     read_only = (project / folder).resolve()
     if os.geteuid() == 0:
         real_access = os.access
