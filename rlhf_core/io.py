@@ -56,7 +56,13 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 
 def read_json(path: str | Path):
-    return json.loads(Path(path).read_text())
+    """A JSON file the project wrote earlier; damaged (truncated, edited, not UTF-8) it is one DataError line."""
+    from rlhf_core.errors import DataError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataError(f"{path}: cannot read it as JSON ({exc}); rerun the stage that writes it") from None
 
 
 def file_sha256(path: str | Path) -> str:

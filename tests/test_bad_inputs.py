@@ -379,8 +379,15 @@ def garbage_config(model: Path) -> None:
     (model / "config.json").write_text("{ this is not json")
 
 
-def damaged_in_place(relative: str, damage: Callable[[Path], None]) -> Callable[[Path], None]:
-    return lambda project: damage(project / relative)
+def not_utf8(path: Path) -> None:
+    path.write_bytes(b"\xff")
+
+
+def damaged_in_place(relative: str, damage: Callable[[Path], object]) -> Callable[[Path], None]:
+    def setup(project: Path) -> None:
+        damage(project / relative)
+
+    return setup
 
 
 # ---------------------------------------------------------------------------------------- models and tokenizers
@@ -409,6 +416,10 @@ MODEL_CASES = [
          ("outputs/sft/model", "cannot load it")),
     Case("tokenizer-damaged", damaged_in_place("outputs/data/tokenizer/tokenizer.json", truncate), "sft", DATA,
          ("outputs/data/tokenizer", "cannot load it")),
+    Case("reward-stats-damaged", damaged_in_place("outputs/rm/model/reward_stats.json", truncate), "ppo", DATA,
+         ("outputs/rm/model/reward_stats.json", "cannot read it as JSON")),
+    Case("rm-checkpoint-list-damaged", damaged_in_place("outputs/rm/checkpoints.json", not_utf8), "rm-eval", DATA,
+         ("outputs/rm/checkpoints.json", "cannot read it as JSON")),
     Case("no-reward-model-for-rm-eval", lambda p: shutil.rmtree(p / "outputs" / "rm"), "rm-eval", DATA,
          ("outputs/rm/model", "rlhf rm")),
     Case("no-policy-for-eval", lambda p: None, "eval", DATA, ("outputs/ppo/model", "rlhf ppo")),

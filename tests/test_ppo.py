@@ -228,6 +228,7 @@ def test_collapse_monitor_warns_tags_and_stops_keeping_the_last_healthy_checkpoi
     )
 
     class Tags:
+        run_id = None  # the Logger protocol's
         tags: dict = {}
 
         def log_metrics(self, *a, **k): ...

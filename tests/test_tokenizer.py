@@ -134,8 +134,12 @@ def test_load_tokenizer_and_load_pretrained_tokenizer(tokenizer, saved, tmp_path
         assert loaded.chat_template
     with pytest.raises(RLHFError, match="tokenizer not found"):
         load_tokenizer(tmp_path / "missing")
-    with pytest.raises(RLHFError, match="cannot load its tokenizer"):
+    with pytest.raises(RLHFError, match="model.name_or_path=.*missing: no such directory"):
         load_pretrained_tokenizer(str(tmp_path / "missing"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{ truncated")
+    with pytest.raises(RLHFError, match="broken: cannot load it as a tokenizer"):
+        load_pretrained_tokenizer(str(tmp_path / "broken"))
 
 
 # --------------------------------------------------------------------------------------- chat template
