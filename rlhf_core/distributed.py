@@ -136,6 +136,19 @@ def _import_deepspeed():
     return deepspeed
 
 
+def local_device() -> torch.device:
+    """This process's accelerator (``cuda:LOCAL_RANK``), or the CPU: where a stage that runs outside the training
+    engines (evaluation, scoring, sampling) puts its models and batches."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def place(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` on :func:`local_device`, in eval mode: an inference-only model of a stage without an engine."""
+    return model.to(local_device()).eval()
+
+
 def seed_everything(seed: int) -> None:
     """Same seed on every rank: data order is sharded explicitly, so ranks must agree on it."""
     random.seed(seed)
@@ -144,10 +157,15 @@ def seed_everything(seed: int) -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a copy; the input is not modified). Identity in a single process."""
+    """Sum over ranks (a copy on the input's device; the input is not modified). Identity in a single process.
+
+    NCCL reduces CUDA tensors only, and the trainers keep their counters on the CPU: the sum travels through the
+    GPU when the process group is NCCL's."""
     out = tensor.detach().clone()
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        wire = out.to(local_device()) if torch.distributed.get_backend() == "nccl" else out
+        torch.distributed.all_reduce(wire, op=torch.distributed.ReduceOp.SUM)
+        out = wire.to(tensor.device)
     return out
 
 

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from rlhf_core import distributed
 from rlhf_core.config import Config
 from rlhf_core.data.rows import load_split
 from rlhf_core.errors import DataError
@@ -140,12 +139,12 @@ def _answers(config: Config, prompts: list[str]) -> tuple[dict[str, list[str]], 
         if not (path / "config.json").is_file():
             raise DataError(f"no model at {path} (run `rlhf {stage}` first)")
     tokenizer = load_tokenizer(Path(config.paths.data) / "tokenizer")
-    reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id).eval()
+    reward_model = distributed.place(load_reward_model(rm_dir, tokenizer.pad_token_id))
     answers, rm_scores = {}, {}
     for name, path in models.items():
-        policy = load_causal_lm(path, tokenizer).eval()
+        policy = distributed.place(load_causal_lm(path, tokenizer))
         got = sample_responses(policy, tokenizer, prompts, config.eval.sampling, config.data.max_response_tokens,
-                               config.eval.seed, torch.device("cpu"), config.eval.batch_size)  # fmt: skip
+                               config.eval.seed, distributed.local_device(), config.eval.batch_size)  # fmt: skip
         answers[name] = got["texts"]
         rm_scores[name] = score_samples(reward_model, got, config.eval.batch_size).tolist()
     return answers, rm_scores

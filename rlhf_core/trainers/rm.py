@@ -78,8 +78,8 @@ def mismatched_pairs(rows: list[dict], fraction: float, seed: int) -> list[dict]
     if count == 0 or len(rows) < 2:
         return []
     generator = torch.Generator().manual_seed(seed)
-    own = torch.randint(len(rows), (count,), generator=generator).tolist()
-    shift = torch.randint(1, len(rows), (count,), generator=generator).tolist()  # never the row itself
+    own = torch.randint(len(rows), (count,), generator=generator).tolist()  # host
+    shift = torch.randint(1, len(rows), (count,), generator=generator).tolist()  # host: never the row itself
     extra = []
     for i, k in zip(own, shift, strict=True):
         row, other = rows[i], rows[(i + k) % len(rows)]
@@ -96,7 +96,7 @@ def _to_device(engine, pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor
 def validate(engine, pairs: list[Pair], micro: int, pad_id: int, ctx) -> dict[str, float]:
     """Ranking loss, accuracy and score gap over ``pairs`` (sharded over ranks, reduced globally)."""
     engine.module.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, gap, pairs
+    sums = torch.zeros(4, dtype=torch.float64)  # host: loss, correct, gap, pairs
     for chunk, is_filler in rank_batches(pairs, micro, ctx.rank, ctx.world_size):
         batch, n = _to_device(engine, chunk, pad_id), len(chunk)
         with engine.autocast():
@@ -105,7 +105,7 @@ def validate(engine, pairs: list[Pair], micro: int, pad_id: int, ctx) -> dict[st
             continue
         scores = scores.float()
         loss, stats = pairwise_loss(scores[:n], scores[n:])
-        sums += torch.tensor([float(loss) * n, float(stats["accuracy"]) * n, float(stats["score_gap"]) * n, n])
+        sums += torch.tensor([float(loss) * n, float(stats["accuracy"]) * n, float(stats["score_gap"]) * n, n])  # host
     engine.module.train()
     loss, correct, gap, count = distributed.all_reduce_sum(sums).tolist()
     return {"rm/val_loss": loss / count, "rm/val_accuracy": correct / count, "rm/val_score_gap": gap / count}
@@ -125,24 +125,24 @@ def reward_statistics(config: Config, rm_dir: Path, tokenizer, ctx) -> dict:
 
     prompts = [r["prompt"] for r in load_split(config.paths.data, "ppo", config.data)]
     prompts = prompts[: config.rm.reward_stats_prompts][ctx.rank :: ctx.world_size]
-    policy = load_causal_lm(Path(config.paths.sft) / "model", tokenizer).eval()
-    reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id).eval()
+    policy = distributed.place(load_causal_lm(Path(config.paths.sft) / "model", tokenizer))
+    reward_model = distributed.place(load_reward_model(rm_dir, tokenizer.pad_token_id))
     generator_seed = config.rm.seed * 1_000_003 + ctx.rank
-    sums = torch.zeros(3, dtype=torch.float64)  # sum, sum of squares, count
+    sums = torch.zeros(3, dtype=torch.float64)  # host: sum, sum of squares, count
     batch_size = config.rm_eval.batch_size
     with torch.random.fork_rng():
         torch.manual_seed(generator_seed)
         for start in range(0, len(prompts), batch_size):
             queries = [encode_query(tokenizer, p) for p in prompts[start : start + batch_size]]
-            input_ids, attention_mask = left_pad(queries, tokenizer.pad_token_id)
+            input_ids, attention_mask = (t.to(policy.device) for t in left_pad(queries, tokenizer.pad_token_id))
             responses = sample(
                 policy, tokenizer, input_ids, attention_mask, config.ppo.sampling, config.data.max_response_tokens
             )
             output = torch.cat([input_ids, responses], dim=1)
             # Scored as PPO will: query + response as generated (left-padded; the head reads the last real token).
             full_mask = torch.cat([attention_mask, eos_response_mask(responses, tokenizer.eos_token_id)], 1)
-            scores = reward_scores(reward_model, output, full_mask).double()
-            sums += torch.stack([scores.sum(), scores.pow(2).sum(), torch.tensor(float(len(scores)))])
+            scores = reward_scores(reward_model, output, full_mask).double().cpu()
+            sums += torch.stack([scores.sum(), scores.pow(2).sum(), torch.tensor(float(len(scores)))])  # host
     total, total_sq, count = distributed.all_reduce_sum(sums).tolist()
     mean = total / count
     std = math.sqrt(max(total_sq / count - mean * mean, 0.0))
@@ -243,11 +243,11 @@ def _train_step(engine, pairs: list[Pair], opt, pad_id: int, ctx) -> dict[str, f
         for j in range(0, len(pairs), micro)
     ]
     local_tokens = sum(int((b["labels"][:n, 1:] != -100).sum()) for n, b in batches)
-    global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))
+    global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))  # host
     # As in SFT: after the engine divides by the accumulation and averages ranks, the LM term is the token mean
     # over the chosen responses of the whole global batch.
     normaliser = global_tokens / (opt.gradient_accumulation_steps * ctx.world_size)
-    sums = torch.zeros(5, dtype=torch.float64)  # ranking loss, correct, gap, pairs, chosen nll
+    sums = torch.zeros(5, dtype=torch.float64)  # host: ranking loss, correct, gap, pairs, chosen nll
     for n, batch in batches:
         lm_from = first_labelled_logit(batch["labels"][:n])  # the LM head on the chosen responses only
         with engine.autocast():
@@ -267,7 +267,7 @@ def _train_step(engine, pairs: list[Pair], opt, pad_id: int, ctx) -> dict[str, f
             nll = float(lm_stats["nll_sum"])
         engine.backward(loss)
         engine.step()
-        sums += torch.tensor(
+        sums += torch.tensor(  # host
             [float(rank_loss.detach()) * n, float(stats["accuracy"]) * n, float(stats["score_gap"]) * n, n, nll]
         )
     rank_sum, correct, gap, count, nll_sum = distributed.all_reduce_sum(sums).tolist()

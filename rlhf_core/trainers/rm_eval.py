@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_core import distributed
 from rlhf_core.algos.rm import reliability_bins
 from rlhf_core.config import Config
 from rlhf_core.data.rows import load_split
@@ -41,8 +42,8 @@ def score_responses(model, tokenizer, prompts: list[str], responses: list[str], 
             (encode_query(tokenizer, p), encode_response(tokenizer, r))
             for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size], strict=True)
         ]
-        batch = collate_sft(examples, tokenizer.pad_token_id)
-        scores.append(reward_scores(model, batch["input_ids"], batch["attention_mask"]).float())
+        batch = {k: v.to(model.device) for k, v in collate_sft(examples, tokenizer.pad_token_id).items()}
+        scores.append(reward_scores(model, batch["input_ids"], batch["attention_mask"]).float().cpu())
     return torch.cat(scores)
 
 
@@ -77,11 +78,11 @@ def _plot_score_gaps(records: list[dict], bins: int, directory: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gaps = torch.tensor([r["score_gap"] for r in records], dtype=torch.float64)
+    gaps = torch.tensor([r["score_gap"] for r in records], dtype=torch.float64)  # host
     lo, hi = float(gaps.min()), float(gaps.max())
     if lo == hi:
         lo, hi = lo - 0.5, hi + 0.5
-    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)  # host
     groups = {"all": records}
     if any("gold_prefers" in r for r in records):
         groups = {
@@ -89,9 +90,9 @@ def _plot_score_gaps(records: list[dict], bins: int, directory: Path) -> None:
             "gold prefers rejected": [r for r in records if r.get("gold_prefers") == "rejected"],
         }
     counts = {
-        name: torch.histogram(torch.tensor([r["score_gap"] for r in rows], dtype=torch.float64), bins=edges)[0]
+        name: torch.histogram(torch.tensor([r["score_gap"] for r in rows], dtype=torch.float64), bins=edges)[0]  # host
         if rows
-        else torch.zeros(bins, dtype=torch.float64)
+        else torch.zeros(bins, dtype=torch.float64)  # host
         for name, rows in groups.items()
     }
     centres = ((edges[:-1] + edges[1:]) / 2).tolist()
@@ -102,7 +103,7 @@ def _plot_score_gaps(records: list[dict], bins: int, directory: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     width = float(edges[1] - edges[0])
-    bottom = torch.zeros(bins, dtype=torch.float64)
+    bottom = torch.zeros(bins, dtype=torch.float64)  # host
     for (name, c), colour in zip(counts.items(), ("tab:green", "tab:red"), strict=False):
         ax.bar(centres, c.tolist(), width=width, bottom=bottom.tolist(), label=name, color=colour, alpha=0.8)
         bottom += c
@@ -122,13 +123,13 @@ def _calibration(records: list[dict], num_bins: int, directory: Path) -> dict[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gaps = torch.tensor([r["score_gap"] for r in records], dtype=torch.float64)
-    curves = {"annotator": reliability_bins(gaps, torch.ones(len(records), dtype=torch.bool), num_bins)}
+    gaps = torch.tensor([r["score_gap"] for r in records], dtype=torch.float64)  # host
+    curves = {"annotator": reliability_bins(gaps, torch.ones(len(records), dtype=torch.bool), num_bins)}  # host
     gold = [r for r in records if r.get("gold_prefers") in ("chosen", "rejected")]
     if gold:
         curves["gold"] = reliability_bins(
-            torch.tensor([r["score_gap"] for r in gold], dtype=torch.float64),
-            torch.tensor([r["gold_prefers"] == "chosen" for r in gold]),
+            torch.tensor([r["score_gap"] for r in gold], dtype=torch.float64),  # host
+            torch.tensor([r["gold_prefers"] == "chosen" for r in gold]),  # host
             num_bins,
         )
     header = ["bin_lower", "bin_upper"] + [
@@ -209,7 +210,7 @@ def evaluate_reward_model(config: Config, out: Path, logger: Logger) -> StageRes
         raise DataError(f"no reward model at {model_dir} (run `rlhf rm` first)")
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     rows = load_split(data_dir, "rm_test", config.data)
-    model = load_reward_model(model_dir, tokenizer.pad_token_id)
+    model = distributed.place(load_reward_model(model_dir, tokenizer.pad_token_id))
     batch = config.rm_eval.batch_size
     prompts = [r["prompt"] for r in rows]
     chosen = score_responses(model, tokenizer, prompts, [r["chosen"] for r in rows], batch)

@@ -52,8 +52,8 @@ def _labelled_logits(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
 def evaluate_loss(engine, examples, micro_batch_size: int, pad_id: int, ctx) -> float:
     """Token-mean response NLL over ``examples`` (sharded over ranks, summed globally)."""
     engine.module.eval()
-    nll_sum = torch.zeros((), dtype=torch.float64)
-    tokens = torch.zeros((), dtype=torch.float64)
+    nll_sum = torch.zeros((), dtype=torch.float64)  # host
+    tokens = torch.zeros((), dtype=torch.float64)  # host
     for chunk, is_filler in rank_batches(examples, micro_batch_size, ctx.rank, ctx.world_size):
         batch = {k: v.to(engine.device) for k, v in collate_sft(chunk, pad_id).items()}
         logits, labels = _labelled_logits(engine, batch)
@@ -72,7 +72,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     responses = []
     for start in range(0, len(prompts), batch_size):
         queries = [encode_query(tokenizer, p) for p in prompts[start : start + batch_size]]
-        input_ids, attention_mask = left_pad(queries, tokenizer.pad_token_id)
+        input_ids, attention_mask = (t.to(model.device) for t in left_pad(queries, tokenizer.pad_token_id))
         output = sample(model, tokenizer, input_ids, attention_mask, None, max_new_tokens)
         responses += tokenizer.batch_decode(output, skip_special_tokens=True)
     return [r.strip() for r in responses]
@@ -83,7 +83,7 @@ def _sample_generations(config: Config, model_dir: Path, tokenizer, val_rows: li
     rows = val_rows[: config.sft.num_sample_generations]
     if not rows:
         return [], {}
-    model = load_causal_lm(model_dir)
+    model = distributed.place(load_causal_lm(model_dir))
     responses = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], config.data.max_response_tokens)
     samples = [
         {
@@ -115,11 +115,11 @@ def _train_step(engine, examples: list[tuple[list[int], list[int]]], opt, pad_id
     micro = opt.micro_batch_size
     micro_batches = [collate_sft(examples[j : j + micro], pad_id) for j in range(0, len(examples), micro)]
     local_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
-    global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))
+    global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))  # host
     # Scaled so that after the engine divides by the accumulation and averages over ranks, the gradient is that of
     # the token mean over the whole global batch.
     normaliser = global_tokens / (opt.gradient_accumulation_steps * ctx.world_size)
-    nll_sum = torch.zeros(())
+    nll_sum = torch.zeros(())  # host
     for mb in micro_batches:
         mb = {k: v.to(engine.device) for k, v in mb.items()}
         logits, labels = _labelled_logits(engine, mb)
@@ -172,7 +172,7 @@ def train_sft(config: Config, out: Path, logger: Logger) -> StageResult:
             val_record = {
                 "step": step + 1,
                 "sft/val_loss": val_loss,
-                "sft/ppl": float(torch.exp(torch.tensor(val_loss))),
+                "sft/ppl": float(torch.exp(torch.tensor(val_loss))),  # host
             }
             val_history.append(val_record)
             logger.log_metrics({k: v for k, v in val_record.items() if k != "step"}, step=step + 1)

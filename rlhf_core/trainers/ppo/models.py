@@ -36,11 +36,11 @@ class PPOModels:
         self.synced_gpus = self.sharded and ctx.world_size > 1
         lora = config.model.lora
         # With LoRA the reference is the policy with its adapters off: the SFT weights are held once.
-        frozen = [] if lora.enabled else [load_causal_lm(sft_dir, tokenizer)]
+        frozen = [] if lora.enabled else [load_causal_lm(sft_dir, tokenizer)]  # placed: by make_frozen below
         # The FrozenModel objects stay referenced: under ZeRO-3 they keep the engines whose hooks gather weights.
         self._frozen = [
             distributed.make_frozen(model, ppo.forward_batch_size, ctx, config.distributed)
-            for model in (*frozen, load_reward_model(rm_dir, tokenizer.pad_token_id))
+            for model in (*frozen, load_reward_model(rm_dir, tokenizer.pad_token_id))  # placed: by make_frozen
         ]
         self._reference = None if lora.enabled else self._frozen[0].module
         self.reward_model = self._frozen[-1].module
