@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/stability.py                      # 7 configurations x 3 seeds, ~5 min per run
     .venv/bin/python bench/stability.py --configs ppo_max vanilla --seeds 42
+    # the long run (paper figs. 4/5 over ~1,000 iterations): its own runs, results and curves
+    .venv/bin/python bench/stability.py --configs vanilla ppo_max --seeds 42 --steps 1000 \
+        --out outputs/bench/long/runs --results bench/results/long_run.json
 
 Every run shares the default data, SFT policy and reward model (built once under ``--base`` if missing, or
 reused from a finished ``make run`` with ``--base outputs``); a seed changes PPO's rollouts and minibatch order.
@@ -46,6 +49,7 @@ CURVES = {
     "objective/kl": "KL to SFT (nats / response)",
     "rollout/response_length": "response length (tokens)",
     "monitor/ppl_policy": "policy perplexity",
+    "rollout/repetition": "repeated 3-grams (share)",
 }
 
 
@@ -71,7 +75,7 @@ def build_base(base: Path) -> None:
         run_stage(stage, config)
 
 
-def run_one(name: str, seed: int, base: Path, out: Path) -> dict:
+def run_one(name: str, seed: int, base: Path, out: Path, extra: list[str] = ()) -> dict:
     from rlhf_core.config import load_config
     from rlhf_core.io import atomic_write_json
     from rlhf_core.pipeline import run_stage
@@ -83,6 +87,7 @@ def run_one(name: str, seed: int, base: Path, out: Path) -> dict:
     overrides = [
         *base_overrides(base),
         *CONFIGS[name],
+        *extra,
         f"ppo.seed={seed}",
         f"paths.ppo={run_dir / 'ppo'}",
         f"paths.eval={run_dir / 'eval'}",
@@ -187,7 +192,9 @@ def plot(results: list[dict], path: Path) -> None:
     colours = plt.get_cmap("tab10")
     for ax, (key, title) in zip(axes, CURVES.items(), strict=True):
         for i, name in enumerate(names):
-            runs = [r["curves"][key] for r in results if r["config"] == name]
+            runs = [r["curves"][key] for r in results if r["config"] == name and r["curves"].get(key)]
+            if not runs:
+                continue  # a run cached before this curve was read
             length = min(len(c) for c in runs)
             steps = list(range(1, length + 1))
             per_step = [[c[s] for c in runs if c[s] is not None and math.isfinite(c[s])] for s in range(length)]
@@ -280,7 +287,9 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=REPO / "outputs" / "bench" / "stability" / "base")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "stability" / "runs")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "stability.json")
+    parser.add_argument("--steps", type=int, help="PPO iterations (default: params.yaml's); the long run: 1000")
     args = parser.parse_args()
+    extra = [f"ppo.steps={args.steps}"] if args.steps else []
 
     import torch
     import transformers
@@ -296,7 +305,7 @@ def main() -> None:
     plan = [(name, seed) for seed in args.seeds for name in args.configs]
     for i, (name, seed) in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {name} seed {seed}", flush=True)
-        result = run_one(name, seed, base, out)
+        result = run_one(name, seed, base, out, extra)
         results.append(result)
         print(
             f"    gold win rate {result['gold_win_rate']:.1%}, RM {result['rm_win_rate']:.1%}, "
@@ -320,10 +329,11 @@ def main() -> None:
             },
         },
     )
-    plot(results, args.results.with_name("stability_curves.png"))
+    curves_png = args.results.with_name(f"{args.results.stem}_curves.png")
+    plot(results, curves_png)
     print_table(rows, len(args.seeds))
     print(markdown_table(rows, args.seeds))
-    print(f"results: {args.results}\nplot: {args.results.with_name('stability_curves.png')}")
+    print(f"results: {args.results}\nplot: {args.results.with_name(f'{args.results.stem}_curves.png')}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,36 @@
+"""bench/robustness.py at tiny sizes: two draws that differ in everything a pipeline seed reaches, two presets from
+each draw's shared stages, and a rerun that reads every finished run back instead of training again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_robustness_runs_draws_resumes_and_summarises(tmp_path, monkeypatch):
+    from bench import robustness
+
+    out, results_file = tmp_path / "runs", tmp_path / "robustness.json"
+    args = ["--tiny", "--draws", "1", "2", "--presets", "vanilla", "ppo_max", "--out", str(out),
+            "--results", str(results_file)]  # fmt: skip
+    first = robustness.main(args)
+
+    assert [(r["draw"], r["preset"]) for r in first] == [(1, "vanilla"), (1, "ppo_max"), (2, "vanilla"), (2, "ppo_max")]
+    splits = [(out / f"draw{d}" / "data" / "splits" / "ppo.jsonl").read_text() for d in (1, 2)]
+    assert splits[0] != splits[1]  # a draw is other data, not only another PPO seed
+    for run in first:
+        low, high = run["gold_win_rate_ci95"]
+        assert low <= run["gold_win_rate"] <= high and run["rm_gold_accuracy"] is not None
+
+    saved = json.loads(results_file.read_text())
+    assert saved["cpu"]["cores"] and results_file.with_suffix(".png").stat().st_size > 0
+    ppo_max = next(row for row in saved["summary"] if row["preset"] == "ppo_max")
+    assert ppo_max["draws"] == [1, 2] and ppo_max["draws_with_vanilla"] == 2
+    assert 0 <= ppo_max["draws_ci_above_50"] <= 2 and 0 <= ppo_max["draws_gap_below_vanilla"] <= 2
+
+    import rlhf_core.pipeline
+
+    monkeypatch.setattr(rlhf_core.pipeline, "run_stage", lambda *a, **k: pytest.fail("a finished run was rerun"))
+    assert robustness.main(args) == first
