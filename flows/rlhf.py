@@ -7,6 +7,7 @@ Run it directly (``python -m flows.rlhf``), through ``rlhf run``, or serve it as
 from __future__ import annotations
 
 from prefect import flow
+from prefect.states import State
 
 from rlhf_core.config import load_config
 from rlhf_core.pipeline import STAGES, run_pipeline
@@ -16,7 +17,9 @@ FLOW_STAGES = tuple(STAGES)
 
 
 def _run_task(stage: str, config, parent_run_id: str | None, skip_unchanged: bool) -> dict[str, str]:
-    return STAGE_TASKS[stage](config, parent_run_id, skip_unchanged)
+    returned = STAGE_TASKS[stage](config, parent_run_id, skip_unchanged)
+    # A skipped stage's task returns its final state (named Skipped, the artifacts as its data).
+    return returned.result() if isinstance(returned, State) else returned
 
 
 @flow(name="rlhf", log_prints=True)

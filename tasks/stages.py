@@ -9,13 +9,49 @@ A configuration or data error (``RLHFError``) is never retried: it would fail th
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.states import Completed
 
-from rlhf_core.config import Config
+from rlhf_core.config import Config, stage_output_dir
 from rlhf_core.errors import RLHFError
-from rlhf_core.pipeline import run_stage_artifacts
+from rlhf_core.pipeline import run_stage
 
 RETRY_DELAY_SECONDS = 5
+
+
+def _run_and_report(stage: str, config: Config, parent_run_id: str | None, skip_unchanged: bool):
+    """Run ``stage`` and show its result in the Prefect UI: a markdown artifact with its headline numbers, and
+    for a stage skipped as unchanged a log line and a final state named ``Skipped`` (not a plain Completed, which
+    looks exactly like a run). Returns the artifacts, as the flow expects."""
+    outcome = run_stage(stage, config, parent_run_id, skip_unchanged)
+    logger = get_run_logger()
+    where = stage_output_dir(config, stage)
+    if outcome.artifacts.get("skipped"):
+        logger.info(f"{stage}: skipped: unchanged since its last run (params, code and inputs); outputs in {where}")
+        return Completed(name="Skipped", message="skipped: unchanged", data=outcome.artifacts)
+    create_markdown_artifact(
+        key=f"{stage.replace('_', '-')}-result",
+        markdown=result_markdown(stage, config, outcome.metrics, where),
+        description=f"rlhf {stage}: headline numbers",
+    )
+    return outcome.artifacts
+
+
+def result_markdown(stage: str, config: Config, metrics: dict, where: str) -> str:
+    """The rows ``rlhf run`` prints for ``stage`` (from its metrics file), as a markdown table."""
+    from rlhf_core.cli import SUMMARY_ROWS
+
+    file, rows = SUMMARY_ROWS[stage]
+    lines = [f"### {stage} ({config.ppo.preset}, outputs in `{where}`)", "", "| what | value |", "| --- | --- |"]
+    try:
+        from rlhf_core.io import read_json
+
+        table = rows(read_json(f"{where}/{file}"), config)
+    except (RLHFError, KeyError):
+        table = [("metrics", "(not readable)")]
+    lines += [f"| {what} | {value} |" for what, value in table]
+    return "\n".join(lines) + "\n"
 
 
 def transient_failure(task, task_run, state) -> bool:
@@ -29,32 +65,32 @@ def _retried(name: str):
 
 @_retried("prepare")
 def prepare_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
-    return run_stage_artifacts("prepare", config, parent_run_id, skip_unchanged)
+    return _run_and_report("prepare", config, parent_run_id, skip_unchanged)
 
 
 @task(name="sft", retries=0)
 def sft_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
-    return run_stage_artifacts("sft", config, parent_run_id, skip_unchanged)
+    return _run_and_report("sft", config, parent_run_id, skip_unchanged)
 
 
 @task(name="rm", retries=0)
 def rm_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
-    return run_stage_artifacts("rm", config, parent_run_id, skip_unchanged)
+    return _run_and_report("rm", config, parent_run_id, skip_unchanged)
 
 
 @_retried("rm-eval")
 def rm_eval_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
-    return run_stage_artifacts("rm-eval", config, parent_run_id, skip_unchanged)
+    return _run_and_report("rm-eval", config, parent_run_id, skip_unchanged)
 
 
 @_retried("ppo")
 def ppo_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
-    return run_stage_artifacts("ppo", config, parent_run_id, skip_unchanged)
+    return _run_and_report("ppo", config, parent_run_id, skip_unchanged)
 
 
 @_retried("eval")
 def eval_task(config: Config, parent_run_id: str | None = None, skip_unchanged: bool = True) -> dict[str, str]:
-    return run_stage_artifacts("eval", config, parent_run_id, skip_unchanged)
+    return _run_and_report("eval", config, parent_run_id, skip_unchanged)
 
 
 STAGE_TASKS = {

@@ -65,6 +65,7 @@ def test_flow_runs_all_stages_with_nested_mlflow_runs(prefect_harness, tmp_path)
     assert "objective/kl" in ppo_run.data.metrics and "rollout/response_length" in ppo_run.data.metrics
     assert ppo_run.data.params["ppo.resolved.reward_norm"] == "True"
     _every_output_is_known_and_every_key_is_valid_for_mlflow(tmp_path, client, runs)
+    _prefect_shows_results_and_skips(rlhf, params, overrides)
     versions = client.search_model_versions("name='rlhf-ppo-max-policy'")
     assert [v.run_id for v in versions] == [ppo_run.info.run_id]  # the final policy is in the model registry
     assert "model/model.safetensors" in {a.path for a in client.list_artifacts(ppo_run.info.run_id, "model")}
@@ -105,3 +106,23 @@ def _every_output_is_known_and_every_key_is_valid_for_mlflow(root, client, runs)
     for key in keys | logged:
         _validate_metric_name(key)
         _validate_param_name(key)
+
+
+def _prefect_shows_results_and_skips(rlhf, params, overrides) -> None:
+    """Each stage leaves a markdown artifact of its headline numbers; a rerun's unchanged stages end in a state
+    named Skipped (a plain Completed would look exactly like a run) and still hand the flow their artifacts."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert {"prepare-result", "sft-result", "rm-result", "rm-eval-result", "ppo-result", "eval-result"} <= keys
+    again = rlhf(params_file=str(params), overrides=overrides)
+    assert again["sft"]["skipped"] == "unchanged" and again["ppo"]["model"]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs()
+    newest = {}
+    for run in sorted(runs, key=lambda r: r.start_time or r.expected_start_time):
+        newest[run.name.rsplit("-", 1)[0]] = run
+    assert {name: run.state.name for name, run in newest.items()} == dict.fromkeys(
+        ("prepare", "sft", "rm", "rm-eval", "ppo", "eval"), "Skipped"
+    )
