@@ -95,3 +95,24 @@ def test_dvc_exp_run_compares_a_preset(dvc_project):
                 presets.add((run["rev"], params["ppo"]["preset"]))
     # The baseline commit and the experiment both carry their metrics (not only the workspace).
     assert {preset for rev, preset in presets if rev != "workspace"} == {"ppo_max", "vanilla"}
+
+
+@pytest.mark.slow
+def test_rlhf_run_leaves_dvc_lock_consistent_so_repro_runs_nothing(tmp_path):
+    """The two front doors agree: after `rlhf run` (params.yaml, every stage, no --set) `dvc status` is clean and
+    `dvc repro` runs no stage (before, it reran all six: about an hour at the default sizes)."""
+    from rlhf_core.config import load_config
+
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, project / name)
+    shutil.copytree(REPO / "rlhf_core", project / "rlhf_core", ignore=shutil.ignore_patterns("__pycache__"))
+    config = load_config(REPO / "params.yaml", [*TINY, "tracking.enabled=false"])
+    (project / "params.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    _run(["git", "init", "-q"], project)
+    _run(["dvc", "init", "-q"], project)
+    out = _run(["rlhf", "run", "--no-prefect"], project)
+    assert "dvc.lock records these outputs" in out
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], project)
+    assert "Running stage" not in _run(["dvc", "repro"], project)
