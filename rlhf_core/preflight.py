@@ -32,7 +32,7 @@ def check_stage_output(config, stage: str) -> None:
     """One ConfigError line, before any work, when ``stage`` could not safely write its output directory."""
     out = Path(stage_output_dir(config, stage))
     where = f"paths.{stage_path_key(stage)}={stage_output_dir(config, stage)}"
-    _check_creatable(out, where)
+    _check_creatable(out, where, directory=True)
     if not out.exists():
         return
     _check_writable_tree(out, where)
@@ -48,12 +48,13 @@ def check_tracking_store(config) -> None:
     database = Path(uri.removeprefix("sqlite:///"))
     if database.is_dir():
         raise ConfigError(f"tracking.uri={uri}: {database} is a directory; name a .db file")
-    _check_creatable(database, f"tracking.uri={uri}")
+    _check_creatable(database, f"tracking.uri={uri}", directory=False)
 
 
-def _check_creatable(path: Path, where: str) -> None:
-    """``path`` is a directory or can become one: no file in its way, and the nearest existing folder writable."""
-    if path.exists() and not path.is_dir() and not where.startswith("tracking"):
+def _check_creatable(path: Path, where: str, directory: bool) -> None:
+    """``path`` can be created or written: no file in its way above it (nor at it, for a ``directory``), and the
+    nearest existing folder writable."""
+    if directory and path.exists() and not path.is_dir():
         raise ConfigError(f"{where}: {path} is a file, not a directory; choose a directory")
     for parent in path.parents:
         if parent.exists():

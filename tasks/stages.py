@@ -32,14 +32,15 @@ def _run_and_report(stage: str, config: Config, parent_run_id: str | None, skip_
         return Completed(name="Skipped", message="skipped: unchanged", data=outcome.artifacts)
     create_markdown_artifact(
         key=f"{stage.replace('_', '-')}-result",
-        markdown=result_markdown(stage, config, outcome.metrics, where),
+        markdown=result_markdown(stage, config, where),
         description=f"rlhf {stage}: headline numbers",
     )
     return outcome.artifacts
 
 
-def result_markdown(stage: str, config: Config, metrics: dict, where: str) -> str:
-    """The rows ``rlhf run`` prints for ``stage`` (from its metrics file), as a markdown table."""
+def result_markdown(stage: str, config: Config, where: str) -> str:
+    """The rows ``rlhf run`` prints for ``stage``, read from the file ``print_summary`` reads (``stats.json`` for
+    prepare: its nested counts are not in the stage's flat metrics), as a markdown table."""
     from rlhf_core.cli import SUMMARY_ROWS
 
     file, rows = SUMMARY_ROWS[stage]

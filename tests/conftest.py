@@ -144,3 +144,13 @@ def trained_tiny_rm(prepared_tiny, tmp_path_factory):
     config = load_config(None, [*tiny_overrides(root), *(f"paths.{p}={out / p}" for p in ("sft", "rm", "rm_eval"))])
     run_stage("rm", config)
     return out, config
+
+
+class PicklePayload:
+    """Unpickles into a call that writes ``marker``: what a planted checkpoint file would run on an unsafe load."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))

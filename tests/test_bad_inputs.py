@@ -22,7 +22,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tests.conftest import TINY
+from tests.conftest import TINY, PicklePayload
 
 CONFIG, DATA = 2, 1  # exit statuses of a configuration error and of every other user error
 
@@ -438,20 +438,10 @@ def in_checkpoint(relative: str, damage: Callable[[Path], None]) -> Callable[[Pa
     return setup
 
 
-class Planted:
-    """Unpickles into a call that writes ``marker``: what an unsafe load of a received checkpoint would run."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
-
-
 def plant_pickle(path: Path) -> None:
     import torch
 
-    torch.save({"module": Planted(str(path.parent / "PWNED"))}, path)
+    torch.save({"module": PicklePayload(path.parent / "PWNED")}, path)
 
 
 def plant_pickle_and_rewrite_the_manifest(path: Path) -> None:
@@ -497,7 +487,7 @@ def test_the_corpus_is_large_and_ids_unique():
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_bad_input_is_one_line_and_changes_nothing(case: Case, project: Path):
+def test_bad_input_is_named_without_traceback_and_changes_nothing(case: Case, project: Path):
     overrides = case.setup(project) or []
     before = tree_digest(project)
     args = [case.command, "--params", "params.yaml", *(a for o in overrides for a in ("--set", o))]

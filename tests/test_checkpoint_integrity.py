@@ -26,17 +26,7 @@ from rlhf_core.config import load_config
 from rlhf_core.errors import RLHFError
 from rlhf_core.io import file_sha256
 from rlhf_core.pipeline import run_stage
-from tests.conftest import tiny_overrides
-
-
-class Payload:
-    """Unpickles into a call that writes ``marker``: what a planted checkpoint file runs on an unsafe load."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+from tests.conftest import PicklePayload, tiny_overrides
 
 
 def _overrides(stack, prepared_root: Path, ppo_dir: Path, *extra) -> list[str]:
@@ -287,19 +277,19 @@ def test_planted_pickles_do_not_run(runs, resumer, tmp_path, capsys):
     """A payload in engine.pt, even with the manifest rewritten to match, is refused by the weights-only
     unpickler; a pickled trainer-rank0.pt next to the JSON is an unexpected file and is never opened."""
     live = tmp_path / "live.pt"
-    torch.save({"module": Payload(tmp_path / "live")}, live)
+    torch.save({"module": PicklePayload(tmp_path / "live")}, live)
     torch.load(live, weights_only=False)
     assert (tmp_path / "live").exists(), "the payload is live: an unsafe load runs it"
 
     root = _copy(runs, tmp_path)
     marker = tmp_path / "ran"
-    torch.save({"module": Payload(marker)}, root / "step-000003" / "policy" / "engine.pt")
+    torch.save({"module": PicklePayload(marker)}, root / "step-000003" / "policy" / "engine.pt")
     _rehash(root / "step-000003", "policy/engine.pt")
     _falls_back(resumer, root, capsys, "policy: refused by the weights-only unpickler", "GLOBAL exec")
     assert not marker.exists()
 
     root = _copy(runs, tmp_path / "second")
-    torch.save({"step": 3, "rng": Payload(marker)}, root / "step-000003" / "trainer-rank0.pt")
+    torch.save({"step": 3, "rng": PicklePayload(marker)}, root / "step-000003" / "trainer-rank0.pt")
     _falls_back(resumer, root, capsys, "unexpected file trainer-rank0.pt")
     assert not marker.exists()
 
@@ -336,7 +326,7 @@ def test_older_format_checkpoints_are_not_resumed_nor_unpickled(runs, resumer, t
     old = root / "step-000002"
     shutil.copytree(runs.pristine / "step-000002" / "policy", old / "policy")
     marker = tmp_path / "ran"
-    torch.save({"step": 2, "rng": Payload(marker)}, old / "trainer-rank0.pt")
+    torch.save({"step": 2, "rng": PicklePayload(marker)}, old / "trainer-rank0.pt")
     (old / "fingerprint.txt").write_text(resumer.fingerprint)
     with pytest.raises(RLHFError, match="older checkpoint format.*resume=never"):
         _resume(resumer, root)
@@ -367,7 +357,7 @@ def test_deepspeed_state_is_checked_by_the_weights_only_unpickler_first(tmp_path
         engine.load_state(tmp_path)  # an intact DeepSpeed checkpoint passes the check
         optim = next((tmp_path / "engine").glob("*optim_states.pt"))
         marker = tmp_path / "ran"
-        torch.save({"optimizer_state_dict": Payload(marker)}, optim)
+        torch.save({"optimizer_state_dict": PicklePayload(marker)}, optim)
         with pytest.raises(ValueError, match=rf"(?s){optim.name}: .*Unsupported global: GLOBAL exec"):
             engine.load_state(tmp_path)
         assert not marker.exists()
