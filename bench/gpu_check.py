@@ -173,8 +173,8 @@ def part_zero(args, work: Path) -> dict:
     for name, engine in engines.items():
         config = stage_config(work, [*pipeline_overrides(args), *short, *engine, *small_buckets])
         results[name] = {
-            "sft": run_one("sft", _with_path(config, "sft", work / f"sft_{name}"), args.device),
-            "ppo": run_one("ppo", _with_path(config, "ppo", work / f"ppo_{name}"), args.device),
+            "sft": _kept_going(run_one, "sft", _with_path(config, "sft", work / f"sft_{name}"), args.device),
+            "ppo": _kept_going(run_one, "ppo", _with_path(config, "ppo", work / f"ppo_{name}"), args.device),
         }
     return results
 
@@ -186,7 +186,7 @@ def _with_path(config, stage: str, path: Path):
 
 def part_scale(args, work: Path) -> dict:
     names = ["tiny"] if args.tiny else [n for n in args.scale_models.split(",") if n]
-    return {name: scale_run(args, work / f"scale_{name}", name) for name in names}
+    return {name: _kept_going(scale_run, args, work / f"scale_{name}", name) for name in names}
 
 
 def scale_run(args, root: Path, name: str) -> dict:
@@ -349,29 +349,44 @@ def print_table(results: dict) -> None:
     table = Table(title=f"gpu_check on {results['system'].get('gpu') or results['system']['cpu'].get('model')}")
     for column in ("part", "what", "seconds", "peak GiB", "numbers"):
         table.add_column(column, overflow="fold")
-    for stage, got in results.get("pipeline", {}).items():
-        table.add_row(
-            "pipeline", stage, str(got["seconds"]), str(got.get("peak_memory_gib", "")), _short(got["metrics"])
-        )
-    for engine, stages in results.get("zero", {}).items():
-        for stage, got in stages.items():
-            table.add_row("zero", f"{engine} {stage}", str(got["seconds"]), str(got.get("peak_memory_gib", "")),
-                          _short(got["metrics"]))  # fmt: skip
-    for name, got in results.get("scale", {}).items():
-        numbers = (
-            f"{got['parameters'] / 1e6:.0f} M params; s/it {got.get('iteration_seconds')} (gen "
-            f"{got.get('generation')}, score {got.get('scoring')}, train {got.get('training')}); gen "
-            f"{got.get('generation_tokens_per_s', 0):.0f} tok/s vs plain generate "
-            f"{got['plain_generate']['tokens_per_s']:.0f}; "
-            f"update {got.get('update_tokens_per_s', 0):.0f} tok/s, "
-            f"{got.get('update_tflops', 0):.1f} TFLOP/s" + (f", MFU {got['mfu']:.1%}" if "mfu" in got else "")
-        )
-        table.add_row("scale", name, "", str(got.get("peak_memory_gib", "")), numbers)
+    for part, what, got in _table_entries(results):
+        if "error" in got:
+            table.add_row(part, what, "", "", f"FAILED: {got['error']}")
+        elif part == "scale":
+            table.add_row(part, what, "", str(got.get("peak_memory_gib", "")), _scale_numbers(got))
+        else:
+            table.add_row(part, what, str(got["seconds"]), str(got.get("peak_memory_gib", "")), _short(got["metrics"]))
     for part, rows in results.get("vs_reference", {}).items():
         worst = max(rows.items(), key=lambda kv: kv[1]["relative"])
         table.add_row("vs reference", part, "", "", f"{len(rows)} metrics; largest relative difference "
                       f"{worst[1]['relative']:.2e} ({worst[0]})")  # fmt: skip
     Console().print(table)
+
+
+def _table_entries(results: dict):
+    """(part, what, result) for every row of the table; a part that failed as a whole is one row."""
+    for part in ("pipeline", "zero", "scale"):
+        got = results.get(part, {})
+        if "error" in got:
+            yield part, "", got
+        elif part == "zero":
+            for engine, stages in got.items():
+                for stage, one in stages.items():
+                    yield part, f"{engine} {stage}", one
+        else:
+            for what, one in got.items():
+                yield part, what, one
+
+
+def _scale_numbers(got: dict) -> str:
+    return (
+        f"{got['parameters'] / 1e6:.0f} M params; s/it {got.get('iteration_seconds')} (gen "
+        f"{got.get('generation')}, score {got.get('scoring')}, train {got.get('training')}); gen "
+        f"{got.get('generation_tokens_per_s', 0):.0f} tok/s vs plain generate "
+        f"{got['plain_generate']['tokens_per_s']:.0f}; "
+        f"update {got.get('update_tokens_per_s', 0):.0f} tok/s, "
+        f"{got.get('update_tflops', 0):.1f} TFLOP/s" + (f", MFU {got['mfu']:.1%}" if "mfu" in got else "")
+    )
 
 
 def _short(metrics: dict) -> str:
@@ -402,6 +417,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _kept_going(function, *args):
+    """``function(*args)``, or the error it raised as a result: one device lease is too short to lose the later
+    parts (or the other engines and models) to an early failure, so the check records it and goes on."""
+    import traceback
+
+    try:
+        return function(*args)
+    except Exception as error:  # noqa: BLE001 - recorded in the results and printed, then the check goes on
+        traceback.print_exc()
+        return {"error": f"{type(error).__name__}: {error}", "where": args[-1]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     if args.device == "cpu":
@@ -424,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             if part == "zero" and "pipeline" not in parts:
                 part_pipeline(args, work)  # the data, SFT policy and reward model it starts from
-            results[part] = run(args, work)
+            results[part] = _kept_going(run, args, work, part)
             write(results, args.results)
     peak = results["system"]["peak_bf16_flops"]
     for got in results.get("scale", {}).values():
