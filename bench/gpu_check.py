@@ -203,7 +203,8 @@ def scale_run(args, root: Path, name: str) -> dict:
     overrides = [
         "distributed.bf16=true", "ppo.tricks.ptx=false", "ppo.critic_warmup_steps=0",
         f"ppo.rollout_size={rollout}", f"ppo.minibatch_size={rollout // 2}",
-        f"ppo.micro_batch_size={min(rollout // 2, args.scale_micro_batch)}", f"ppo.forward_batch_size={rollout}",
+        f"ppo.micro_batch_size={min(rollout // 2, args.scale_micro_batch)}",
+        f"ppo.forward_batch_size={min(rollout, args.scale_forward_batch)}",
         f"ppo.steps={args.scale_iterations + 1}", f"data.max_prompt_tokens={prompt + 32}",
         f"data.max_response_tokens={response}", f"model.max_position_embeddings={prompt + 32 + response}",
     ]  # fmt: skip
@@ -411,6 +412,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale-iterations", type=int, default=2)
     parser.add_argument("--scale-rollout", type=int, default=64)
     parser.add_argument("--scale-micro-batch", type=int, default=8)
+    parser.add_argument("--scale-forward-batch", type=int, default=64, help="sequences per scoring forward")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--response-tokens", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=1, help=argparse.SUPPRESS)  # ppo.epochs of the default
@@ -451,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             if part == "zero" and "pipeline" not in parts:
                 part_pipeline(args, work)  # the data, SFT policy and reward model it starts from
-            results[part] = _kept_going(run, args, work, part)
+            results[part] = _kept_going(run, args, work)
             write(results, args.results)
     peak = results["system"]["peak_bf16_flops"]
     for got in results.get("scale", {}).values():
