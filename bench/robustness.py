@@ -1,13 +1,20 @@
 """The headline as a distribution: the whole pipeline over several data draws, for each PPO preset.
 
     .venv/bin/python bench/robustness.py                        # 5 draws x (vanilla, moss_released, ppo_max)
-    .venv/bin/python bench/robustness.py --draws 1 2 --presets ppo_max --set ppo.kl_coef=0.1 --out outputs/rb_kl
+    # a recipe variant from each draw's own data and SFT policy, next to the baseline runs of the same draws:
+    .venv/bin/python bench/robustness.py --presets ppo_max --variant mismatch --variant-from rm \
+        --set rm.mismatch_fraction=0.5 --reuse-base --results bench/results/robustness_mismatch.json
     .venv/bin/python bench/robustness.py --summarise bench/results/robustness.json
 
 A draw is one pipeline seed: every stage's seed derives from it (``draw_overrides``), so a draw changes the
 simulated data, the tiny model's initialisation, SFT's and the RM's data order, PPO's rollouts and the evaluation's
 samples together, as a new user's run on other data would. Per draw the data, SFT policy, reward model and its
 evaluation are built once (``<out>/draw<N>/``) and every preset's PPO and win-rate evaluation start from them.
+
+A ``--variant NAME`` changes the stages from ``--variant-from`` (``rm`` or ``ppo``) on with ``--set``; they write
+to their own ``*_NAME`` directories, the draw's earlier stages are shared with the baseline, and the baseline's
+finished runs of the same draws are read back into the table for comparison. ``--reuse-base`` takes the shared
+stages as built when their files are intact, even if the code has changed since (they are the inputs held fixed).
 
 Resumable at every level: a stage whose inputs and params are unchanged is skipped by the stage scaffold, PPO
 resumes from its last checkpoint, and a finished (draw, preset) keeps its ``result.json``. Results are written
@@ -46,8 +53,22 @@ def draw_overrides(draw: int) -> list[str]:
     ]
 
 
-def draw_config(draw: int, out: Path, preset: str, extra: list[str], tiny: bool):
-    from rlhf_core.config import load_config
+STAGE_DIRS = {"prepare": "data", "sft": "sft", "rm": "rm", "rm-eval": "rm_eval", "ppo": "ppo", "eval": "eval"}
+ORDER = (*BASE_STAGES, "ppo", "eval")
+
+
+def variant_stages(variant: str | None, variant_from: str) -> tuple[str, ...]:
+    """The stages a variant changes: ``variant_from`` and every later one (none without a variant)."""
+    return ORDER[ORDER.index(variant_from) :] if variant else ()
+
+
+def stage_dir(root: Path, stage: str, preset: str, variant: str | None, variant_from: str) -> Path:
+    name = STAGE_DIRS[stage] + (f"_{preset}" if stage in ("ppo", "eval") else "")
+    return root / (f"{name}_{variant}" if stage in variant_stages(variant, variant_from) else name)
+
+
+def draw_config(draw: int, out: Path, preset: str, extra: list[str], tiny: bool, variant=None, variant_from="ppo"):
+    from rlhf_core.config import load_config, stage_path_key
 
     root = out / f"draw{draw}"
     size = []
@@ -55,34 +76,59 @@ def draw_config(draw: int, out: Path, preset: str, extra: list[str], tiny: bool)
         from tests.conftest import TINY
 
         size = list(TINY)
-    paths = [f"paths.{p}={root / p}" for p in ("data", "sft", "rm", "rm_eval")]
-    paths += [f"paths.ppo={root / f'ppo_{preset}'}", f"paths.eval={root / f'eval_{preset}'}"]
+    paths = [f"paths.{stage_path_key(s)}={stage_dir(root, s, preset, variant, variant_from)}" for s in ORDER]
     overrides = [*size, *draw_overrides(draw), f"ppo.preset={preset}", *extra, *paths, "tracking.enabled=false"]
     return load_config(REPO / "params.yaml", overrides)
 
 
-def run_draw(draw: int, preset: str, out: Path, extra: list[str], tiny: bool) -> dict:
+def result_path(out: Path, draw: int, preset: str, variant: str | None = None) -> Path:
+    return out / f"draw{draw}" / (f"result_{preset}_{variant}.json" if variant else f"result_{preset}.json")
+
+
+def run_draw(draw: int, preset: str, out: Path, extra: list[str], tiny: bool, variant=None, variant_from="ppo",
+             reuse_base=False) -> dict:  # fmt: skip
     """One (draw, preset): the draw's shared stages (skipped when unchanged), then PPO and the evaluation."""
     from rlhf_core import distributed
     from rlhf_core.io import atomic_write_json
     from rlhf_core.pipeline import run_stage
 
-    result_path = out / f"draw{draw}" / f"result_{preset}.json"
-    if result_path.is_file():
-        return json.loads(result_path.read_text())
-    config = draw_config(draw, out, preset, extra, tiny)
+    path = result_path(out, draw, preset, variant)
+    if path.is_file():
+        return json.loads(path.read_text())
+    config = draw_config(draw, out, preset, extra, tiny, variant, variant_from)
     started = time.time()
     metrics: dict = {}
-    for stage in (*BASE_STAGES, "ppo", "eval"):
-        print(f"[draw {draw} {preset}] {stage}", flush=True)
+    for stage in ORDER:
+        print(f"[draw {draw} {preset}{'+' + variant if variant else ''}] {stage}", flush=True)
+        kept = (
+            _built_stage_metrics(config, stage)
+            if reuse_base and stage not in variant_stages(variant, variant_from)
+            else None
+        )
+        if kept is not None:
+            metrics.update(kept)
+            continue
         try:
             metrics.update(run_stage(stage, config, skip_unchanged=True).metrics)
         finally:
             distributed.shutdown()
-    result = summarise_run(draw, preset, extra, metrics)
+    result = summarise_run(draw, f"{preset}+{variant}" if variant else preset, extra, metrics)
     result["seconds"] = round(time.time() - started, 1)
-    atomic_write_json(result_path, result)
+    atomic_write_json(path, result)
     return result
+
+
+def _built_stage_metrics(config, stage: str) -> dict | None:
+    """A shared stage's metrics when its outputs are on disk as its manifest records them, whatever code built it."""
+    from rlhf_core import commit
+    from rlhf_core.config import stage_output_dir
+
+    out = Path(stage_output_dir(config, stage))
+    stamp = commit.read_manifest(out)
+    if stamp is None or not commit.unchanged(out, stamp):
+        return None
+    metrics = out / "metrics.json"  # prepare writes none
+    return json.loads(metrics.read_text()) if metrics.is_file() else {}
 
 
 def summarise_run(draw: int, preset: str, extra: list[str], m: dict) -> dict:
@@ -199,6 +245,11 @@ def write(results: list[dict], args, path: Path) -> None:
     plot(results, path.with_suffix(".png"))
 
 
+def baseline_runs(out: Path, draw: int) -> list[dict]:
+    """The finished baseline runs of ``draw`` (every preset without a variant), for the variant's comparison."""
+    return [json.loads(p.read_text()) for preset in PRESETS if (p := result_path(out, draw, preset)).is_file()]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--draws", type=int, nargs="+", default=list(DEFAULT_DRAWS))
@@ -206,6 +257,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--set", action="append", help="an override for every run, e.g. ppo.kl_coef=0.1")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "robustness")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "robustness.json")
+    parser.add_argument("--variant", help="name of a recipe variant: the --set overrides, in their own directories")
+    parser.add_argument("--variant-from", choices=["rm", "ppo"], default="ppo", help="the first stage it changes")
+    parser.add_argument("--reuse-base", action="store_true", help="take intact shared stages as built")
     parser.add_argument("--tiny", action="store_true", help="the test suite's tiny sizes (a smoke run)")
     parser.add_argument("--summarise", type=Path, help="reprint a results file and exit")
     args = parser.parse_args(argv)
@@ -219,8 +273,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     apply_defaults()
     results = []
     for draw in args.draws:  # draw by draw: a draw's shared stages are built once, then every preset uses them
+        if args.variant:
+            results += baseline_runs(args.out, draw)
         for preset in args.presets:
-            results.append(run_draw(draw, preset, args.out, args.set or [], args.tiny))
+            results.append(run_draw(draw, preset, args.out, args.set or [], args.tiny, args.variant,
+                                    args.variant_from, args.reuse_base))  # fmt: skip
             write(results, args, args.results)
     print_table(results, summarise(results))
     return results

@@ -34,3 +34,35 @@ def test_robustness_runs_draws_resumes_and_summarises(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rlhf_core.pipeline, "run_stage", lambda *a, **k: pytest.fail("a finished run was rerun"))
     assert robustness.main(args) == first
+
+
+@pytest.mark.slow
+def test_a_variant_reruns_only_the_stages_it_changes_and_sits_beside_the_baseline(tmp_path, monkeypatch):
+    import rlhf_core.pipeline
+    from bench import robustness
+
+    out, base_file, variant_file = tmp_path / "runs", tmp_path / "base.json", tmp_path / "variant.json"
+    common = ["--tiny", "--draws", "1", "--out", str(out)]
+    robustness.main([*common, "--presets", "vanilla", "ppo_max", "--results", str(base_file)])
+    stamps = {d: (out / "draw1" / d / "stage.json").read_text() for d in ("data", "sft", "rm", "rm_eval")}
+
+    ran: list[str] = []
+    real_run_stage = rlhf_core.pipeline.run_stage
+
+    def spy(stage, config, **kwargs):
+        ran.append(stage)
+        return real_run_stage(stage, config, **kwargs)
+
+    monkeypatch.setattr(rlhf_core.pipeline, "run_stage", spy)
+    variant_args = ["--presets", "ppo_max", "--variant", "mm", "--variant-from", "rm",
+                    "--set", "rm.mismatch_fraction=0.5", "--reuse-base", "--results", str(variant_file)]  # fmt: skip
+    results = robustness.main([*common, *variant_args])
+
+    assert ran == ["rm", "rm-eval", "ppo", "eval"]  # data and SFT are the baseline's, taken as built
+    assert {r["preset"] for r in results} == {"vanilla", "ppo_max", "ppo_max+mm"}
+    assert (out / "draw1" / "rm_mm" / "stage.json").is_file() and (out / "draw1" / "ppo_ppo_max_mm").is_dir()
+    assert stamps == {d: (out / "draw1" / d / "stage.json").read_text() for d in stamps}  # the baseline untouched
+    variant = next(r for r in results if r["preset"] == "ppo_max+mm")
+    assert variant["overrides"] == ["rm.mismatch_fraction=0.5"]
+    row = next(r for r in json.loads(variant_file.read_text())["summary"] if r["preset"] == "ppo_max+mm")
+    assert row["draws_with_vanilla"] == 1  # the gap is compared with the baseline's vanilla run of the draw
