@@ -154,6 +154,29 @@ def eval_(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     _run_single("eval", params, set_)
 
 
+@app.command("config")
+def config_(
+    prefix: Annotated[str | None, typer.Argument(help="Only keys starting with this, e.g. ppo or ppo.tricks.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Print the resolved configuration (params file + --set): every key --set takes, its value and what it does."""
+    from rlhf_core.config import describe_config
+
+    try:
+        rows = describe_config(load(params, set_))
+    except RLHFError as exc:
+        fail(exc)
+        return
+    shown = [r for r in rows if prefix is None or r[0] == prefix or r[0].startswith(prefix.rstrip(".") + ".")]
+    if not shown:
+        fail(ConfigError(f"no configuration key starts with {prefix!r}; `rlhf config` lists them all"))
+    table = Table("key", "value", "what it does", box=None, pad_edge=False)
+    for key, value, description in shown:
+        table.add_row(key, value, description)
+    Console(soft_wrap=False).print(table)
+
+
 models_app = typer.Typer(no_args_is_help=True, help="The local model store (model.store): pull pretrained models.")
 app.add_typer(models_app, name="models")
 

@@ -558,6 +558,43 @@ class PathsConfig(_Group):
         return self
 
 
+def describe_config(config: BaseModel, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, value as --set takes it, description) for every leaf of ``config``; ``ppo.tricks.*`` left
+    null show the preset's value they resolve to."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in type(config).model_fields.items():
+        value, key = getattr(config, name), f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            rows += describe_config(value, f"{key}.")
+            continue
+        shown = _as_set_value(value)
+        rows.append((key, shown, field.description or ""))
+    if isinstance(config, Config):
+        resolved = config.ppo.resolved_tricks()
+        rows = [_with_preset_value(row, resolved, config.ppo.preset) for row in rows]
+    return rows
+
+
+def _as_set_value(value: Any) -> str:
+    """``value`` as YAML writes it, so the printed value is what ``--set key=value`` takes."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def _with_preset_value(row: tuple[str, str, str], resolved: BaseModel, preset: str) -> tuple[str, str, str]:
+    key, shown, description = row
+    name = (
+        key.removeprefix("ppo.tricks.")
+        if key.startswith("ppo.tricks.")
+        else "kl_coef"
+        if key == "ppo.kl_coef"
+        else None
+    )
+    if shown != "null" or name is None or not hasattr(resolved, name):
+        return row
+    value = getattr(resolved, name)
+    return key, f"null ({preset}: {str(value).lower() if isinstance(value, bool) else value})", description
+
+
 def stage_path_key(stage: str) -> str:
     """The ``paths`` field of a stage's output directory ("rm-eval" -> "rm_eval", "prepare" -> "data")."""
     return {"prepare": "data"}.get(stage, stage.replace("-", "_"))

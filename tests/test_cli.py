@@ -55,3 +55,25 @@ def test_help_lists_the_stages_and_the_pipeline():
     commands = ("prepare", "sft", "rm", "rm-eval", "ppo", "eval")
     assert all(f"│ {c} " in full.stdout and f"│ {c} " in stages.stdout for c in commands)
     assert "│ run " in full.stdout and "│ run " not in stages.stdout
+
+
+def test_config_prints_every_settable_key_with_a_value_set_takes_back_and_a_description():
+    """`rlhf config` lists every leaf of the configuration; feeding each printed value back through --set gives the
+    same configuration, so the listing is the reference for --set. Null tricks show the preset's value."""
+    from rlhf_core.config import describe_config, load_config
+
+    config = load_config(REPO / "params.yaml", ["ppo.kl_coef=0.2", "ppo.preset=vanilla"])
+    rows = describe_config(config)
+    keys = [key for key, _, _ in rows]
+    assert len(keys) == len(set(keys)) and len(keys) > 100
+    assert all(description for _, _, description in rows), [k for k, _, d in rows if not d]
+    shown = dict((key, value) for key, value, _ in rows)
+    assert shown["ppo.kl_coef"] == "0.2" and shown["ppo.tricks.kl_penalty"] == "null (vanilla: false)"
+    back = [f"{key}={value.split(' (')[0]}" for key, value, _ in rows]
+    assert load_config(None, back) == config
+
+    proc = _rlhf("config", "ppo.tricks", "--set", "ppo.preset=vanilla")
+    assert proc.returncode == 0, proc.stderr
+    assert "ppo.tricks.kl_penalty" in proc.stdout and "sft.lr" not in proc.stdout
+    proc = _rlhf("config", "nothing.like.this")
+    assert proc.returncode == 2 and "`rlhf config` lists them all" in proc.stderr
