@@ -107,6 +107,17 @@ def test_eval_outputs_are_consistent_with_the_pairs(tiny_eval):
     assert len(table) == 2 + config.eval.num_examples
 
 
+def test_eval_shows_progress_while_it_samples_and_judges(tiny_eval, capfd):
+    """The stage runs minutes on a real model: a bar for each policy's answers and for the judging."""
+    from rlhf_core.pipeline import run_stage
+
+    _, config, _ = tiny_eval
+    run_stage("eval", config)
+    err = capfd.readouterr().err
+    for label in ("eval: sft answers", "eval: ppo answers", "eval: judging"):
+        assert label in err, label
+
+
 def test_eval_without_a_ppo_policy_says_what_to_run(trained_tiny_rm, prepared_tiny, tmp_path):
     from rlhf_core.config import load_config
     from rlhf_core.errors import DataError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from rlhf_core.data.tokenize import encode_query, eos_response_mask, left_pad
 
@@ -55,8 +56,10 @@ def sample_responses(
     device,
     batch_size: int = 64,
     synced_gpus: bool = False,
+    progress: str | None = None,
 ) -> dict:
-    """One sampled response per prompt, in batches of ``batch_size``; ``synced_gpus`` as in :func:`sample`.
+    """One sampled response per prompt, in batches of ``batch_size``; ``synced_gpus`` as in :func:`sample`;
+    ``progress``: a progress bar's label (None: no bar).
 
     With a ``seed`` the draw is reproducible and the caller's RNG state is left untouched (evaluation); with
     ``None`` it continues the caller's RNG stream (PPO rollouts, seeded once per run and checkpointed).
@@ -68,10 +71,12 @@ def sample_responses(
     with torch.random.fork_rng(enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
+        starts = range(0, len(prompts), batch_size)
+        bar = tqdm(starts, desc=progress, unit="batch", disable=progress is None, dynamic_ncols=True, leave=False)
         chunks = [
             sample(model, tokenizer, query_ids[i : i + batch_size], query_mask[i : i + batch_size], sampling,
                    max_new_tokens, synced_gpus)
-            for i in range(0, len(prompts), batch_size)
+            for i in bar
         ]  # fmt: skip
     width = max(c.shape[1] for c in chunks)
     responses = pad_right(chunks, width, tokenizer.pad_token_id)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tqdm import tqdm
+
 from rlhf_core import distributed
 from rlhf_core.config import Config
 from rlhf_core.data.rows import load_split
@@ -102,7 +104,8 @@ def evaluate_win_rate(config: Config, out: Path, logger: Logger) -> StageResult:
         from rlhf_core.data.sources import build_world
 
         gold_judge = GoldJudge(build_world(config.data))
-    pairs = [_judged_pair(config, row, i, answers, rm_scores, gold_judge) for i, row in enumerate(rows)]
+    judging = tqdm(enumerate(rows), total=len(rows), desc="eval: judging", unit="pair", dynamic_ncols=True, leave=False)
+    pairs = [_judged_pair(config, row, i, answers, rm_scores, gold_judge) for i, row in judging]
     judges = ["gold", "rm"] if gold_judge is not None else ["rm"]
     groups = _groups(pairs)
     metrics = _metrics(config, pairs, judges, groups)
@@ -144,7 +147,8 @@ def _answers(config: Config, prompts: list[str]) -> tuple[dict[str, list[str]], 
     for name, path in models.items():
         policy = distributed.place(load_causal_lm(path, tokenizer))
         got = sample_responses(policy, tokenizer, prompts, config.eval.sampling, config.data.max_response_tokens,
-                               config.eval.seed, distributed.local_device(), config.eval.batch_size)  # fmt: skip
+                               config.eval.seed, distributed.local_device(), config.eval.batch_size,
+                               progress=f"eval: {name} answers")  # fmt: skip
         answers[name] = got["texts"]
         rm_scores[name] = score_samples(reward_model, got, config.eval.batch_size).tolist()
     return answers, rm_scores
