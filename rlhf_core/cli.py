@@ -230,14 +230,26 @@ def print_summary(config, outputs: dict, seconds: float, prefect: bool) -> None:
         if stage in outputs and path.is_file():
             for what, value in rows(read_json(path), config):
                 table.add_row(what, value)
+    table.add_section()
     for stage, artifacts in outputs.items():
-        for name, path in artifacts.items():
-            table.add_row(f"{stage}: {name}", str(path))
+        table.add_row(f"{stage} outputs", _outputs_cell(Path(stage_output_dir(config, stage)), artifacts))
     if config.tracking.enabled:
         table.add_row("MLflow", f"mlflow ui --backend-store-uri {config.tracking.uri} --host 127.0.0.1")
     if prefect:
         table.add_row("Prefect", "flow 'rlhf' (see README: prefect server start --host 127.0.0.1)")
     Console().print(table)
+
+
+def _outputs_cell(where: Path, artifacts: dict[str, str]) -> str:
+    """One line per stage: its directory and what in it the stage wrote (names relative to it)."""
+    names = []
+    for name, path in artifacts.items():
+        if name in ("skipped", "mlflow_run_id"):
+            continue
+        path = Path(path)
+        names.append(str(path.relative_to(where)) if path.is_relative_to(where) else str(path))
+    note = "  (unchanged: skipped)" if artifacts.get("skipped") else ""
+    return f"{where}/  " + " ".join(dict.fromkeys(names)) + note
 
 
 def _prepare_rows(stats: dict, config) -> list[tuple[str, str]]:

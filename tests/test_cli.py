@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -77,3 +78,22 @@ def test_config_prints_every_settable_key_with_a_value_set_takes_back_and_a_desc
     assert "ppo.tricks.kl_penalty" in proc.stdout and "sft.lr" not in proc.stdout
     proc = _rlhf("config", "nothing.like.this")
     assert proc.returncode == 2 and "`rlhf config` lists them all" in proc.stderr
+
+
+def test_summary_lists_each_stage_outputs_once_on_one_line(tmp_path, capsys):
+    """The summary's results are not buried under one row per artifact: one compact row per stage."""
+    from rlhf_core.cli import print_summary
+    from rlhf_core.config import load_config, stage_output_dir
+    from rlhf_core.pipeline import STAGES
+
+    config = load_config(None, [f"paths.{p}={tmp_path / p}" for p in ("data", "sft", "rm", "rm_eval", "ppo", "eval")])
+    outputs = {}
+    for stage in STAGES:
+        where = Path(stage_output_dir(config, stage))
+        outputs[stage] = {"metrics": str(where / "metrics.json"), "plots": str(where / "plots"), "mlflow_run_id": "x"}
+    outputs["sft"]["skipped"] = "unchanged"
+    print_summary(config, outputs, 1.0, prefect=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if " outputs " in line]
+    assert len(lines) == len(STAGES)
+    sft = next(line for line in lines if "sft outputs" in line)
+    assert "metrics.json plots" in sft and "unchanged: skipped" in sft and "mlflow_run_id" not in sft
