@@ -80,8 +80,9 @@ def test_config_prints_every_settable_key_with_a_value_set_takes_back_and_a_desc
     assert proc.returncode == 2 and "`rlhf config` lists them all" in proc.stderr
 
 
-def test_summary_lists_each_stage_outputs_once_on_one_line(tmp_path, capsys):
+def test_summary_lists_each_stage_outputs_once_on_one_line(tmp_path, capsys, monkeypatch):
     """The summary's results are not buried under one row per artifact: one compact row per stage."""
+    monkeypatch.setenv("COLUMNS", "250")  # a wide terminal, so that each row is one line
     from rlhf_core.cli import print_summary
     from rlhf_core.config import load_config, stage_output_dir
     from rlhf_core.pipeline import STAGES
