@@ -102,7 +102,8 @@ def test_eval_outputs_are_consistent_with_the_pairs(tiny_eval):
     assert metrics["eval/gold/cleanup_ceiling"] >= 0.5
     assert (root / "eval" / "plots" / "win_rates.png").stat().st_size > 1000
     csv_rows = (root / "eval" / "plots" / "win_rates.csv").read_text().splitlines()
-    assert csv_rows[0] == "judge,group,win,tie,lose,win_rate" and len(csv_rows) == 1 + 2 * 3
+    assert csv_rows[0] == "judge,group,win,tie,lose,win_rate,win_rate_ci_low,win_rate_ci_high"
+    assert len(csv_rows) == 1 + 2 * 3
     table = [line for line in (root / "eval" / "examples.md").read_text().splitlines() if line[:1] == "|"]
     assert len(table) == 2 + config.eval.num_examples
 

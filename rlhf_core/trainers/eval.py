@@ -65,13 +65,14 @@ def _plot(metrics: dict, judges: list[str], groups: list[str], directory: Path) 
     import matplotlib.pyplot as plt
 
     rows = [(judge, group) for judge in judges for group in groups]
-    lines = ["judge,group,win,tie,lose,win_rate"]
+    columns = (*VERDICTS, "win_rate", "win_rate_ci_low", "win_rate_ci_high")
+    lines = ["judge,group," + ",".join(columns)]
     for judge, group in rows:
         prefix = f"eval/{judge}/" if group == "all" else f"eval/{judge}/{group}/"
-        lines.append(f"{judge},{group}," + ",".join(f"{metrics[prefix + k]:.4f}" for k in (*VERDICTS, "win_rate")))
+        lines.append(f"{judge},{group}," + ",".join(f"{metrics[prefix + k]:.4f}" for k in columns))
     atomic_write_text(directory / "win_rates.csv", "\n".join(lines) + "\n")
 
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.6), dpi=100)
     colours = {"win": "tab:green", "tie": "tab:gray", "lose": "tab:red"}
     labels = []
     for y, (judge, group) in enumerate(rows):
@@ -84,6 +85,10 @@ def _plot(metrics: dict, judges: list[str], groups: list[str], directory: Path) 
                 ax.text(left + share / 2, y, f"{share:.0%}", ha="center", va="center", fontsize=8, color="white")
             left += share
         labels.append(f"{judge} judge, {group}")
+        # The number the bars stand for, with its bootstrap interval, where a reader looks for it.
+        ax.text(1.02, y, f"win rate {metrics[prefix + 'win_rate']:.1%} [{metrics[prefix + 'win_rate_ci_low']:.1%}, "
+                f"{metrics[prefix + 'win_rate_ci_high']:.1%}], n={metrics[prefix + 'n']}", va="center", fontsize=8,
+                transform=ax.get_yaxis_transform())  # fmt: skip
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)

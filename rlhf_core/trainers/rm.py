@@ -210,8 +210,8 @@ def train_reward_model(config: Config, out: Path, logger: Logger) -> StageResult
                  "rm/val_pairs": len(val)}  # fmt: skip
         metrics = _summary(history, checkpoints, reward_stats, sizes)
         atomic_write_json(out / "checkpoints.json", checkpoints)
-        write_curves(out / "plots", "rm", history, checkpoints, ["rm/loss", "rm/accuracy"],
-                     ["rm/val_loss", "rm/val_accuracy"], ylabel="ranking loss (nats/pair) / accuracy")  # fmt: skip
+        write_curves(out / "plots", "rm", history, checkpoints, [("rm/loss", "rm/val_loss", "ranking loss (nats/pair)"),
+                     ("rm/accuracy", "rm/val_accuracy", "pairwise accuracy")])  # fmt: skip
     distributed.barrier()
     return StageResult(
         metrics=metrics,

@@ -195,7 +195,7 @@ def train_sft(config: Config, out: Path, logger: Logger) -> StageResult:
             **sample_metrics,
         }
         atomic_write_jsonl(out / "samples.jsonl", samples)
-        write_curves(out / "plots", "sft", history, val_history, ["sft/loss"], ["sft/val_loss"])
+        write_curves(out / "plots", "sft", history, val_history, [("sft/loss", "sft/val_loss", "loss (nats/token)")])
     distributed.barrier()
     adapter = {"adapter": "adapter"} if is_lora(policy) else {}
     return StageResult(

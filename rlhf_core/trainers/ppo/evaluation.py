@@ -13,7 +13,7 @@ from rlhf_core.data.rows import load_split
 from rlhf_core.eval.stats import mean_interval
 from rlhf_core.models.generation import sample_responses
 from rlhf_core.models.reward import score_samples
-from rlhf_core.plots import save_figure, write_table
+from rlhf_core.plots import plot_smoothed, save_figure, write_table
 
 # The metrics.json entries averaged over the last iterations (ppo/<key with / as _>).
 TAIL_KEYS = [
@@ -85,8 +85,9 @@ PLOT_KEYS = [
 ]
 
 
-def write_plots(directory: Path, history: list[dict]) -> None:
-    """``train.csv`` (every metric, for DVC plots) and ``ppo_curves.png`` (the paper's collapse signals)."""
+def write_plots(directory: Path, history: list[dict], preset: str, critic_warmup_steps: int) -> None:
+    """``train.csv`` (every metric, for DVC plots) and ``ppo_curves.png`` (the paper's collapse signals, each raw and
+    smoothed, with the end of the critic warm-up marked: before it the policy does not move)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,12 +98,16 @@ def write_plots(directory: Path, history: list[dict]) -> None:
     steps = [r["step"] for r in history]
     for ax, (key, title) in zip(axes.flat, PLOT_KEYS, strict=True):
         for k in key if isinstance(key, tuple) else (key,):
-            ax.plot(steps, [r.get(k, float("nan")) for r in history], label=k.split("/")[-1])
+            plot_smoothed(ax, steps, [r.get(k, float("nan")) for r in history], k.split("/")[-1])
+        if critic_warmup_steps:
+            ax.axvline(critic_warmup_steps + 0.5, color="grey", linestyle=":", linewidth=1,
+                       label="critic warm-up ends")  # fmt: skip
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        if isinstance(key, tuple):
-            ax.legend(fontsize=8)
+        if isinstance(key, tuple) or (critic_warmup_steps and ax is axes.flat[0]):
+            ax.legend(fontsize=7, loc="best", framealpha=0.8)
     for ax in axes[1]:
         ax.set_xlabel("PPO iteration")
+    fig.suptitle(f"PPO ({preset}): raw per iteration (faint) and smoothed", fontsize=11)
     fig.tight_layout()
     save_figure(fig, directory / "ppo_curves.png")

@@ -261,7 +261,8 @@ def _finish(
         }
         atomic_write_json(out / "tricks.json", tricks)
         atomic_write_jsonl(out / "samples.jsonl", samples)
-        write_plots(out / "plots", history)
+        warmup = run.config.ppo.critic_warmup_steps if run.tricks.critic_warmup else 0
+        write_plots(out / "plots", history, run.config.ppo.preset, warmup)
         logger.register_model(out / "model", run.config.tracking.registered_model)
     distributed.barrier()
     adapter = {"adapter": "adapter"} if is_lora(policy) else {}
