@@ -30,7 +30,7 @@ from rlhf_core import commit, distributed, preflight
 from rlhf_core.config import Config, flatten, save_config, stage_output_dir
 from rlhf_core.errors import ConfigError
 from rlhf_core.io import atomic_write_json, read_json
-from rlhf_core.tracking import Logger, pipeline_run, stage_run
+from rlhf_core.tracking import Logger, pipeline_run, pipeline_run_name, record_skipped_stage, stage_run
 from rlhf_core.trainers.eval import evaluate_win_rate
 from rlhf_core.trainers.ppo import train_ppo
 from rlhf_core.trainers.prepare import prepare_data
@@ -103,7 +103,10 @@ def run_stage(
     if skip_unchanged:
         previous = unchanged_artifacts(config, stage, fingerprint)
         if previous is not None:
-            return StageOutcome({**previous, "skipped": "unchanged"}, _previous_metrics(config, stage))
+            metrics = _previous_metrics(config, stage)
+            if is_main:
+                record_skipped_stage(config, stage, parent_run_id, previous, metrics)
+            return StageOutcome({**previous, "skipped": "unchanged"}, metrics)
     with stage_run(config, stage, is_main=is_main, parent_run_id=parent_run_id) as logger:
         staging = commit.start(out) if is_main else out / commit.STAGING
         distributed.barrier()
@@ -229,7 +232,7 @@ def run_pipeline(
     outputs: dict[str, dict[str, str]] = {}
     selected = select_stages(stages)
     check_before_work(config, selected)
-    with pipeline_run(config, name="rlhf") as parent:
+    with pipeline_run(config, name=pipeline_run_name(config)) as parent:
         for stage in selected:
             outputs[stage] = runner(stage, config, parent.run_id, not force)
         log_stage_metrics(config, parent, selected)

@@ -23,6 +23,14 @@ from typing import Protocol
 from rlhf_core.config import Config, config_to_dict, flatten
 
 PARENT_RUN_ENV = "RLHF_MLFLOW_PARENT_RUN_ID"
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, empty here); the tag's value makes it
+# open as classic model-training runs (read from MLflow 3.17's UI code: "mlflow.experimentKind").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+CLASSIC_ML_EXPERIMENT = {EXPERIMENT_KIND_TAG: "custom_model_development"}
+# What `dvc exp run` puts in each stage command's environment (dvc/env.py): the experiment's name and baseline.
+DVC_EXP_NAME_ENV, DVC_EXP_BASELINE_ENV = "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"
+# Run tags copied onto every model version the PPO stage registers, so versions filter by preset and data.
+MODEL_VERSION_TAGS = ("preset", "seed", "data.seed", "data_version", "git_commit")
 # MLflow rejects the whole batch when one metric or param name has another character (on Windows ":" too).
 _NOT_IN_MLFLOW_NAMES = re.compile(r"[^/\w.\- ]")
 MLFLOW_MAX_KEY_LENGTH = 250
@@ -130,6 +138,10 @@ class MLflowLogger:
         source = f"{self.client.get_run(self.run_id).info.artifact_uri}/model"
         version = self.client.create_model_version(name, source=source, run_id=self.run_id)
         self.client.set_model_version_tag(name, version.version, "kind", "hf_causal_lm_directory")
+        run_tags = self.client.get_run(self.run_id).data.tags
+        for key in MODEL_VERSION_TAGS:
+            if key in run_tags:
+                self.client.set_model_version_tag(name, version.version, key, run_tags[key])
         return version.version
 
 
@@ -186,7 +198,12 @@ def _client(config: Config):
 
     client = _StopSafeClient(MlflowClient(tracking_uri=config.tracking.uri))
     experiment = client.get_experiment_by_name(config.tracking.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
+    if experiment is None:
+        experiment_id = client.create_experiment(config.tracking.experiment, tags=CLASSIC_ML_EXPERIMENT)
+    else:
+        experiment_id = experiment.experiment_id
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # an experiment made elsewhere keeps its owner's choice
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, CLASSIC_ML_EXPERIMENT[EXPERIMENT_KIND_TAG])
     return client, experiment_id
 
 
@@ -284,19 +301,67 @@ def pipeline_run(config: Config, name: str = "pipeline") -> Iterator[Logger]:
                 os.environ[PARENT_RUN_ENV] = previous
 
 
+def pipeline_run_name(config: Config) -> str:
+    """What a pipeline's parent run is called in the MLflow UI: the preset and the seeds, not one name for all."""
+    return f"{config.ppo.preset} seed {config.ppo.seed} (data seed {config.data.seed})"
+
+
 @contextlib.contextmanager
 def stage_run(config: Config, stage: str, is_main: bool = True, parent_run_id: str | None = None):
-    """A run for one stage, nested under ``parent_run_id`` (default: the pipeline run of this process)."""
+    """A run for one stage, nested under ``parent_run_id`` (default: the pipeline run of this process, or under
+    ``dvc exp run`` the experiment's parent run)."""
     if not config.tracking.enabled or not is_main:
         yield NullLogger()
         return
     parent = parent_run_id or os.environ.get(PARENT_RUN_ENV)
+    dvc_parent = None if parent else dvc_experiment_parent(config)
     tags = {"kind": "stage", "stage": stage}
-    if parent:
-        tags["mlflow.parentRunId"] = parent
+    if parent or dvc_parent:
+        tags["mlflow.parentRunId"] = parent or dvc_parent
     with _run(config, stage, tags) as logger:
         logger.log_params(flatten(config_to_dict(config)))
         yield logger
+    if dvc_parent:  # the experiment's stages compare on one row, as a pipeline run's do
+        _copy_final_metrics(logger.client, logger.run_id, dvc_parent)
+
+
+def record_skipped_stage(config: Config, stage: str, parent_run_id: str | None, previous: dict, metrics: dict):
+    """A stage skipped as unchanged still appears under the new pipeline run: a short nested run with its numbers,
+    tagged ``rlhf.skipped`` and linked to the run that produced the outputs (``rlhf.reused_run_id``)."""
+    parent = parent_run_id or os.environ.get(PARENT_RUN_ENV)
+    if not config.tracking.enabled or not parent:
+        return
+    tags = {"kind": "stage", "stage": stage, "mlflow.parentRunId": parent, "rlhf.skipped": "unchanged"}
+    if previous.get("mlflow_run_id"):
+        tags["rlhf.reused_run_id"] = previous["mlflow_run_id"]
+    with _run(config, f"{stage} (skipped: unchanged)", tags) as logger:
+        logger.log_summary({k: v for k, v in flatten(metrics).items() if type(v) in (int, float)})
+
+
+def dvc_experiment_parent(config: Config) -> str | None:
+    """Under ``dvc exp run``, the id of the experiment's parent run (found by its ``dvc.exp_name`` tag, created by
+    the experiment's first stage); None outside an experiment. The parent has no process of its own: it is made
+    FINISHED at once and its stages nest under it."""
+    name = os.environ.get(DVC_EXP_NAME_ENV)
+    if not name:
+        return None
+    client, experiment_id = _client(config)
+    quoted = name.replace("'", "")
+    found = client.search_runs([experiment_id], filter_string=f"tags.`dvc.exp_name` = '{quoted}' and tags.kind = "
+                               "'pipeline'", max_results=1, order_by=["attributes.start_time DESC"])  # fmt: skip
+    if found:
+        return found[0].info.run_id
+    tags = {**_base_tags(config), "kind": "pipeline", "dvc.exp_name": name,
+            "dvc.baseline_rev": os.environ.get(DVC_EXP_BASELINE_ENV, "")}  # fmt: skip
+    run = client.create_run(experiment_id, run_name=f"dvc exp {name}: {pipeline_run_name(config)}", tags=tags)
+    MLflowLogger(client, run.info.run_id).log_params(flatten(config_to_dict(config)))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def _copy_final_metrics(client, source_run_id: str, target_run_id: str) -> None:
+    metrics = client.get_run(source_run_id).data.metrics
+    MLflowLogger(client, target_run_id).log_metrics(metrics)
 
 
 def describe_location(config: Config, logger: Logger) -> str:

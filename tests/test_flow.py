@@ -69,6 +69,24 @@ def test_flow_runs_all_stages_with_nested_mlflow_runs(prefect_harness, tmp_path)
     versions = client.search_model_versions("name='rlhf-ppo-max-policy'")
     assert [v.run_id for v in versions] == [ppo_run.info.run_id]  # the final policy is in the model registry
     assert "model/model.safetensors" in {a.path for a in client.list_artifacts(ppo_run.info.run_id, "model")}
+    assert versions[0].tags["preset"] == "ppo_max" and versions[0].tags["data_version"] == tags["data_version"]
+    assert parents[0].info.run_name == "ppo_max seed 42 (data seed 1234)"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens as classic ML runs
+    _skipped_stages_nest_under_the_new_parent(client, experiment.experiment_id, children)
+
+
+def _skipped_stages_nest_under_the_new_parent(client, experiment_id: str, first_children: dict) -> None:
+    """The rerun (every stage unchanged) has its own parent run with all six stages under it, each marked skipped
+    and linked to the run that produced its outputs."""
+    runs = client.search_runs([experiment_id])
+    parents = sorted((r for r in runs if r.data.tags.get("kind") == "pipeline"), key=lambda r: r.info.start_time)
+    assert len(parents) == 2
+    second = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id}
+    assert set(second) == set(first_children)
+    for stage, run in second.items():
+        assert run.data.tags["rlhf.skipped"] == "unchanged" and run.info.status == "FINISHED"
+        assert run.data.tags["rlhf.reused_run_id"] == first_children[stage].info.run_id
+    assert second["ppo"].data.metrics["ppo/objective_kl"] == first_children["ppo"].data.metrics["ppo/objective_kl"]
 
 
 def test_retries_only_where_safe_and_never_for_config_or_data_errors():
