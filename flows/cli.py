@@ -103,6 +103,25 @@ def _start_temporary_server_in_its_own_session() -> None:
         subprocess.Popen = real_popen
 
 
+@app.command()
+def plots(
+    revisions: Annotated[
+        list[str] | None,
+        typer.Argument(help="Revisions or experiments to overlay (dvc plots diff); none: the workspace."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="The HTML page to write.")] = Path("dvc_plots/offline.html"),
+) -> None:
+    """The plots of dvc.yaml as one HTML page that needs no network (`dvc plots show` loads vega from a CDN)."""
+    from flows.plots import write_plots_page
+
+    try:
+        written, count = write_plots_page(revisions or [], out)
+    except RLHFError as exc:
+        fail(exc)
+        return
+    typer.echo(f"{count} plots in {written} (self-contained: no scripts, nothing loaded from the network)")
+
+
 def record_in_dvc(params: Path) -> None:
     """After a whole pipeline run from ``params.yaml`` without overrides (what ``dvc.yaml`` describes), record its
     outputs in ``dvc.lock`` (``dvc commit -f``), so ``make repro`` finds every stage up to date instead of running

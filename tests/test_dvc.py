@@ -116,3 +116,64 @@ def test_rlhf_run_leaves_dvc_lock_consistent_so_repro_runs_nothing(tmp_path):
     assert "dvc.lock records these outputs" in out
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], project)
     assert "Running stage" not in _run(["dvc", "repro"], project)
+
+
+@pytest.mark.slow
+def test_rlhf_plots_draws_every_dvc_plot_offline_on_one_page(dvc_project, tmp_path):
+    """`dvc plots show` loads vega from a CDN, so offline its 12 interactive plots stay blank. `rlhf plots` draws
+    DVC's own filled specs as inline SVG and inlines the PNGs: no script, nothing fetched, every plot has marks.
+    With revisions it overlays them (`dvc plots diff`)."""
+    import re
+
+    if not (dvc_project / "dvc.lock").is_file():
+        pytest.skip("needs the outputs of test_dvc_repro_runs_all_stages_then_nothing")
+    page = tmp_path / "plots.html"
+    out = _run(["rlhf", "plots", "--out", str(page)], dvc_project)
+    spec = yaml.safe_load((dvc_project / "dvc.yaml").read_text())
+    assert f"{len(json.loads(_run(['dvc', 'plots', 'show', '--json'], dvc_project))['data'])} plots in" in out
+    text = page.read_text()
+    sections = re.findall(r"<section>(.*?)</section>", text, flags=re.S)
+    svgs = [s for s in sections if "<svg" in s]
+    images = [s for s in sections if "<img" in s]
+    assert len(svgs) >= len(spec["plots"]) and len(images) == 6  # the CSV plots and the stages' six PNGs
+    for section in svgs:
+        assert re.search(r'<path[^>]* d="M[^"]{20,}', section), section[:200]  # drawn lines, not an empty frame
+    assert all("src='data:image/png;base64," in s for s in images)
+    assert "<script" not in text and not re.search(r"""(src|href)=["']?https?:""", text)
+
+    both = tmp_path / "diff.html"
+    _run(["rlhf", "plots", "HEAD", "--out", str(both)], dvc_project)
+    assert "HEAD, workspace" in both.read_text()
+
+
+def _ink(chromium: str, page: Path, shot: Path) -> float:
+    """Share of non-white pixels of ``page`` rendered by headless Chromium, in a network namespace of its own
+    (no network at all) where the machine allows one."""
+    import matplotlib.image
+
+    isolate = ["unshare", "-n"] if shutil.which("unshare") and os.geteuid() == 0 else []
+    subprocess.run([*isolate, chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1400,2000", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)  # fmt: skip
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    return float((pixels.min(axis=2) < 0.9).mean())
+
+
+@pytest.mark.slow
+def test_the_offline_plots_draw_in_a_headless_browser_without_network(dvc_project, tmp_path):
+    """Where a Chromium is installed (not on CI; `apt-get install chromium`): DVC's interactive plots, drawn by
+    `rlhf plots` and opened with no network, put lines on the page; the same page without them is nearly white."""
+    from flows.plots import dvc_plots_json, render_page
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        pytest.skip("no headless Chromium on this machine")
+    if not (dvc_project / "dvc.lock").is_file():
+        pytest.skip("needs the outputs of test_dvc_repro_runs_all_stages_then_nothing")
+    plots = dvc_plots_json([], dvc_project)
+    interactive = {name: [e for e in entries if e["type"] == "vega"] for name, entries in plots.items()}
+    interactive = {name: entries for name, entries in interactive.items() if entries}
+    drawn, bare = tmp_path / "drawn.html", tmp_path / "bare.html"
+    drawn.write_text(render_page(interactive, "plots"))
+    bare.write_text(render_page(dict.fromkeys(interactive, []), "plots"))  # the headings alone
+    assert _ink(chromium, drawn, tmp_path / "drawn.png") > 4 * _ink(chromium, bare, tmp_path / "bare.png")
