@@ -4,6 +4,9 @@
     # a recipe variant from each draw's own data and SFT policy, next to the baseline runs of the same draws:
     .venv/bin/python bench/robustness.py --presets ppo_max --variant mismatch --variant-from rm \
         --set rm.mismatch_fraction=0.5 --reuse-base --results bench/results/robustness_mismatch.json
+    # PPO scored by an ensemble of three reward models per draw, the draw's and two more (rm.seed + 100, + 200):
+    .venv/bin/python bench/robustness.py --presets ppo_max --variant ensemble3 --extra-rm-seeds 1 2 --reuse-base \
+        --results bench/results/robustness_ensemble3.json
     .venv/bin/python bench/robustness.py --summarise bench/results/robustness.json
 
 A draw is one pipeline seed: every stage's seed derives from it (``draw_overrides``), so a draw changes the
@@ -85,9 +88,14 @@ def result_path(out: Path, draw: int, preset: str, variant: str | None = None) -
     return out / f"draw{draw}" / (f"result_{preset}_{variant}.json" if variant else f"result_{preset}.json")
 
 
+def ensemble_dirs(out: Path, draw: int, extra_rm_seeds: list[int]) -> list[Path]:
+    return [out / f"draw{draw}" / f"rm_seed{n}" for n in extra_rm_seeds]
+
+
 def run_draw(draw: int, preset: str, out: Path, extra: list[str], tiny: bool, variant=None, variant_from="ppo",
-             reuse_base=False) -> dict:  # fmt: skip
-    """One (draw, preset): the draw's shared stages (skipped when unchanged), then PPO and the evaluation."""
+             reuse_base=False, extra_rm_seeds=()) -> dict:  # fmt: skip
+    """One (draw, preset): the draw's shared stages (skipped when unchanged), the extra reward models of an
+    ensemble if any, then PPO and the evaluation."""
     from rlhf_core import distributed
     from rlhf_core.io import atomic_write_json
     from rlhf_core.pipeline import run_stage
@@ -95,10 +103,15 @@ def run_draw(draw: int, preset: str, out: Path, extra: list[str], tiny: bool, va
     path = result_path(out, draw, preset, variant)
     if path.is_file():
         return json.loads(path.read_text())
+    members = ensemble_dirs(out, draw, list(extra_rm_seeds))
+    if members:
+        extra = [*extra, f"ppo.reward_ensemble=[{', '.join(str(m) for m in members)}]"]
     config = draw_config(draw, out, preset, extra, tiny, variant, variant_from)
     started = time.time()
     metrics: dict = {}
     for stage in ORDER:
+        if stage == "ppo":
+            train_ensemble_members(config, members, list(extra_rm_seeds))
         print(f"[draw {draw} {preset}{'+' + variant if variant else ''}] {stage}", flush=True)
         kept = (
             _built_stage_metrics(config, stage)
@@ -116,6 +129,24 @@ def run_draw(draw: int, preset: str, out: Path, extra: list[str], tiny: bool, va
     result["seconds"] = round(time.time() - started, 1)
     atomic_write_json(path, result)
     return result
+
+
+def train_ensemble_members(config, members: list[Path], extra_rm_seeds: list[int]) -> None:
+    """The ensemble's other reward models: the draw's RM recipe with rm.seed moved by 100 x N, from the draw's
+    data and SFT policy (skipped when already trained)."""
+    from rlhf_core import distributed
+    from rlhf_core.pipeline import run_stage
+
+    for directory, n in zip(members, extra_rm_seeds, strict=True):
+        paths = config.paths.model_copy(update={"rm": str(directory)})
+        member = config.model_copy(
+            update={"paths": paths, "rm": config.rm.model_copy(update={"seed": config.rm.seed + 100 * n})}
+        )
+        print(f"  ensemble member {directory.name} (rm.seed={member.rm.seed})", flush=True)
+        try:
+            run_stage("rm", member, skip_unchanged=True)
+        finally:
+            distributed.shutdown()
 
 
 def _built_stage_metrics(config, stage: str) -> dict | None:
@@ -260,6 +291,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--variant", help="name of a recipe variant: the --set overrides, in their own directories")
     parser.add_argument("--variant-from", choices=["rm", "ppo"], default="ppo", help="the first stage it changes")
     parser.add_argument("--reuse-base", action="store_true", help="take intact shared stages as built")
+    parser.add_argument("--extra-rm-seeds", type=int, nargs="*", default=[],
+                        help="an RM ensemble: more RMs (rm.seed + 100 x N) score PPO with the draw's")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="the test suite's tiny sizes (a smoke run)")
     parser.add_argument("--summarise", type=Path, help="reprint a results file and exit")
     args = parser.parse_args(argv)
@@ -277,7 +310,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results += baseline_runs(args.out, draw)
         for preset in args.presets:
             results.append(run_draw(draw, preset, args.out, args.set or [], args.tiny, args.variant,
-                                    args.variant_from, args.reuse_base))  # fmt: skip
+                                    args.variant_from, args.reuse_base, args.extra_rm_seeds))  # fmt: skip
             write(results, args, args.results)
     print_table(results, summarise(results))
     return results

@@ -397,6 +397,14 @@ class PPOConfig(_Group):
     entropy_coef: float = Field(0.01, ge=0, description="Entropy bonus weight when tricks.entropy_bonus.")
     ptx_coef: float = Field(0.5, ge=0, description="PPO-ptx weight of the SFT loss (paper gives no value).")
     critic_warmup_steps: int = Field(5, ge=0, description="Critic-only iterations when tricks.critic_warmup.")
+    reward_ensemble: list[str] = Field(
+        default_factory=list,
+        description="Directories of more `rlhf rm` outputs scored with paths.rm as one ensemble (empty: the one RM); "
+        "train each with another rm.seed, e.g. `rlhf rm --set rm.seed=7 --set paths.rm=outputs/rm_s7`.",
+    )
+    ensemble_penalty: float = Field(
+        1.0, ge=0, description="Ensemble score = mean - penalty x std of the members' standardised scores."
+    )
     missing_eos_penalty: float | None = Field(
         None, description="Subtracted from the score of responses that hit the length cap without EOS; null: off."
     )

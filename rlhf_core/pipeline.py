@@ -180,6 +180,12 @@ def stage_fingerprint(config: Config, stage: str) -> str | None:
         if stamp is None:
             return None
         upstream[name] = stamp["fingerprint"]
+    if stage == "ppo":  # the ensemble's other reward models are inputs too: a retrained member reruns PPO
+        for directory in config.ppo.reward_ensemble:
+            stamp = commit.read_manifest(Path(directory))
+            if stamp is None:
+                return None
+            upstream[f"reward_ensemble:{directory}"] = stamp["fingerprint"]
     payload = {
         "stage": stage,
         "params": _param_values(config, STAGE_PARAMS[stage]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 
 @pytest.mark.slow
@@ -66,3 +67,14 @@ def test_a_variant_reruns_only_the_stages_it_changes_and_sits_beside_the_baselin
     assert variant["overrides"] == ["rm.mismatch_fraction=0.5"]
     row = next(r for r in json.loads(variant_file.read_text())["summary"] if r["preset"] == "ppo_max+mm")
     assert row["draws_with_vanilla"] == 1  # the gap is compared with the baseline's vanilla run of the draw
+
+    ran.clear()
+    ensemble = robustness.main([*common, "--presets", "ppo_max", "--variant", "ens", "--extra-rm-seeds", "1",
+                                "--reuse-base", "--results", str(tmp_path / "ens.json")])  # fmt: skip
+    assert ran == ["rm", "ppo", "eval"]  # the second member, then PPO scored by both
+    member = out / "draw1" / "rm_seed1"
+    assert (member / "stage.json").is_file() and (member / "model" / "reward_stats.json").is_file()
+    ppo_config = yaml.safe_load((out / "draw1" / "ppo_ppo_max_ens" / "config.yaml").read_text())
+    assert ppo_config["ppo"]["reward_ensemble"] == [str(member)]
+    assert ppo_config["rm"]["seed"] != yaml.safe_load((member / "config.yaml").read_text())["rm"]["seed"]
+    assert "ppo_max+ens" in {r["preset"] for r in ensemble}

@@ -303,3 +303,24 @@ def test_response_logits_are_the_full_forwards_response_slice():
     torch.testing.assert_close(got, full[:, 4:8], rtol=1e-6, atol=1e-6)
     # Position q - 1 + t predicts response token t: the first response logit is the last query position's.
     torch.testing.assert_close(got[:, 0], full[:, 4], rtol=1e-6, atol=1e-6)
+
+
+def test_a_reward_ensemble_of_agreeing_models_scores_like_its_first_and_names_a_missing_member(
+    trained_tiny_rm, prepared_tiny, tmp_path
+):
+    """ppo.reward_ensemble: members standardised by their own reward statistics and combined as mean - penalty x
+    std. Two copies of one RM always agree, so the rollouts score exactly as with the RM alone; a member that was
+    never trained is named in one line."""
+    from rlhf_core.errors import DataError
+
+    out, _ = trained_tiny_rm
+    alone = run_stage("ppo", _config(trained_tiny_rm, prepared_tiny[0], tmp_path / "alone", "ppo.steps=2"))
+    pair = _config(trained_tiny_rm, prepared_tiny[0], tmp_path / "pair", "ppo.steps=2",
+                   f"ppo.reward_ensemble=[{out / 'rm'}]", "ppo.ensemble_penalty=2.0")  # fmt: skip
+    together = run_stage("ppo", pair)
+    for a, b in zip(alone.history, together.history, strict=True):
+        assert b["objective/scores"] == pytest.approx(a["objective/scores"], rel=1e-5, abs=1e-6)
+    missing = _config(trained_tiny_rm, prepared_tiny[0], tmp_path / "missing",
+                      f"ppo.reward_ensemble=[{tmp_path / 'no_rm'}]")  # fmt: skip
+    with pytest.raises(DataError, match=r"ppo.reward_ensemble\[0\]: no reward model"):
+        run_stage("ppo", missing)

@@ -595,3 +595,17 @@ def test_response_lengths():
     out = response_lengths(torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]))
     assert out.dtype == torch.float32
     assert out.tolist() == [3.0, 1.0, 0.0]
+
+
+def test_ensemble_scores_by_hand():
+    from rlhf_core.algos.ppo import ensemble_scores
+
+    scores = torch.tensor([[1.0, 3.0], [2.0, 2.0]])  # two reward models (rows) on two responses
+    means, stds = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 1.0])
+    # z: member 0 -> [0, 1], member 1 -> [0, 0]. Response 0: they agree (z 0). Response 1: mean 0.5, std 0.5.
+    assert ensemble_scores(scores, means, stds, penalty=0.0).tolist() == [1.0, 2.0]  # 1 + 2 x 0.5 for the second
+    assert ensemble_scores(scores, means, stds, penalty=1.0).tolist() == [1.0, 1.0]  # disagreement costs 0.5 std
+    one = torch.tensor([[0.3, -1.7, 4.0]])  # a single model gives back its own scores, whatever the penalty
+    assert torch.allclose(ensemble_scores(one, torch.tensor([0.5]), torch.tensor([2.0]), 3.0), one[0])
+    with pytest.raises(ValueError, match="ensemble_scores"):
+        ensemble_scores(scores, means[:1], stds[:1], 1.0)

@@ -293,6 +293,20 @@ class RunningMoments:
         self._count = float(state["count"])
 
 
+def ensemble_scores(scores: torch.Tensor, means: torch.Tensor, stds: torch.Tensor, penalty: float) -> torch.Tensor:
+    """A reward-model ensemble's conservative score (uncertainty-weighted, Coste et al. 2023), in the first
+    model's units: each model's ``(K, B)`` scores are standardised with its own mean and std on SFT samples,
+    z_k = (s_k - m_k) / sd_k; the combined z = mean_k z_k - penalty * std_k z_k (population std) is mapped back,
+    m_0 + sd_0 * z. Where the models agree this is their average; where they disagree, which is where a policy
+    exploits one model's errors, it is lower. Returns ``(B,)``."""
+    if scores.dim() != 2 or means.shape != (scores.shape[0],) or stds.shape != means.shape:
+        raise ValueError(f"ensemble_scores: scores {tuple(scores.shape)}, means {tuple(means.shape)}, "
+                         f"stds {tuple(stds.shape)}")  # fmt: skip
+    z = (scores - means[:, None]) / stds[:, None]
+    combined = z.mean(dim=0) - penalty * z.std(dim=0, unbiased=False)
+    return means[0] + stds[0] * combined
+
+
 def penalise_missing_eos(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
     """r - penalty for responses that hit the length cap without EOS (``has_eos`` False); ``None``: unchanged.
 

@@ -46,6 +46,8 @@ class PPOModels:
         self.reward_model = self._frozen[-1].module
         stats_file = rm_dir / "reward_stats.json"
         self.reward_stats = read_json(stats_file) if stats_file.is_file() else None
+        self.reward_members = self._ensemble(config, tokenizer, ctx)
+        self.ensemble_penalty = config.ppo.ensemble_penalty
         policy = apply_lora(load_causal_lm(sft_dir, tokenizer), lora)
         critic = apply_lora(load_critic(rm_dir, sft_dir, tricks.critic_from_rm, tokenizer.pad_token_id), lora,
                             heads=("score",))  # fmt: skip
@@ -63,6 +65,30 @@ class PPOModels:
         # must come from the same function, or the ratio is noise. Gradients flow in eval mode all the same.
         self.policy.unwrapped().eval()
         self.critic.unwrapped().eval()
+
+    def _ensemble(self, config: Config, tokenizer, ctx) -> list[tuple]:
+        """``(model, score mean, score std)`` of every ensemble member, paths.rm first; empty for one RM."""
+        if not config.ppo.reward_ensemble:
+            return []
+        members = [(self.reward_model, Path(config.paths.rm), "paths.rm")]
+        for i, directory in enumerate(config.ppo.reward_ensemble):
+            where = f"ppo.reward_ensemble[{i}]"
+            if not (Path(directory) / "model" / "config.json").is_file():
+                raise DataError(f"{where}: no reward model at {Path(directory) / 'model'} (train one with `rlhf rm "
+                                f"--set rm.seed=N --set paths.rm={directory}`)")  # fmt: skip
+            member_dir = Path(directory) / "model"
+            model = load_reward_model(member_dir, tokenizer.pad_token_id, role=where)  # placed: by make_frozen
+            self._frozen.append(distributed.make_frozen(model, config.ppo.forward_batch_size, ctx, config.distributed))
+            members.append((self._frozen[-1].module, Path(directory), where))
+        out = []
+        for model, directory, where in members:
+            stats_file = directory / "model" / "reward_stats.json"
+            if not stats_file.is_file():
+                raise DataError(f"{where}: {stats_file} is missing; an ensemble standardises each member's scores "
+                                "with it (the rm stage writes it)")  # fmt: skip
+            stats = read_json(stats_file)
+            out.append((model, stats["mean"], max(stats["std"], 1e-6)))
+        return out
 
     @contextlib.contextmanager
     def reference(self):

@@ -62,5 +62,15 @@ def score(models: PPOModels, exp: Experience, temperature: float, batch_size: in
         parts["ref_nll"].append(-algo.logprobs_from_logits(ref_logits, tokens))
         parts["entropy"].append(algo.entropy_from_logits(logits, temperature))
         parts["values"].append(response_values(critic, ids, mask, qw, width))
-        parts["scores"].append(generated_scores(models.reward_model, ids, mask))
+        parts["scores"].append(_reward(models, ids, mask))
     return replace(exp, **{name: torch.cat(tensors) for name, tensors in parts.items()})
+
+
+def _reward(models: PPOModels, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The reward model's scores, or with ``ppo.reward_ensemble`` the ensemble's conservative score."""
+    if not models.reward_members:
+        return generated_scores(models.reward_model, ids, mask)
+    scores = torch.stack([generated_scores(model, ids, mask) for model, _, _ in models.reward_members])
+    means = torch.tensor([m for _, m, _ in models.reward_members], device=scores.device)
+    stds = torch.tensor([s for _, _, s in models.reward_members], device=scores.device)
+    return algo.ensemble_scores(scores, means, stds, models.ensemble_penalty)
