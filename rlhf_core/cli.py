@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from rlhf_core.env import apply_defaults
 from rlhf_core.errors import ConfigError, RLHFError
@@ -171,9 +172,12 @@ def config_(
     shown = [r for r in rows if prefix is None or r[0] == prefix or r[0].startswith(prefix.rstrip(".") + ".")]
     if not shown:
         fail(ConfigError(f"no configuration key starts with {prefix!r}; `rlhf config` lists them all"))
-    table = Table("key", "value", "what it does", box=None, pad_edge=False)
+    table = Table(box=None, pad_edge=False)
+    table.add_column("key", no_wrap=True)
+    table.add_column("value", no_wrap=True)  # whole, so it can be copied into --set
+    table.add_column("what it does")
     for key, value, description in shown:
-        table.add_row(key, value, description)
+        table.add_row(Text(key), Text(value), Text(description))  # plain text: "[a, b]" is a value, not markup
     Console(soft_wrap=False).print(table)
 
 

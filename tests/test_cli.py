@@ -76,6 +76,8 @@ def test_config_prints_every_settable_key_with_a_value_set_takes_back_and_a_desc
     proc = _rlhf("config", "ppo.tricks", "--set", "ppo.preset=vanilla")
     assert proc.returncode == 0, proc.stderr
     assert "ppo.tricks.kl_penalty" in proc.stdout and "sft.lr" not in proc.stdout
+    proc = _rlhf("config", "ppo.reward_ensemble", "--set", "ppo.reward_ensemble=[outputs/rm_a, outputs/rm_b]")
+    assert "[outputs/rm_a, outputs/rm_b]" in proc.stdout  # a list is shown as --set takes it, not eaten as markup
     proc = _rlhf("config", "nothing.like.this")
     assert proc.returncode == 2 and "`rlhf config` lists them all" in proc.stderr
 
