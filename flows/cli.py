@@ -8,9 +8,7 @@ same pipeline loop (``rlhf_core.pipeline.run_pipeline``) without Prefect.
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -129,7 +127,9 @@ def record_in_dvc(params: Path) -> None:
     a DVC that fails prints one line and the run stays a success."""
     if params.resolve() != Path("params.yaml").resolve() or not Path("dvc.yaml").is_file() or not Path(".dvc").is_dir():
         return
-    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    from flows.plots import dvc_executable
+
+    dvc = dvc_executable()
     try:
         done = subprocess.run([dvc, "commit", "--force", "--quiet"], capture_output=True, text=True, timeout=1800)
     except (OSError, subprocess.SubprocessError) as exc:

@@ -22,11 +22,16 @@ from rlhf_core.errors import DataError
 from rlhf_core.io import atomic_write_text
 
 
+def dvc_executable() -> str:
+    """``dvc`` on PATH, else the one installed beside this Python (a venv not activated)."""
+    return shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+
+
 def dvc_plots_json(revisions: list[str], cwd: Path) -> dict[str, list[dict]]:
     """DVC's filled plot specs and image paths: ``{plot id: [{"type": "vega"|"image", ...}]}``."""
     if not (cwd / "dvc.yaml").is_file():
         raise DataError(f"no dvc.yaml in {cwd}: run `rlhf plots` in the project directory")
-    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    dvc = dvc_executable()
     command = [dvc, "plots", "diff", *revisions, "--json"] if revisions else [dvc, "plots", "show", "--json"]
     try:
         done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
