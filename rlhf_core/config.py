@@ -367,7 +367,29 @@ class PPOConfig(_Group):
     micro_batch_size: int = Field(
         32, ge=1, description="Sequences per forward/backward per process; micro-batches accumulate to a minibatch."
     )
-    forward_batch_size: int = Field(64, ge=1, description="Sequences per no-grad forward pass during rollout.")
+    forward_batch_size: int = Field(
+        64, ge=1, description="Sequences per no-grad scoring forward when ppo.max_tokens_per_forward is null."
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        4096,
+        ge=1,
+        description="Update micro-batches by token budget (per process): each minibatch's rows grouped by length, "
+        "every micro-batch at most this many positions (rows x its own longest query + response). null: "
+        "ppo.micro_batch_size rows each. Must hold the longest row (data.max_prompt_tokens + max_response_tokens).",
+    )
+    max_tokens_per_forward: int | None = Field(
+        8192,
+        ge=1,
+        description="Scoring forwards by token budget: the rollout's rows grouped by length, each forward at most "
+        "this many positions. null: ppo.forward_batch_size rows each. The policy is always scored in the update's "
+        "first-epoch micro-batches (its old log-probs are then the update's own arithmetic).",
+    )
+    logprob_chunk_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Positions per chunk when scoring turns logits into log-probs, entropy and perplexity terms: no "
+        "float32 (rows x width x vocabulary) tensor exists for a whole forward, only for a chunk.",
+    )
     generation_batch_size: int = Field(
         256,
         ge=1,
@@ -645,6 +667,18 @@ class Config(_Group):
     def _lora_unsharded(self) -> Config:
         if self.model.lora.enabled and self.distributed.engine == "deepspeed" and self.distributed.zero_stage == 3:
             raise ValueError("model.lora.enabled with distributed.zero_stage=3 is not supported yet: use ZeRO 0-2")
+        return self
+
+    @model_validator(mode="after")
+    def _budgets_hold_the_longest_row(self) -> Config:
+        longest = self.data.max_prompt_tokens + self.data.max_response_tokens
+        for name in ("max_tokens_per_micro_batch", "max_tokens_per_forward"):
+            budget = getattr(self.ppo, name)
+            if budget is not None and budget < longest:
+                raise ValueError(
+                    f"ppo.{name}={budget} cannot hold the longest row a rollout may have: data.max_prompt_tokens + "
+                    f"data.max_response_tokens = {longest}; raise it to at least {longest} or set it to null"
+                )
         return self
 
     @model_validator(mode="after")

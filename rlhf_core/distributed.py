@@ -174,6 +174,16 @@ def global_sum(value: float) -> float:
     return float(all_reduce_sum(torch.tensor([float(value)], dtype=torch.float64)))
 
 
+def global_max(value: float) -> float:
+    """The largest of every rank's ``value`` (how many forwards each must run so that all run as many)."""
+    local = torch.tensor([float(value)], dtype=torch.float64)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        wire = local.to(local_device()) if torch.distributed.get_backend() == "nccl" else local
+        torch.distributed.all_reduce(wire, op=torch.distributed.ReduceOp.MAX)
+        local = wire.cpu()
+    return float(local)
+
+
 def global_mean(values: list[float] | torch.Tensor, count: float | None = None) -> float:
     """Mean over every rank: the sum of all ranks' ``values`` over the sum of their ``count`` (default: how many
     values each rank has)."""
@@ -209,8 +219,15 @@ class TorchEngine:
         self.bf16 = bf16
         self.device = device
         self._micro = 0
+        self._boundary: bool | None = None  # set_boundary's word for the coming micro-batch; None: count
         self.last_grad_norm: float | None = None
         self.skipped_steps = 0
+
+    def set_boundary(self, last: bool) -> None:
+        """Declare, before its forward, whether the coming micro-batch ends the update (micro-batches sized by a
+        token budget vary in number); without it the engine steps every ``accumulation`` micro-batches. The loss
+        is still divided by ``accumulation``: callers' normalisers account for that."""
+        self._boundary = last
 
     def autocast(self):
         if not self.bf16:
@@ -226,7 +243,8 @@ class TorchEngine:
     def step(self) -> bool:
         """Count a micro-batch; at the accumulation boundary clip, step and schedule. True if it stepped."""
         self._micro += 1
-        if self._micro % self.accumulation:
+        at_boundary = self._micro % self.accumulation == 0 if self._boundary is None else self._boundary
+        if not at_boundary:
             return False
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.max_grad_norm is not None:
@@ -295,6 +313,11 @@ class DeepSpeedEngine:
         self.device = engine.device
         self.last_grad_norm: float | None = None
         self.skipped_steps = 0
+
+    def set_boundary(self, last: bool) -> None:
+        """As :meth:`TorchEngine.set_boundary`; DeepSpeed must know it before the backward (ZeRO-2/3 reduce
+        gradients inside it at the boundary)."""
+        self.engine.set_gradient_accumulation_boundary(last)
 
     def autocast(self):
         return contextlib.nullcontext()  # DeepSpeed casts the model itself when bf16 is on

@@ -21,8 +21,10 @@ RESPONSE_LENGTHS = [5, 1, 3, 2]  # unequal on purpose: a mean of micro-batch mea
 TRICKS = ["ppo.preset=ppo_max", "ppo.tricks.entropy_bonus=true", "ppo.entropy_coef=0.1"]
 
 
-def _config(micro_batch_size: int):
-    sizes = ["ppo.rollout_size=4", "ppo.minibatch_size=4", f"ppo.micro_batch_size={micro_batch_size}"]
+def _config(micro_batch_size: int, max_tokens: int | None = None):
+    sizes = ["ppo.rollout_size=4", "ppo.minibatch_size=4", f"ppo.micro_batch_size={micro_batch_size}",
+             f"ppo.max_tokens_per_micro_batch={'null' if max_tokens is None else max_tokens}",
+             f"data.max_prompt_tokens={QUERY + 1}", f"data.max_response_tokens={WIDTH}"]  # fmt: skip
     return load_config(None, [*sizes, *TRICKS, "tracking.enabled=false"])
 
 
@@ -71,12 +73,14 @@ def _ptx_examples() -> list[tuple[list[int], list[int]]]:
     return [([1, 2, 3], [4, 5, 6, 7, 8, 9]), ([2, 3], [10]), ([5], [11, 12, 13]), ([6, 7, 8, 9], [14, 15])]
 
 
-def _gradients(micro_batch_size: int, rows: list[int], world_size: int = 1) -> tuple[dict, dict]:
-    """Run ``train_minibatch`` on ``rows`` of the minibatch; return the gradient it produced per parameter (the
-    engine's accumulation included) and its logged statistics."""
+def _gradients(
+    micro_batch_size: int, rows: list[int], world_size: int = 1, max_tokens: int | None = None
+) -> tuple[dict, dict]:
+    """Run ``train_minibatch`` on ``rows`` of the minibatch (``max_tokens``: micro-batches by that token budget);
+    return the gradient it produced per parameter (the engine's accumulation included) and its logged statistics."""
     from rlhf_core.data.tokenize import collate_sft
 
-    config = _config(micro_batch_size)
+    config = _config(micro_batch_size, max_tokens)
     sizes = ppo_sizes(config.ppo, world_size)
     models = _models(sizes.accumulation)
     grads: dict[str, torch.Tensor] = {}
@@ -94,6 +98,8 @@ def _gradients(micro_batch_size: int, rows: list[int], world_size: int = 1) -> t
     tricks = config.ppo.resolved_tricks()
     stats, bad = ppo_update.train_minibatch(models, _experience(), torch.tensor(rows), config, tricks, sizes, True, ptx)
     assert not bad
+    # exactly one optimizer step of each model, at the last of its micro-batches, however many there were
+    assert models.policy.scheduler.last_epoch == models.critic.scheduler.last_epoch == 1
     return grads, stats
 
 
@@ -118,6 +124,22 @@ def test_two_micro_batches_give_the_one_micro_batch_gradient():
     _close(split, whole)
     for key in ("loss/policy", "loss/value", "loss/ptx", "policy/clipfrac", "policy/approxkl", "val/clipfrac"):
         assert split_stats[key] == pytest.approx(whole_stats[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize(("max_tokens", "micro_batches", "ptx_batch"), [(9, 4, 4), (14, 3, 4), (16, 2, 1)])
+def test_token_budget_micro_batches_give_the_one_micro_batch_gradient(max_tokens, micro_batches, ptx_batch):
+    """Rows grouped by length and each micro-batch cut to its own widths: 2 to 4 micro-batches of 1 to 3 rows give
+    the gradient and statistics of one micro-batch of the whole minibatch. With PPO-ptx batches of 1 example (4
+    batches beside 2 micro-batches) the policy takes micro-steps of ptx alone that the critic does not."""
+    from rlhf_core.trainers.ppo import batches
+
+    config = _config(ptx_batch, max_tokens)
+    assert len(batches.update_cuts(_experience(), torch.tensor([0, 1, 2, 3]), config.ppo)) == micro_batches
+    whole, whole_stats = _gradients(4, [0, 1, 2, 3])
+    grouped, grouped_stats = _gradients(ptx_batch, [0, 1, 2, 3], max_tokens=max_tokens)
+    _close(grouped, whole)
+    for key in ("loss/policy", "loss/value", "loss/ptx", "policy/clipfrac", "policy/approxkl", "val/clipfrac"):
+        assert grouped_stats[key] == pytest.approx(whole_stats[key], rel=1e-5, abs=1e-7), key
 
 
 def test_a_mean_of_micro_batch_means_would_not(monkeypatch):

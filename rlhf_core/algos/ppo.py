@@ -92,6 +92,44 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return lse.squeeze(-1) - (probs * z).sum(dim=-1)
 
 
+def _row_slices(logits: torch.Tensor, chunk_positions: int) -> list[slice]:
+    """Slices of rows holding at most ``chunk_positions`` (row, position) pairs each (at least one row)."""
+    if chunk_positions < 1:
+        raise ValueError(f"chunk_positions must be >= 1, got {chunk_positions}")
+    rows = max(1, chunk_positions // max(logits.shape[1], 1))
+    return [slice(s, s + rows) for s in range(0, logits.shape[0], rows)]
+
+
+def chunked_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, chunk_positions: int
+) -> torch.Tensor:
+    """:func:`logprobs_from_logits`, a chunk of rows at a time: the float32 promotion and the log-sum-exp's
+    intermediates exist for ``chunk_positions`` positions, not the whole ``(B, T, V)`` batch. Each row's
+    arithmetic is that of the direct computation (the reductions run along the vocabulary, row by row)."""
+    chunks = _row_slices(logits, chunk_positions)
+    return torch.cat([logprobs_from_logits(logits[c], tokens[c], temperature) for c in chunks])
+
+
+def chunked_entropy(logits: torch.Tensor, temperature: float, chunk_positions: int) -> torch.Tensor:
+    """:func:`entropy_from_logits` a chunk of rows at a time (see :func:`chunked_logprobs`)."""
+    return torch.cat([entropy_from_logits(logits[c], temperature) for c in _row_slices(logits, chunk_positions)])
+
+
+def logprob_terms(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, chunk_positions: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log pi at the temperature, log pi at temperature 1, entropy at the temperature)``, each ``(B, T)``, from
+    ``(B, T, V)`` logits in chunks of rows (see :func:`chunked_logprobs`): what scoring needs of one forward (the
+    ratio and KL terms, the perplexity monitor, the entropy) with one float32 chunk alive at a time."""
+    parts = [
+        (logprobs_from_logits(logits[c], tokens[c], temperature), logprobs_from_logits(logits[c], tokens[c]),
+         entropy_from_logits(logits[c], temperature))
+        for c in _row_slices(logits, chunk_positions)
+    ]  # fmt: skip
+    logprobs, logprobs_t1, entropy = (torch.cat(column) for column in zip(*parts, strict=True))
+    return logprobs, logprobs_t1, entropy
+
+
 # -------------------------------------------------------------------------------------------------- KL penalty
 
 

@@ -66,7 +66,8 @@ def save_causal_lm(model: torch.nn.Module, tokenizer, path: str | Path) -> None:
 
 
 def response_logits(model, query_responses, attention_mask, query_width: int, width: int) -> torch.Tensor:
-    """``(B, width, V)`` float logits predicting each response token: position ``query_width - 1 + t`` predicts
+    """``(B, width, V)`` logits (in the model's dtype: bf16 stays bf16, the log-prob functions promote a chunk at a
+    time) predicting each response token: position ``query_width - 1 + t`` predicts
     response token t, with position ids that skip the query's left padding.
 
     ``model`` is a causal LM or an engine's ``forward``; ``query_responses`` is ``query_width + width`` wide. The
@@ -84,4 +85,4 @@ def response_logits(model, query_responses, attention_mask, query_width: int, wi
         position_ids=position_ids(attention_mask),
         logits_to_keep=width + 1,
     ).logits
-    return logits[:, :width].float()
+    return logits[:, :width]

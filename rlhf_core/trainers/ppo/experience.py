@@ -9,6 +9,7 @@ T the response width of this buffer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -44,3 +45,13 @@ class Experience:
     @property
     def response_width(self) -> int:
         return self.responses.shape[1]
+
+    @cached_property
+    def query_lengths(self) -> list[int]:
+        """Real (unpadded) query tokens of each row."""
+        return self.attention_mask[:, : self.query_width].sum(dim=1).tolist()
+
+    @cached_property
+    def response_lengths(self) -> list[int]:
+        """Real response tokens of each row, EOS included."""
+        return self.response_mask.sum(dim=1).long().tolist()

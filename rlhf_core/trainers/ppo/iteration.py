@@ -108,7 +108,7 @@ def ppo_iteration(run: PPORun, iteration: int) -> tuple[dict, Experience]:
         exp = sample_rollout(run.models, run.tokenizer, run.prompts_for(iteration), ppo.sampling,
                              run.config.data.max_response_tokens, ppo.generation_batch_size)  # fmt: skip
     with timer("scoring"):
-        exp = score(run.models, exp, ppo.sampling.temperature, ppo.forward_batch_size)  # 2. score
+        exp = score(run.models, exp, ppo, run.sizes, iteration)  # 2. score
         scores = algo.penalise_missing_eos(exp.scores, exp.eos, ppo.missing_eos_penalty)
         run.moments.merge(*distributed.global_moments(scores))  # 3. running moments over every rank and step
         kl_coef = run.kl_controller.value if tricks.kl_penalty else 0.0

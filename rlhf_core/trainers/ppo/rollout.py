@@ -7,11 +7,13 @@ from dataclasses import replace
 import torch
 
 from rlhf_core.algos import ppo as algo
-from rlhf_core.config import SamplingConfig
+from rlhf_core.config import PPOConfig, PPOSizes, SamplingConfig
+from rlhf_core.data.batching import Cut
 from rlhf_core.models.causal_lm import response_logits
 from rlhf_core.models.critic import response_values
 from rlhf_core.models.generation import sample_responses
 from rlhf_core.models.reward import generated_scores
+from rlhf_core.trainers.ppo import batches
 from rlhf_core.trainers.ppo.experience import Experience
 from rlhf_core.trainers.ppo.models import PPOModels
 
@@ -39,31 +41,41 @@ def sample_rollout(
 
 
 @torch.no_grad()
-def score(models: PPOModels, exp: Experience, temperature: float, batch_size: int) -> Experience:
+def score(models: PPOModels, exp: Experience, ppo: PPOConfig, sizes: PPOSizes, iteration: int) -> Experience:
     """Phase 2: log-probs of the policy and the reference at the sampling temperature (the ratio and the KL are
     about the distribution that was sampled), perplexity terms at temperature 1, critic values and the reward
-    model's score of each whole response, in no-grad forwards of ``batch_size`` sequences."""
-    policy = models.policy.unwrapped()
-    critic = models.critic.unwrapped()
-    qw, width = exp.query_width, exp.response_width
-    parts: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("logprobs", "ref_logprobs", "nll", "ref_nll", "entropy", "values", "scores")
-    }
-    for start in range(0, len(exp.prompts), batch_size):
-        ids = exp.query_responses[start : start + batch_size]
-        mask = exp.attention_mask[start : start + batch_size]
-        tokens = exp.responses[start : start + batch_size]
-        logits = response_logits(policy, ids, mask, qw, width)
+    model's score of each whole response, in no-grad forwards cut to their own widths (``batches``).
+
+    The policy and the reference read the update's first-epoch micro-batches: the old log-probs are then the
+    update's own arithmetic (ratio exactly 1 before the first step) and the two models' log-probs come from the
+    same shapes (KL exactly 0 while they are equal). The critic and reward model read the rollout grouped by
+    length. Log-prob terms are taken in chunks of ``ppo.logprob_chunk_tokens`` positions."""
+    policy, critic = models.policy.unwrapped(), models.critic.unwrapped()
+    temperature, chunk = ppo.sampling.temperature, ppo.logprob_chunk_tokens
+    full = {k: torch.zeros(exp.responses.shape, device=exp.responses.device)
+            for k in ("logprobs", "ref_logprobs", "nll", "ref_nll", "entropy", "values")}  # fmt: skip
+    scores = torch.zeros(len(exp.prompts), device=exp.responses.device)
+
+    def put(name: str, c: Cut, values: torch.Tensor) -> None:
+        full[name][c.rows.to(values.device), : c.response_width] = values.float()
+
+    for c in batches.policy_scoring_cuts(exp, ppo, sizes, iteration):
+        ids, mask = batches.inputs(exp, c)
+        tokens = batches.responses(exp.responses, c)
+        logprobs, logprobs_t1, entropy = algo.logprob_terms(
+            response_logits(policy, ids, mask, c.query_width, c.response_width), tokens, temperature, chunk
+        )
         with models.reference() as reference:
-            ref_logits = response_logits(reference, ids, mask, qw, width)
-        parts["logprobs"].append(algo.logprobs_from_logits(logits, tokens, temperature))
-        parts["ref_logprobs"].append(algo.logprobs_from_logits(ref_logits, tokens, temperature))
-        parts["nll"].append(-algo.logprobs_from_logits(logits, tokens))
-        parts["ref_nll"].append(-algo.logprobs_from_logits(ref_logits, tokens))
-        parts["entropy"].append(algo.entropy_from_logits(logits, temperature))
-        parts["values"].append(response_values(critic, ids, mask, qw, width))
-        parts["scores"].append(_reward(models, ids, mask))
-    return replace(exp, **{name: torch.cat(tensors) for name, tensors in parts.items()})
+            ref_logits = response_logits(reference, ids, mask, c.query_width, c.response_width)
+        ref_logprobs, ref_logprobs_t1, _ = algo.logprob_terms(ref_logits, tokens, temperature, chunk)
+        for name, values in (("logprobs", logprobs), ("nll", -logprobs_t1), ("entropy", entropy),
+                             ("ref_logprobs", ref_logprobs), ("ref_nll", -ref_logprobs_t1)):  # fmt: skip
+            put(name, c, values)
+    for c in batches.scoring_cuts(exp, ppo):
+        ids, mask = batches.inputs(exp, c)
+        put("values", c, response_values(critic, ids, mask, c.query_width, c.response_width))
+        scores[c.rows.to(scores.device)] = _reward(models, ids, mask)
+    return replace(exp, scores=scores, **full)
 
 
 def _reward(models: PPOModels, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

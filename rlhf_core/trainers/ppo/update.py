@@ -18,10 +18,12 @@ from rlhf_core import distributed
 from rlhf_core.algos import ppo as algo
 from rlhf_core.algos.sft import IGNORE_INDEX, sft_loss
 from rlhf_core.config import Config, PPOSizes, Tricks
+from rlhf_core.data.batching import Cut
 from rlhf_core.data.order import global_order
 from rlhf_core.data.tokenize import collate_sft
 from rlhf_core.models.causal_lm import response_logits
 from rlhf_core.models.critic import response_values
+from rlhf_core.trainers.ppo import batches
 from rlhf_core.trainers.ppo.experience import Experience
 from rlhf_core.trainers.ppo.models import PPOModels
 from rlhf_core.trainers.ppo.monitor import NonFiniteGuard
@@ -46,10 +48,7 @@ def update(
     train_policy = iteration >= sizes.warmup_iterations  # critic warm-up (sec. 5.3.3): the policy waits
     logs: dict[str, list[float]] = {}
     for epoch in range(ppo.epochs):
-        generator = torch.Generator().manual_seed(ppo.seed * 7_919 + iteration * 131 + epoch)
-        permutation = torch.randperm(sizes.local_rollout, generator=generator)
-        for m in range(sizes.minibatches):
-            idx = permutation[m * sizes.local_minibatch : (m + 1) * sizes.local_minibatch]
+        for idx in batches.minibatch_rows(ppo, sizes, iteration, epoch):
             ptx_batches = next(ptx) if train_policy and ptx is not None else None
             stats, bad = train_minibatch(models, exp, idx, config, tricks, sizes, train_policy, ptx_batches)
             guard.observe(bad, iteration + 1)
@@ -77,32 +76,47 @@ def train_minibatch(
     ptx_batches: list[dict[str, torch.Tensor]] | None,
 ) -> tuple[dict[str, float], bool]:
     """One optimizer step of the policy (when ``train_policy``) and of the critic on the rollouts ``idx`` of this
-    rank, in micro-batches. Returns this rank's share of the minibatch statistics and whether any loss or gradient
-    was non-finite (that update is skipped)."""
+    rank, in micro-batches (``batches.update_cuts``). Returns this rank's share of the minibatch statistics and
+    whether any loss or gradient was non-finite (that update is skipped).
+
+    The number of micro-batches follows the token budget; the losses do not depend on it: each micro-batch's token
+    sum is divided by ``normaliser`` and the engines by the fixed ``sizes.accumulation``. PPO-ptx batches join the
+    policy's micro-batches one to one; any left over take micro-steps of their own."""
     ppo = config.ppo
     mask = exp.response_mask[idx]
     moments = distributed.global_moments(exp.advantages[idx], mask) if tricks.advantage_norm else None
-    advantages = minibatch_advantages(exp.advantages[idx], mask, tricks, ppo.advantage_clip, moments)
+    advantages = exp.advantages.clone()
+    advantages[idx] = minibatch_advantages(exp.advantages[idx], mask, tricks, ppo.advantage_clip, moments)
     normaliser = token_normaliser(float(mask.sum()), sizes)
     ptx_normaliser = None
     if ptx_batches is not None:
         ptx_tokens = sum(float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in ptx_batches)
         ptx_normaliser = token_normaliser(ptx_tokens, sizes)
+    cuts = batches.update_cuts(exp, idx, ppo)
+    policy_steps = max(len(cuts), len(ptx_batches or ())) if train_policy else 0
     sums: dict[str, float] = {}
     bad = False
-    for j, start in enumerate(range(0, sizes.local_minibatch, ppo.micro_batch_size)):
-        micro = slice(start, start + ppo.micro_batch_size)
+    for j in range(max(len(cuts), policy_steps)):
+        c = cuts[j] if j < len(cuts) else None
         stats: dict[str, float] = {}
-        if train_policy:
-            ptx_batch = None if ptx_batches is None else ptx_batches[j]
-            loss, stats = policy_loss(models, exp, idx[micro], advantages[micro], config, tricks, normaliser,
-                                      ptx_batch, ptx_normaliser)  # fmt: skip
-            bad |= _backward_and_step(models.policy, loss)
-        loss, critic_stats = critic_loss(models, exp, idx[micro], config, tricks, normaliser)
-        bad |= _backward_and_step(models.critic, ppo.vf_coef * loss)
-        for key, value in {**stats, **critic_stats}.items():
+        if j < policy_steps:
+            models.policy.set_boundary(j == policy_steps - 1)
+            terms = []
+            if c is not None:
+                surrogate, stats = policy_loss(models, exp, c, advantages, config, tricks, normaliser)
+                terms.append(surrogate)
+            if ptx_batches is not None and j < len(ptx_batches):
+                ptx, stats["loss/ptx"] = ptx_loss(models, ptx_batches[j], ptx_normaliser)
+                terms.append(ppo.ptx_coef * ptx)
+            bad |= _backward_and_step(models.policy, sum(terms[1:], terms[0]))
+        if c is not None:
+            models.critic.set_boundary(j == len(cuts) - 1)
+            loss, critic_stats = critic_loss(models, exp, c, config, tricks, normaliser)
+            bad |= _backward_and_step(models.critic, ppo.vf_coef * loss)
+            stats.update(critic_stats)
+        for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value
-    # The engine divides each micro-batch's loss by their count: so do the logged shares.
+    # The engine divides each micro-batch's loss by sizes.accumulation: so do the logged shares.
     shares = {key: value / sizes.accumulation for key, value in sums.items()}
     if train_policy and models.policy.last_grad_norm is not None:
         shares["policy/grad_norm"] = models.policy.last_grad_norm
@@ -111,57 +125,60 @@ def train_minibatch(
 
 def token_normaliser(local_tokens: float, sizes: PPOSizes) -> float:
     """The divisor that turns micro-batch token sums into the minibatch's token mean after the engines divide by
-    the micro-batch count and average the processes."""
+    ``sizes.accumulation`` and average the processes (however many micro-batches there are)."""
     return distributed.global_sum(local_tokens) / (sizes.accumulation * sizes.world_size)
 
 
 def policy_loss(
     models: PPOModels,
     exp: Experience,
-    rows: torch.Tensor,
+    c: Cut,
     advantages: torch.Tensor,
     config: Config,
     tricks: Tricks,
     normaliser: float,
-    ptx_batch: dict[str, torch.Tensor] | None,
-    ptx_normaliser: float | None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The policy's loss on the micro-batch ``rows``: the clipped surrogate (sec. 3.2), minus the entropy bonus,
-    plus the PPO-ptx language-model loss on demonstrations (sec. 5.4), each as the trick switches say."""
-    ppo, mask = config.ppo, exp.response_mask[rows]
+    """The policy's loss on the micro-batch ``c``: the clipped surrogate (sec. 3.2) minus the entropy bonus, as
+    the trick switches say. ``advantages`` is buffer-wide ``(B, T)`` (this minibatch's rows processed)."""
+    ppo, mask = config.ppo, batches.responses(exp.response_mask, c)
     temperature = ppo.sampling.temperature
+    ids, attention = batches.inputs(exp, c)
     with models.policy.autocast():
-        logits = response_logits(models.policy.forward, exp.query_responses[rows], exp.attention_mask[rows],
-                                 exp.query_width, exp.response_width)  # fmt: skip
-    logprobs = algo.logprobs_from_logits(logits, exp.responses[rows], temperature)
-    loss, pg = algo.policy_loss(logprobs, exp.logprobs[rows], advantages, mask, ppo.cliprange,
-                                tricks.policy_loss_clip, normaliser)  # fmt: skip
+        logits = response_logits(models.policy.forward, ids, attention, c.query_width, c.response_width)
+    logprobs = algo.logprobs_from_logits(logits, batches.responses(exp.responses, c), temperature)
+    loss, pg = algo.policy_loss(logprobs, batches.responses(exp.logprobs, c), batches.responses(advantages, c), mask,
+                                ppo.cliprange, tricks.policy_loss_clip, normaliser)  # fmt: skip
     stats = {"loss/policy": float(loss.detach()), **{f"policy/{k}": float(v) for k, v in pg.items()}}
-    total = loss
     if tricks.entropy_bonus:
-        entropy = algo.entropy_from_logits(logits, temperature)
-        total = total + ppo.entropy_coef * algo.entropy_loss(entropy, mask, normaliser)[0]
-    if ptx_batch is not None:
-        with models.policy.autocast():
-            ptx_logits = models.policy.forward(
-                input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"]
-            ).logits
-        ptx, _ = sft_loss(ptx_logits.float(), ptx_batch["labels"], normaliser=ptx_normaliser)
-        total = total + ppo.ptx_coef * ptx
-        stats["loss/ptx"] = float(ptx.detach())
-    return total, stats
+        entropy = algo.chunked_entropy(logits, temperature, ppo.logprob_chunk_tokens)
+        loss = loss + ppo.entropy_coef * algo.entropy_loss(entropy, mask, normaliser)[0]
+    return loss, stats
+
+
+def ptx_loss(
+    models: PPOModels, ptx_batch: dict[str, torch.Tensor], ptx_normaliser: float
+) -> tuple[torch.Tensor, float]:
+    """PPO-ptx (sec. 5.4): the language-model loss on a micro-batch of demonstrations, as its share of the token
+    mean over the update's demonstrations; with its value for the logs."""
+    with models.policy.autocast():
+        logits = models.policy.forward(
+            input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"]
+        ).logits
+    ptx, _ = sft_loss(logits.float(), ptx_batch["labels"], normaliser=ptx_normaliser)
+    return ptx, float(ptx.detach())
 
 
 def critic_loss(
-    models: PPOModels, exp: Experience, rows: torch.Tensor, config: Config, tricks: Tricks, normaliser: float
+    models: PPOModels, exp: Experience, c: Cut, config: Config, tricks: Tricks, normaliser: float
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The critic's (clipped) value loss on the micro-batch ``rows`` against the GAE returns (sec. 5.3)."""
+    """The critic's (clipped) value loss on the micro-batch ``c`` against the GAE returns (sec. 5.3)."""
     ppo = config.ppo
+    ids, attention = batches.inputs(exp, c)
     with models.critic.autocast():
-        values = response_values(models.critic.forward, exp.query_responses[rows], exp.attention_mask[rows],
-                                 exp.query_width, exp.response_width)  # fmt: skip
-    loss, stats = algo.value_loss(values, exp.values[rows], exp.returns[rows], exp.response_mask[rows],
-                                  ppo.cliprange_value, tricks.value_loss_clip, normaliser)  # fmt: skip
+        values = response_values(models.critic.forward, ids, attention, c.query_width, c.response_width)
+    loss, stats = algo.value_loss(values, batches.responses(exp.values, c), batches.responses(exp.returns, c),
+                                  batches.responses(exp.response_mask, c), ppo.cliprange_value, tricks.value_loss_clip,
+                                  normaliser)  # fmt: skip
     return loss, {"loss/value": float(loss.detach()), "val/clipfrac": float(stats["clipfrac"])}
 
 

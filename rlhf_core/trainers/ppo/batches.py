@@ -1,0 +1,81 @@
+"""Which buffer rows each forward of a PPO iteration reads, and the columns it needs (``data.batching``).
+
+- The update: each epoch's seeded permutation cut into minibatches; each minibatch into micro-batches of rows of
+  similar length within ``ppo.max_tokens_per_micro_batch`` positions (or ``ppo.micro_batch_size`` rows when it is
+  null), every micro-batch cut to its own longest query and response.
+- Scoring: the frozen models (reference, reward model) and the critic read the whole rollout grouped by length
+  within ``ppo.max_tokens_per_forward`` (or ``ppo.forward_batch_size`` rows). The policy is scored in exactly the
+  micro-batches of the first epoch's update, so the old log-probs come from the update's own arithmetic (the same
+  rows, widths and kernels) and the first minibatch's ratio is exactly 1 on every token.
+
+Every process runs as many forwards as the others in each loop: under ZeRO-3 each forward gathers weights from
+all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_core import distributed
+from rlhf_core.config import PPOConfig, PPOSizes
+from rlhf_core.data.batching import Cut, RowTooLong, cut, fixed_size_groups, split_into, token_budget_groups
+from rlhf_core.errors import ConfigError
+from rlhf_core.trainers.ppo.experience import Experience
+
+
+def minibatch_rows(ppo: PPOConfig, sizes: PPOSizes, iteration: int, epoch: int) -> list[torch.Tensor]:
+    """This process's buffer rows of each minibatch of ``epoch`` (0-based) in iteration ``iteration``."""
+    generator = torch.Generator().manual_seed(ppo.seed * 7_919 + iteration * 131 + epoch)
+    permutation = torch.randperm(sizes.local_rollout, generator=generator)
+    step = sizes.local_minibatch
+    return [permutation[m * step : (m + 1) * step] for m in range(sizes.minibatches)]
+
+
+def update_cuts(exp: Experience, rows: torch.Tensor, ppo: PPOConfig) -> list[Cut]:
+    """The micro-batches of one minibatch ``rows`` (length-grouped by ``ppo.max_tokens_per_micro_batch``, or
+    ``ppo.micro_batch_size`` rows in permutation order)."""
+    return _cuts(exp, [int(i) for i in rows], ppo.max_tokens_per_micro_batch, ppo.micro_batch_size,
+                 "ppo.max_tokens_per_micro_batch")  # fmt: skip
+
+
+def scoring_cuts(exp: Experience, ppo: PPOConfig) -> list[Cut]:
+    """The no-grad forwards over the whole rollout for the critic and the reward model."""
+    return _cuts(exp, list(range(len(exp.prompts))), ppo.max_tokens_per_forward, ppo.forward_batch_size,
+                 "ppo.max_tokens_per_forward")  # fmt: skip
+
+
+def policy_scoring_cuts(exp: Experience, ppo: PPOConfig, sizes: PPOSizes, iteration: int) -> list[Cut]:
+    """The first epoch's update micro-batches, every minibatch: what the policy's old log-probs are scored in."""
+    return [c for rows in minibatch_rows(ppo, sizes, iteration, 0) for c in update_cuts(exp, rows, ppo)]
+
+
+def _cuts(exp: Experience, rows: list[int], max_tokens: int | None, size: int, setting: str) -> list[Cut]:
+    q, r = exp.query_lengths, exp.response_lengths
+    if max_tokens is None:
+        groups = fixed_size_groups(rows, size)
+    else:
+        try:
+            groups = token_budget_groups(rows, q, r, max_tokens)
+        except RowTooLong as exc:
+            raise ConfigError(f"{setting}={max_tokens}: {exc}; raise it to at least data.max_prompt_tokens + "
+                              "data.max_response_tokens (the longest row a rollout can hold)") from None  # fmt: skip
+    count = int(distributed.global_max(len(groups)))
+    if count > len(groups):
+        groups = split_into(groups, count)
+    return [cut(g, q, r, exp.query_width) for g in groups]
+
+
+def inputs(exp: Experience, c: Cut) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(query_responses, attention_mask)`` of the cut's rows, ``c.query_width + c.response_width`` wide."""
+    columns = slice(c.query_start, exp.query_width + c.response_width)
+    rows = c.rows.to(exp.query_responses.device)
+    return exp.query_responses[rows, columns], exp.attention_mask[rows, columns]
+
+
+def responses(tensor: torch.Tensor, c: Cut) -> torch.Tensor:
+    """A response-aligned ``(B, T)`` buffer tensor's rows of the cut, ``c.response_width`` wide."""
+    return tensor[c.rows.to(tensor.device), : c.response_width]
+
+
+def computed_positions(cuts: list[Cut]) -> int:
+    return sum(c.positions for c in cuts)
