@@ -114,6 +114,34 @@ def measured(device: str):
     out["seconds"] = round(time.perf_counter() - started, 2)
 
 
+@contextlib.contextmanager
+def scoring_peak(device: str):
+    """Peak device memory (GiB) of each scoring phase inside the block, appended to the yielded list (empty on
+    the CPU): the trainer's ``score`` wrapped for the block's duration."""
+    import torch
+
+    from rlhf_core.trainers.ppo import iteration
+
+    peaks: list[float] = []
+    real_score = iteration.score
+
+    def score(*args, **kwargs):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        out = real_score(*args, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            peaks.append(round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        return out
+
+    iteration.score = score
+    try:
+        yield peaks
+    finally:
+        iteration.score = real_score
+
+
 def write(results: dict, path: Path) -> None:
     from rlhf_core.io import atomic_write_json
 
@@ -205,21 +233,30 @@ def scale_run(args, root: Path, name: str) -> dict:
         f"ppo.rollout_size={rollout}", f"ppo.minibatch_size={rollout // 2}",
         f"ppo.micro_batch_size={min(rollout // 2, args.scale_micro_batch)}",
         f"ppo.forward_batch_size={min(rollout, args.scale_forward_batch)}",
+        f"ppo.max_tokens_per_micro_batch={_budget(args.scale_micro_tokens)}",
+        f"ppo.max_tokens_per_forward={_budget(args.scale_forward_tokens)}",
         f"ppo.steps={args.scale_iterations + 1}", f"data.max_prompt_tokens={prompt + 32}",
         f"data.max_response_tokens={response}", f"model.max_position_embeddings={prompt + 32 + response}",
     ]  # fmt: skip
     config = stage_config(root, overrides)
     ctx = distributed.setup(config.distributed)
     records = []
-    with distributed.stage_autocast(config.distributed), measured(args.device) as cost:
+    with (
+        distributed.stage_autocast(config.distributed),
+        measured(args.device) as cost,
+        scoring_peak(args.device) as peaks,
+    ):
         run = start_run(config, ctx, root / "checkpoints", gold_judge=False)
         for iteration in range(args.scale_iterations + 1):  # the first warms up (allocator, kernels) and is left out
             record, exp = ppo_iteration(run, iteration)
             if iteration:
-                records.append(_iteration_numbers(record, exp, params, args, ctx.device))
+                numbers = _iteration_numbers(record, exp, params, args, ctx.device)
+                records.append({**numbers, **({"scoring_peak_gib": peaks[-1]} if peaks else {})})
         plain = _plain_generate(run, exp, response)
     distributed.shutdown()
     result = {"parameters": params, "prompt_tokens": prompt, "response_tokens": response, "rollout": rollout,
+              "max_tokens_per_micro_batch": config.ppo.max_tokens_per_micro_batch,
+              "max_tokens_per_forward": config.ppo.max_tokens_per_forward,
               "iterations": records, **_means(records), "plain_generate": plain,
               "peak_memory_gib": cost.get("peak_memory_gib")}  # fmt: skip
     if records:
@@ -228,6 +265,11 @@ def scale_run(args, root: Path, name: str) -> dict:
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def _budget(tokens: int) -> str:
+    """A token budget setting: 0 means null (the fixed-size micro-batches and forwards)."""
+    return "null" if tokens == 0 else str(tokens)
 
 
 def _write_random_models(root: Path, model_kwargs: dict, prompt_tokens: int, rollout: int) -> int:
@@ -270,9 +312,10 @@ def _iteration_numbers(record: dict, exp, params: int, args, device) -> dict:
     """One iteration's phases, token counts and throughputs."""
     sequences, width = exp.query_responses.shape
     generated = int(exp.response_mask.sum())
+    real_tokens = sum(exp.query_lengths) + sum(exp.response_lengths)
     # The policy and the critic (same size: it starts from the reward model) each take a forward and a backward
-    # over every position of every sequence per epoch: about 6 x parameters FLOPs per token each.
-    trained_tokens = sequences * width * args.epochs
+    # over every position their micro-batches compute, per epoch: about 6 x parameters FLOPs per position each.
+    trained_tokens = round(record["batch/update_positions_per_token"] * real_tokens) * args.epochs
     update_flops = 2 * 6 * params * trained_tokens
     seconds = {k.removeprefix("time/"): record[k] for k in ("time/generation", "time/scoring", "time/training")}
     return {
@@ -280,6 +323,8 @@ def _iteration_numbers(record: dict, exp, params: int, args, device) -> dict:
         "iteration_seconds": round(sum(seconds.values()), 3),
         "generated_tokens": generated,
         "padded_sequence_tokens": sequences * width,
+        "real_tokens": real_tokens,
+        **{k.removeprefix("batch/"): round(v, 3) for k, v in record.items() if k.startswith("batch/")},
         "generation_tokens_per_s": generated / seconds["generation"],
         "update_tokens_per_s": trained_tokens / seconds["training"],
         "update_tflops": update_flops / seconds["training"] / 1e12,
@@ -413,6 +458,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale-rollout", type=int, default=64)
     parser.add_argument("--scale-micro-batch", type=int, default=8)
     parser.add_argument("--scale-forward-batch", type=int, default=64, help="sequences per scoring forward")
+    parser.add_argument(
+        "--scale-micro-tokens",
+        type=int,
+        default=16_384,
+        help="ppo.max_tokens_per_micro_batch at scale; 0: fixed-size micro-batches (before issue 24)",
+    )
+    parser.add_argument(
+        "--scale-forward-tokens",
+        type=int,
+        default=32_768,
+        help="ppo.max_tokens_per_forward at scale; 0: fixed-size scoring forwards",
+    )
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--response-tokens", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=1, help=argparse.SUPPRESS)  # ppo.epochs of the default

@@ -241,6 +241,8 @@ def run_ours_worker(spec_path: Path, out_path: Path) -> None:
                 "generated_width": exp.response_width,
                 "objective/scores": record["objective/scores"],
                 "objective/kl": record["objective/kl"],
+                # positions computed per real token, at the buffer's width and as our forwards are cut (issue 24)
+                **{k.removeprefix("batch/"): v for k, v in record.items() if k.startswith("batch/")},
             }
         )
     atomic_write_json(
@@ -359,6 +361,18 @@ def padded_token_rates(runs: list[dict], warmup: int) -> dict:
     return {f"{p}_ms_per_padded_token": 1000 * sum(rec[p] for rec in measured) / padded for p in PHASES}
 
 
+def real_token_rates(runs: list[dict], warmup: int) -> dict:
+    """Seconds per 1,000 real (unpadded) response tokens of each phase over the measured iterations; for ours
+    also the mean positions computed per real token in scoring and the update (and at the buffer's full width)."""
+    measured = [rec for run in runs for rec in run["records"][warmup:]]
+    tokens = sum(rec["response_tokens"] for rec in measured)
+    out = {f"{p}_s_per_1k_response_tokens": 1000 * sum(rec[p] for rec in measured) / tokens for p in PHASES}
+    for key in ("full_positions_per_token", "scoring_positions_per_token", "update_positions_per_token"):
+        if measured and key in measured[0]:
+            out[key] = sum(rec[key] for rec in measured) / len(measured)
+    return out
+
+
 # (label, summary key, format)
 ROWS = [
     ("samples / s", "samples_per_second", "{:.2f}"),
@@ -415,6 +429,17 @@ def print_table(summary: dict, ratios: dict, settings: dict, contended: bool) ->
             label = "  s / iteration" if phase == "seconds" else f"    {phase.removesuffix('_seconds')}"
             table.add_row(label, f"{a:.3f}", f"{b:.3f}", f"{a / b:.2f}")
     table.add_section()
+    table.add_row("s per 1,000 real response tokens", "", "", "")
+    for p in PHASES:
+        key = f"{p}_s_per_1k_response_tokens"
+        a, b = ours[key], trl[key]
+        table.add_row(f"  {p}", f"{a:.3f}", f"{b:.3f}", f"{a / b:.2f}")
+    for key, label in (("full_positions_per_token", "positions per real token at full width"),
+                       ("scoring_positions_per_token", "  ours, scoring forwards (cut)"),
+                       ("update_positions_per_token", "  ours, update forwards (cut)")):  # fmt: skip
+        if key in ours:
+            table.add_row(label, f"{ours[key]:.3f}", "", "")
+    table.add_section()
     table.add_row("ms per padded rollout token (samples x width)", "", "", "")
     for p in PHASES:
         key = f"{p}_ms_per_padded_token"
@@ -441,7 +466,7 @@ def print_table(summary: dict, ratios: dict, settings: dict, contended: bool) ->
 def compare(runs: dict[str, list[dict]], warmup: int) -> tuple[dict, dict]:
     """The per-trainer summaries, the same-work comparison and the ratios ours / TRL."""
     summary = {name: summarise(trainer_runs, warmup) | padded_token_rates(trainer_runs, warmup)
-               for name, trainer_runs in runs.items()}  # fmt: skip
+               | real_token_rates(trainer_runs, warmup) for name, trainer_runs in runs.items()}  # fmt: skip
     # Same seed and sampler: the two trainers usually draw the very same responses (checked by their lengths).
     pairs = record_pairs(runs)
     equal = sum(a["response_tokens"] == b["response_tokens"] for a, b in pairs)

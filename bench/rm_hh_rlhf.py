@@ -36,6 +36,8 @@ def overrides(hh: Path, out: Path) -> list[str]:
         "data.max_prompt_tokens=384",  # dialogue histories are longer than the simulated prompts (p90: 388)
         "data.max_response_tokens=192",  # p90 of the longer response: 190
         "model.max_position_embeddings=640",
+        "ppo.max_tokens_per_micro_batch=1152",  # PPO's token budgets must hold the longest row (576), as they
+        "ppo.max_tokens_per_forward=2304",  # are validated with the rest (no PPO runs here)
         *(f"data.splits.{name}={size}" for name, size in SPLITS.items()),
         "sft.epochs=4",
         "sft.num_sample_generations=8",

@@ -371,14 +371,14 @@ class PPOConfig(_Group):
         64, ge=1, description="Sequences per no-grad scoring forward when ppo.max_tokens_per_forward is null."
     )
     max_tokens_per_micro_batch: int | None = Field(
-        4096,
+        512,
         ge=1,
         description="Update micro-batches by token budget (per process): each minibatch's rows grouped by length, "
         "every micro-batch at most this many positions (rows x its own longest query + response). null: "
         "ppo.micro_batch_size rows each. Must hold the longest row (data.max_prompt_tokens + max_response_tokens).",
     )
     max_tokens_per_forward: int | None = Field(
-        8192,
+        1024,
         ge=1,
         description="Scoring forwards by token budget: the rollout's rows grouped by length, each forward at most "
         "this many positions. null: ppo.forward_batch_size rows each. The policy is always scored in the update's "

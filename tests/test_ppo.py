@@ -53,6 +53,14 @@ def test_outputs_metrics_samples_and_resolved_tricks(trained_tiny_rm, prepared_t
     ):  # fmt: skip
         assert all(key in r for r in history), key
     assert all(r[f"time/{phase}"] > 0 for r in history for phase in ("generation", "scoring", "training"))
+    # Forwards cut to their rows' widths compute at least the real tokens and at most the buffer's full width.
+    for r in history:
+        full = r["batch/full_positions_per_token"]
+        assert (
+            1.0 <= r["batch/scoring_positions_per_token"] <= full
+            and 1.0 <= r["batch/update_positions_per_token"] <= full
+        )
+        assert r["batch/update_micro_batches"] >= 1
     # Before the first policy update the policy is the reference: KL 0, equal perplexities.
     assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
     assert history[0]["monitor/ppl_policy"] == pytest.approx(history[0]["monitor/ppl_ref"], rel=1e-5)

@@ -183,7 +183,8 @@ def test_prepare_and_sft_start_from_a_gguf_file(tiny_gguf, tmp_path):
     path = tiny_gguf[0]
     overrides = [*tiny_overrides(tmp_path), f"model.name_or_path={path}", f"model.store={tmp_path / 'models'}",
                  "sft.max_steps=2", "sft.num_sample_generations=0", "data.max_prompt_tokens=512",
-                 "data.max_response_tokens=512"]  # a byte-level vocabulary of 300: long token sequences  # fmt: skip
+                 "data.max_response_tokens=512", "ppo.max_tokens_per_micro_batch=1024",
+                 "ppo.max_tokens_per_forward=1024"]  # a byte-level vocabulary of 300: long token sequences  # fmt: skip
     config = load_config(None, overrides)
     run_stage("prepare", config)
     stats = json.loads((tmp_path / "data" / "stats.json").read_text())

@@ -3,10 +3,11 @@
 - The update: each epoch's seeded permutation cut into minibatches; each minibatch into micro-batches of rows of
   similar length within ``ppo.max_tokens_per_micro_batch`` positions (or ``ppo.micro_batch_size`` rows when it is
   null), every micro-batch cut to its own longest query and response.
-- Scoring: the frozen models (reference, reward model) and the critic read the whole rollout grouped by length
-  within ``ppo.max_tokens_per_forward`` (or ``ppo.forward_batch_size`` rows). The policy is scored in exactly the
-  micro-batches of the first epoch's update, so the old log-probs come from the update's own arithmetic (the same
-  rows, widths and kernels) and the first minibatch's ratio is exactly 1 on every token.
+- Scoring: the critic and the reward model read the whole rollout grouped by length within
+  ``ppo.max_tokens_per_forward`` (or ``ppo.forward_batch_size`` rows). The policy and the reference are scored in
+  exactly the micro-batches of the first epoch's update, so the old log-probs come from the update's own
+  arithmetic (the same rows, widths and kernels: the first minibatch's ratio is exactly 1 on every token) and the
+  reference's from the same shapes (KL exactly 0 while the two are equal).
 
 Every process runs as many forwards as the others in each loop: under ZeRO-3 each forward gathers weights from
 all of them.
@@ -79,3 +80,19 @@ def responses(tensor: torch.Tensor, c: Cut) -> torch.Tensor:
 
 def computed_positions(cuts: list[Cut]) -> int:
     return sum(c.positions for c in cuts)
+
+
+def padding_record(exp: Experience, ppo: PPOConfig, sizes: PPOSizes, iteration: int) -> dict[str, float]:
+    """Positions the iteration's forwards compute per real (unpadded) token, over every process: ``batch/full``
+    for forwards at the buffer's width (what they cost before cutting), ``batch/scoring`` for the four scoring
+    forwards, ``batch/update`` for the policy's and critic's update forwards (the first epoch's cuts; later epochs
+    group another permutation alike), and the update's micro-batches per minibatch."""
+    real = distributed.global_sum(sum(exp.query_lengths) + sum(exp.response_lengths))
+    policy_cuts = policy_scoring_cuts(exp, ppo, sizes, iteration)
+    scoring = (computed_positions(policy_cuts) + computed_positions(scoring_cuts(exp, ppo))) / 2
+    return {
+        "batch/full_positions_per_token": distributed.global_sum(exp.query_responses.numel()) / real,
+        "batch/scoring_positions_per_token": distributed.global_sum(scoring) / real,
+        "batch/update_positions_per_token": distributed.global_sum(computed_positions(policy_cuts)) / real,
+        "batch/update_micro_batches": len(policy_cuts) / sizes.minibatches,
+    }

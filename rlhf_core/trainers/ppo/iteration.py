@@ -19,6 +19,7 @@ from rlhf_core.data.order import global_order
 from rlhf_core.data.rows import load_split
 from rlhf_core.data.tokenize import encode_query, encode_response
 from rlhf_core.models.tokenizer import load_tokenizer
+from rlhf_core.trainers.ppo import batches
 from rlhf_core.trainers.ppo.experience import Experience
 from rlhf_core.trainers.ppo.models import PPOModels
 from rlhf_core.trainers.ppo.monitor import CollapseMonitor, NonFiniteGuard
@@ -116,7 +117,8 @@ def ppo_iteration(run: PPORun, iteration: int) -> tuple[dict, Experience]:
                                run.moments.mean, run.moments.std, kl_coef)  # fmt: skip  # 3-5. rewards, KL, GAE
         exp = replace(exp, rewards=shaped.rewards, advantages=shaped.advantages, returns=shaped.returns,
                       gold_scores=_gold_scores(run.judge, exp))  # fmt: skip
-        record = {"step": iteration + 1, **rollout_metrics(exp, run.moments, kl_coef)}
+        record = {"step": iteration + 1, **rollout_metrics(exp, run.moments, kl_coef),
+                  **batches.padding_record(exp, ppo, run.sizes, iteration)}  # fmt: skip
         run.kl_controller.update(record["objective/kl"], ppo.rollout_size)
     with timer("training"):  # 6. epochs x minibatches
         record.update(update(run.models, exp, run.config, tricks, run.sizes, iteration, run.guard, run.ptx))
