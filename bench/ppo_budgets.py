@@ -49,7 +49,8 @@ def run_stage(name: str, tree: Path, out: Path, args) -> None:
 
 
 def read_run(out: Path, warmup: int) -> dict:
-    rows = list(csv.DictReader(open(out / "plots" / "train.csv")))
+    with open(out / "plots" / "train.csv") as handle:
+        rows = list(csv.DictReader(handle))
     after = rows[warmup:]
 
     def mean(key: str, of=after) -> float | None:
@@ -61,8 +62,9 @@ def read_run(out: Path, warmup: int) -> dict:
         **{p: mean(f"time/{p}") for p in PHASES},
         "stage_seconds": metrics["ppo/seconds"],
         **{k: mean(f"batch/{k}", rows) for k in POSITIONS},
-        "curves": {k: [float(r[k]) for r in rows] for k in ("objective/kl", "objective/scores",
-                                                            "rollout/response_length")},  # fmt: skip
+        "curves": {
+            k: [float(r[k]) for r in rows] for k in ("objective/kl", "objective/scores", "rollout/response_length")
+        },  # fmt: skip
     }
 
 
@@ -75,7 +77,7 @@ def summary(runs: list[dict]) -> str:
     for name in names:
         mine = [r for r in runs if r["config"] == name]
 
-        def avg(key: str) -> float | None:
+        def avg(key: str, mine: list[dict] = mine) -> float | None:
             values = [r[key] for r in mine if r[key] is not None]
             return sum(values) / len(values) if values else None
 
