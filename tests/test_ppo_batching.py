@@ -150,6 +150,7 @@ def test_first_minibatch_ratio_is_exactly_one(trained_tiny_rm, prepared_tiny, tm
     first_minibatch = batches.minibatch_rows(run.config.ppo, run.sizes, 0, 0)[0]
     micro_batches = len(batches.update_cuts(exp, first_minibatch, run.config.ppo))
     first = seen[:micro_batches]
-    assert first and sum(int(m.sum()) for _, _, m in first) > 0
+    # the micro-batches of the one minibatch cover every response token of the rollout
+    assert sum(int(m.sum()) for _, _, m in first) == int(exp.response_mask.sum()) > 0
     for logprobs, old, mask in first:
         assert torch.equal(logprobs[mask], old[mask])
