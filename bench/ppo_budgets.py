@@ -1,11 +1,13 @@
 """The PPO stage with its forwards at full width (the code before issue 24) and cut to token budgets, alternating.
 
-    git worktree add /tmp/before b2e4421                      # the commit before micro-batches were cut
-    .venv/bin/python bench/ppo_budgets.py --before-tree /tmp/before --work-dir /tmp/ppo_budgets
+    git worktree add /tmp/before b2e4421     # the commit before micro-batches were cut
+    git worktree add /tmp/sliced ead219f     # groups sliced from the buffer's layout (left-padded queries)
+    .venv/bin/python bench/ppo_budgets.py --tree before=/tmp/before --tree sliced=/tmp/sliced \
+        --configs before,sliced,budget_4096,budget_512,budget_256 --work-dir /tmp/ppo_budgets
 
 Each run is ``rlhf ppo`` for ``--steps`` iterations on the default pipeline's data, SFT policy and reward model
-(``make run`` first), no checkpoints, no tracking, in a fresh process. ``before`` runs the stage from another
-checkout (``--before-tree``; its own params.yaml); the others run this checkout with the token budgets named
+(``make run`` first), no checkpoints, no tracking, in a fresh process. A configuration named by ``--tree`` runs the
+stage from that checkout (with its own params.yaml); the others run this checkout with the token budgets named
 (``ppo.max_tokens_per_micro_batch`` / ``ppo.max_tokens_per_forward``). Runs alternate configuration by
 configuration, ``--repeats`` times. A run whose ``metrics.json`` is already in the work directory is read back, not
 run again (resumable). Reported per configuration: the mean seconds per iteration of each phase after the critic
@@ -93,16 +95,27 @@ def summary(runs: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--before-tree", type=Path, help="a checkout of the code before (left out when absent)")
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="configuration NAME runs the stage from the checkout PATH (repeatable)",
+    )
     parser.add_argument("--base", type=Path, default=REPO / "outputs", help="pipeline outputs (data, sft, rm)")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=5, help="critic warm-up iterations left out of the means")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--configs", default="before,budget_4096,budget_512,budget_256")
+    parser.add_argument(
+        "--configs",
+        default="before,budget_4096,budget_512,budget_256",
+        help="comma-separated: budget_4096, budget_512, budget_256 or a --tree name",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/ppo_budgets"))
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "ppo_budgets.json")
     args = parser.parse_args()
-    names = [n for n in args.configs.split(",") if n and (n != "before" or args.before_tree)]
+    trees = {name: Path(path) for name, _, path in (t.partition("=") for t in args.tree)}
+    names = [n for n in args.configs.split(",") if n in BUDGETS or n in trees]
     args.work_dir.mkdir(parents=True, exist_ok=True)
     results = {"cpu": cpu_description(), "steps": args.steps, "warmup": args.warmup, "budgets": BUDGETS, "runs": []}
     for repeat in range(1, args.repeats + 1):
@@ -110,7 +123,7 @@ def main() -> None:
             out = args.work_dir / f"{name}_{repeat}"
             if not (out / "metrics.json").is_file():
                 print(f"running {out.name}", flush=True)
-                run_stage(name, args.before_tree if name == "before" else REPO, out, args)
+                run_stage(name, trees.get(name, REPO), out, args)
             results["runs"].append({"config": name, "repeat": repeat, **read_run(out, args.warmup)})
             tmp = args.results.with_suffix(".tmp")
             tmp.write_text(json.dumps(results, indent=1))

@@ -374,7 +374,7 @@ class PPOConfig(_Group):
         512,
         ge=1,
         description="Update micro-batches by token budget (per process): each minibatch's rows grouped by length, "
-        "every micro-batch at most this many positions (rows x its own longest query + response). null: "
+        "every micro-batch at most this many positions (rows x its longest row, query + response). null: "
         "ppo.micro_batch_size rows each. Must hold the longest row (data.max_prompt_tokens + max_response_tokens).",
     )
     max_tokens_per_forward: int | None = Field(

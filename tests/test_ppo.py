@@ -306,11 +306,16 @@ def test_response_logits_are_the_full_forwards_response_slice():
     ids, mask = torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1)
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-        got = response_logits(model, ids, mask, query_width=5, width=4)
-    assert got.shape == (2, 4, 96)
+        got = response_logits(model, ids, mask, starts=5, width=4)
+        # The same rows laid out end to end (query, response, padding), each response at its own column.
+        packed = torch.tensor([[5, 6, 7, 12, 13, 14, 15], [4, 8, 9, 10, 11, 16, 17]])
+        packed_got = response_logits(model, packed, torch.ones_like(packed), torch.tensor([3, 5]), width=4)
+    assert got.shape == packed_got.shape == (2, 4, 96)
     torch.testing.assert_close(got, full[:, 4:8], rtol=1e-6, atol=1e-6)
     # Position q - 1 + t predicts response token t: the first response logit is the last query position's.
     torch.testing.assert_close(got[:, 0], full[:, 4], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(packed_got[0], got[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_got[1, :2], got[1, :2], rtol=1e-5, atol=1e-5)
 
 
 def test_a_reward_ensemble_of_agreeing_models_scores_like_its_first_and_names_a_missing_member(

@@ -1,7 +1,7 @@
-"""Micro-batches cut to their own widths and sized by a token budget (``data.batching``, ``trainers.ppo.batches``):
-grouping worked out by hand, scoring in cuts equal to the direct full-width computation, the old log-probs equal
-to the update's bit for bit (ratio exactly 1), chunked log-prob terms equal to the direct ones, and the budget
-validated once with the setting named."""
+"""Micro-batches laid out row by row and sized by a token budget (``data.batching``, ``trainers.ppo.batches``):
+grouping and row layout worked out by hand, scoring in cuts equal to the direct full-width computation, the old
+log-probs equal to the update's bit for bit (ratio exactly 1), chunked log-prob terms equal to the direct ones, and
+the budget validated once with the setting named."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ RESPONSE = [5, 1, 3, 2, 3]
 
 
 def test_token_budget_groups_by_hand():
-    # Longest first: 0 (8), 4 (7), 2 (6), 3 (5), 1 (3). Budget 16: [0, 4] costs 2 x (4 + 5) = 18 > 16, so 0 alone;
-    # [4, 2] costs 2 x (4 + 3) = 14; adding 3 would cost 3 x 7 = 21; [3, 1] costs 2 x (3 + 2) = 10.
-    assert token_budget_groups(list(range(5)), QUERY, RESPONSE, 16) == [[0], [4, 2], [3, 1]]
-    assert token_budget_groups(list(range(5)), QUERY, RESPONSE, 45) == [[0, 4, 2, 3, 1]]
+    # Longest first: 0 (8), 4 (7), 2 (6), 3 (5), 1 (3); a group is as wide as its first row. Budget 16: [0, 4]
+    # costs 2 x 8 = 16, adding 2 would cost 24; [2, 3] costs 2 x 6 = 12, adding 1 would cost 18; [1] alone.
+    assert token_budget_groups(list(range(5)), QUERY, RESPONSE, 16) == [[0, 4], [2, 3], [1]]
+    assert token_budget_groups(list(range(5)), QUERY, RESPONSE, 40) == [[0, 4, 2, 3, 1]]
+    assert token_budget_groups(list(range(5)), QUERY, RESPONSE, 39) == [[0, 4, 2, 3], [1]]
     for budget in (8, 9, 12, 16, 20, 30):
         groups = token_budget_groups(list(range(5)), QUERY, RESPONSE, budget)
         assert sorted(i for g in groups for i in g) == list(range(5))
@@ -46,10 +47,31 @@ def test_split_into_reaches_the_count_without_raising_any_cost():
         split_into(groups, 6)
 
 
-def test_cut_drops_the_columns_no_row_of_the_group_uses():
-    c = cut([3, 1], QUERY, RESPONSE, query_width=4)
-    assert (c.query_start, c.query_width, c.response_width, c.positions) == (1, 3, 2, 10)
+def test_cut_is_as_wide_as_its_longest_row():
+    c = cut([3, 1], QUERY, RESPONSE)  # rows of 3 + 2 and 2 + 1 tokens
+    assert (c.width, c.response_width, c.positions) == (5, 2, 10)
+    assert c.query_lengths.tolist() == [3, 2] and c.response_lengths.tolist() == [2, 1]
     assert fixed_size_groups([4, 0, 2, 1, 3], 2) == [[4, 0], [2, 1], [3]]
+
+
+def test_a_forward_lays_each_row_out_query_then_response_then_padding():
+    from rlhf_core.trainers.ppo import batches
+    from rlhf_core.trainers.ppo.experience import Experience
+
+    queries = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 0, 0, 4]])  # pad id 0, left-padded
+    responses = torch.tensor([[11, 12, 0], [13, 0, 0], [14, 15, 16]])
+    response_mask = (responses != 0).float()
+    exp = Experience(
+        prompts=[""] * 3, texts=[""] * 3, queries=queries, responses=responses,
+        query_responses=torch.cat([queries, responses], 1),
+        attention_mask=torch.cat([queries != 0, responses != 0], 1).long(), response_mask=response_mask,
+        eos=torch.ones(3, dtype=torch.bool), pad_id=0,
+    )  # fmt: skip
+    c = cut([0, 1, 2], exp.query_lengths, exp.response_lengths)
+    ids, mask, starts = batches.inputs(exp, c)
+    assert ids.tolist() == [[5, 6, 11, 12, 0], [7, 8, 9, 10, 13], [4, 14, 15, 16, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert starts.tolist() == [2, 4, 1] and c.response_width == 3
 
 
 def test_chunked_log_prob_terms_equal_the_direct_ones():
@@ -106,7 +128,7 @@ def test_scoring_in_cuts_equals_the_full_width_forward(trained_tiny_rm, prepared
     scored = score(run.models, exp, ppo, run.sizes, 0)
     policy_cuts, scoring_cuts = batches.policy_scoring_cuts(exp, ppo, run.sizes, 0), batches.scoring_cuts(exp, ppo)
     assert len(scoring_cuts) > 1 and len(policy_cuts) >= run.sizes.minibatches
-    assert any(c.query_width < exp.query_width or c.response_width < exp.response_width for c in policy_cuts)
+    assert any(c.width < exp.query_responses.shape[1] for c in policy_cuts)
     assert batches.computed_positions(scoring_cuts) < exp.query_responses.numel()
     ids, mask, qw, width = exp.query_responses, exp.attention_mask, exp.query_width, exp.response_width
     with torch.no_grad():

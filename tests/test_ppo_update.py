@@ -64,7 +64,7 @@ def _experience() -> Experience:
     return Experience(
         prompts=[""] * ROWS, texts=[""] * ROWS, queries=queries, responses=responses,
         query_responses=torch.cat([queries, responses], dim=1), attention_mask=attention_mask,
-        response_mask=response_mask, eos=torch.ones(ROWS, dtype=torch.bool),
+        response_mask=response_mask, eos=torch.ones(ROWS, dtype=torch.bool), pad_id=0,
         logprobs=noise(0.3, -3.9), values=noise(0.5), advantages=noise(1.0), returns=noise(1.0),
     )  # fmt: skip
 

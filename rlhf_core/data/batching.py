@@ -1,10 +1,12 @@
 """Micro-batches that pay for the tokens that exist: rows grouped by length, each group cut to its own widths.
 
 A PPO buffer holds queries left-padded to the rollout's longest prompt and responses right-padded to its longest
-answer. A forward over rows ``g`` needs only the columns some row of ``g`` uses: its own longest query (dropping
-left padding) and its own longest response (dropping right padding). Its cost is ``len(g) x (q_max + r_max)``
-positions. Grouping rows of similar length and sizing groups by that cost (a token budget) bounds the memory of
-every forward and leaves little padding inside it (the idea of OpenRLHF's and verl's dynamic batch sizes).
+answer. A forward over rows ``g`` lays each row out contiguously instead: its real query tokens, then its real
+response tokens, right-padded to the longest row of ``g``. Its cost is ``len(g) x max(q_i + r_i)`` positions,
+so only the spread of whole-row lengths inside a group is padding (slicing the buffer's layout would pay for the
+longest query and the longest response of the group, which are seldom the same row). Grouping rows of similar
+length and sizing groups by that cost (a token budget) bounds the memory of every forward and leaves little
+padding inside it (the idea of OpenRLHF's and verl's dynamic batch sizes).
 
 All functions are pure: lengths in, lists of row indices out, deterministic for given inputs.
 """
@@ -21,8 +23,8 @@ class RowTooLong(ValueError):
 
 
 def group_cost(query_lengths: list[int], response_lengths: list[int], rows: list[int]) -> int:
-    """Positions a forward over ``rows`` computes once cut to its own widths: rows x (longest query + response)."""
-    return len(rows) * (max(query_lengths[i] for i in rows) + max(response_lengths[i] for i in rows))
+    """Positions a forward over ``rows`` computes, each row laid out query then response: rows x longest row."""
+    return len(rows) * max(query_lengths[i] + response_lengths[i] for i in rows)
 
 
 def fixed_size_groups(rows: list[int], size: int) -> list[list[int]]:
@@ -39,17 +41,15 @@ def token_budget_groups(
     ordered = sorted(rows, key=lambda i: (-(query_lengths[i] + response_lengths[i]), -response_lengths[i], i))
     groups: list[list[int]] = []
     current: list[int] = []
-    q_max = r_max = 0
     for i in ordered:
         q, r = query_lengths[i], response_lengths[i]
         if q + r > max_tokens:
             raise RowTooLong(f"row {i} has {q} query + {r} response tokens, more than the budget of {max_tokens}")
-        grown_q, grown_r = max(q_max, q), max(r_max, r)
-        if current and (len(current) + 1) * (grown_q + grown_r) > max_tokens:
+        # Longest first: the group's first row sets its width.
+        if current and (len(current) + 1) * group_cost(query_lengths, response_lengths, current[:1]) > max_tokens:
             groups.append(current)
-            current, grown_q, grown_r = [], q, r
+            current = []
         current.append(i)
-        q_max, r_max = grown_q, grown_r
     if current:
         groups.append(current)
     return groups
@@ -72,22 +72,24 @@ def split_into(groups: list[list[int]], count: int) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class Cut:
-    """A group of buffer rows and the columns it needs: queries from ``query_start`` on (``query_width`` columns)
-    and the first ``response_width`` response columns."""
+    """A group of buffer rows as one forward reads them: row k holds its ``query_lengths[k]`` real query tokens,
+    then its ``response_lengths[k]`` response tokens (its response starts at column ``query_lengths[k]``), then
+    padding up to ``width``, the longest row. ``response_width`` is the longest response."""
 
     rows: torch.Tensor  # (n,) indices into the buffer
-    query_start: int
-    query_width: int
+    query_lengths: torch.Tensor  # (n,)
+    response_lengths: torch.Tensor  # (n,)
+    width: int
     response_width: int
 
     @property
     def positions(self) -> int:
-        return len(self.rows) * (self.query_width + self.response_width)
+        return len(self.rows) * self.width
 
 
-def cut(rows: list[int] | torch.Tensor, query_lengths: list[int], response_lengths: list[int], query_width: int) -> Cut:
-    """The :class:`Cut` of ``rows`` in a buffer whose queries are ``query_width`` wide (left-padded)."""
+def cut(rows: list[int] | torch.Tensor, query_lengths: list[int], response_lengths: list[int]) -> Cut:
+    """The :class:`Cut` of ``rows``."""
     rows = torch.as_tensor(rows, dtype=torch.long)
-    q = max(query_lengths[int(i)] for i in rows)
-    r = max(response_lengths[int(i)] for i in rows)
-    return Cut(rows=rows, query_start=query_width - q, query_width=q, response_width=r)
+    q = torch.tensor([query_lengths[int(i)] for i in rows], dtype=torch.long)
+    r = torch.tensor([response_lengths[int(i)] for i in rows], dtype=torch.long)
+    return Cut(rows=rows, query_lengths=q, response_lengths=r, width=int((q + r).max()), response_width=int(r.max()))

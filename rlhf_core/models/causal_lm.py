@@ -65,24 +65,44 @@ def save_causal_lm(model: torch.nn.Module, tokenizer, path: str | Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def response_logits(model, query_responses, attention_mask, query_width: int, width: int) -> torch.Tensor:
-    """``(B, width, V)`` logits (in the model's dtype: bf16 stays bf16, the log-prob functions promote a chunk at a
-    time) predicting each response token: position ``query_width - 1 + t`` predicts
-    response token t, with position ids that skip the query's left padding.
+def response_positions(starts: int | torch.Tensor, width: int, total_width: int, rows: int, device) -> torch.Tensor:
+    """``(rows, width)`` column of the position predicting each response token: ``starts[k] - 1 + t`` for response
+    token t of row k (clamped into the row: columns past a row's response are padding, masked by the caller).
+    ``starts`` is each row's first response column, or one column for all (left-padded queries)."""
+    starts = torch.as_tensor(starts, device=device).expand(rows)
+    return (starts[:, None] - 1 + torch.arange(width, device=device)).clamp(max=total_width - 1)
 
-    ``model`` is a causal LM or an engine's ``forward``; ``query_responses`` is ``query_width + width`` wide. The
-    LM head runs on the last ``width + 1`` positions only (``logits_to_keep``): the query's logits would be thrown
-    away, and at a large vocabulary they are the biggest activation of the forward (same logits, bit for bit;
-    measured in BENCHMARKS.md).
+
+def response_logits(
+    model, query_responses, attention_mask, starts: int | torch.Tensor, width: int, module=None
+) -> torch.Tensor:
+    """``(B, width, V)`` logits (in the model's dtype: bf16 stays bf16, the log-prob functions promote a chunk at a
+    time) predicting each response token: position ``starts[k] - 1 + t`` predicts response token t of row k, with
+    position ids that skip any left padding (:func:`response_positions`).
+
+    ``model`` is a causal LM or an engine's ``forward`` (then ``module`` is the model it runs). The LM head reads
+    only the hidden states of those positions: a pre-hook on the output embeddings gathers them, so the query's
+    logits (at a large vocabulary the biggest activation of the forward) are never made, whatever each row's
+    offset, and whatever the model does after its head (soft-capping, scaling) still applies.
     """
     from rlhf_core.data.tokenize import position_ids
 
-    if query_responses.shape[1] != query_width + width:
-        raise ValueError(f"response_logits: {tuple(query_responses.shape)} is not {query_width} + {width} wide")
-    logits = model(
-        input_ids=query_responses,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        logits_to_keep=width + 1,
-    ).logits
-    return logits[:, :width]
+    rows, total = query_responses.shape
+    index = response_positions(starts, width, total, rows, query_responses.device)
+
+    def keep_response_positions(_head, args):
+        hidden = args[0]
+        return (hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1])), *args[1:])
+
+    head = (model if module is None else module).get_output_embeddings()
+    hook = head.register_forward_pre_hook(keep_response_positions)
+    try:
+        logits = model(
+            input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        ).logits
+    finally:
+        hook.remove()
+    if tuple(logits.shape[:2]) != (rows, width):
+        raise RuntimeError(f"response_logits: logits {tuple(logits.shape)}, expected ({rows}, {width}, V): this "
+                           "model does not run its output embeddings once on the final hidden states")  # fmt: skip
+    return logits

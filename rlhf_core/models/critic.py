@@ -27,13 +27,16 @@ class Critic(torch.nn.Module):
         return self.reward_model.score(hidden).squeeze(-1)
 
 
-def response_values(critic, query_responses, attention_mask, query_width: int, width: int) -> torch.Tensor:
-    """``(B, width)`` float values V(s_t) of the states before each response token: position ``query_width - 1 + t``
-    has seen the query and response tokens before t. ``critic`` is a :class:`Critic` or an engine's ``forward``."""
+def response_values(critic, query_responses, attention_mask, starts: int | torch.Tensor, width: int) -> torch.Tensor:
+    """``(B, width)`` float values V(s_t) of the states before each response token: position ``starts[k] - 1 + t``
+    of row k has seen its query and the response tokens before t (``causal_lm.response_positions``). ``critic`` is
+    a :class:`Critic` or an engine's ``forward``."""
     from rlhf_core.data.tokenize import position_ids
+    from rlhf_core.models.causal_lm import response_positions
 
     values = critic(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-    return values[:, query_width - 1 : query_width - 1 + width].float()
+    rows, total = query_responses.shape
+    return values.gather(1, response_positions(starts, width, total, rows, values.device)).float()
 
 
 def load_critic(

@@ -2,7 +2,7 @@
 
 - The update: each epoch's seeded permutation cut into minibatches; each minibatch into micro-batches of rows of
   similar length within ``ppo.max_tokens_per_micro_batch`` positions (or ``ppo.micro_batch_size`` rows when it is
-  null), every micro-batch cut to its own longest query and response.
+  null), every micro-batch laid out row by row (query, then response, right-padded to its longest row).
 - Scoring: the critic and the reward model read the whole rollout grouped by length within
   ``ppo.max_tokens_per_forward`` (or ``ppo.forward_batch_size`` rows). The policy and the reference are scored in
   exactly the micro-batches of the first epoch's update, so the old log-probs come from the update's own
@@ -63,14 +63,21 @@ def _cuts(exp: Experience, rows: list[int], max_tokens: int | None, size: int, s
     count = int(distributed.global_max(len(groups)))
     if count > len(groups):
         groups = split_into(groups, count)
-    return [cut(g, q, r, exp.query_width) for g in groups]
+    return [cut(g, q, r) for g in groups]
 
 
-def inputs(exp: Experience, c: Cut) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(query_responses, attention_mask)`` of the cut's rows, ``c.query_width + c.response_width`` wide."""
-    columns = slice(c.query_start, exp.query_width + c.response_width)
-    rows = c.rows.to(exp.query_responses.device)
-    return exp.query_responses[rows, columns], exp.attention_mask[rows, columns]
+def inputs(exp: Experience, c: Cut) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(query_responses, attention_mask, response_starts)`` of the cut's rows, ``c.width`` wide: each row's real
+    query tokens moved to the left edge, its response after them, the pad id after that; ``response_starts`` is
+    each row's first response column. Position ids from the mask are then what generation used."""
+    device = exp.query_responses.device
+    rows, q, r = c.rows.to(device), c.query_lengths.to(device), c.response_lengths.to(device)
+    columns = torch.arange(c.width, device=device)
+    source = (exp.query_width - q)[:, None] + columns  # buffer column of each packed column
+    real = columns < (q + r)[:, None]
+    source = source.clamp(max=exp.query_responses.shape[1] - 1)
+    ids = torch.where(real, exp.query_responses[rows[:, None], source], exp.pad_id)
+    return ids, real.to(exp.attention_mask.dtype), q
 
 
 def responses(tensor: torch.Tensor, c: Cut) -> torch.Tensor:
@@ -84,7 +91,7 @@ def computed_positions(cuts: list[Cut]) -> int:
 
 def padding_record(exp: Experience, ppo: PPOConfig, sizes: PPOSizes, iteration: int) -> dict[str, float]:
     """Positions the iteration's forwards compute per real (unpadded) token, over every process: ``batch/full``
-    for forwards at the buffer's width (what they cost before cutting), ``batch/scoring`` for the four scoring
+    for forwards at the buffer's width (what they would cost uncut), ``batch/scoring`` for the four scoring
     forwards, ``batch/update`` for the policy's and critic's update forwards (the first epoch's cuts; later epochs
     group another permutation alike), and the update's micro-batches per minibatch."""
     real = distributed.global_sum(sum(exp.query_lengths) + sum(exp.response_lengths))

@@ -24,6 +24,7 @@ class Experience:
     attention_mask: torch.Tensor  # (B, Tq + T) 0 on the query's left padding and after the response's EOS
     response_mask: torch.Tensor  # (B, T) float, 1 on response tokens up to and including EOS
     eos: torch.Tensor  # (B,) bool: the response ended with EOS (else it hit the length cap)
+    pad_id: int  # the tokenizer's pad id: what fills a forward's rows after their last token
     # scoring (no gradient): log-probs at the sampling temperature, as the update recomputes them
     logprobs: torch.Tensor | None = None  # (B, T) log pi_old(a_t | s_t)
     ref_logprobs: torch.Tensor | None = None  # (B, T) log pi_ref(a_t | s_t)

@@ -37,6 +37,7 @@ def sample_rollout(
         attention_mask=torch.cat([got["query_mask"], response_mask], dim=1),
         response_mask=response_mask.float(),
         eos=(responses == tokenizer.eos_token_id).any(dim=1),
+        pad_id=tokenizer.pad_token_id,
     )
 
 
@@ -44,7 +45,7 @@ def sample_rollout(
 def score(models: PPOModels, exp: Experience, ppo: PPOConfig, sizes: PPOSizes, iteration: int) -> Experience:
     """Phase 2: log-probs of the policy and the reference at the sampling temperature (the ratio and the KL are
     about the distribution that was sampled), perplexity terms at temperature 1, critic values and the reward
-    model's score of each whole response, in no-grad forwards cut to their own widths (``batches``).
+    model's score of each whole response, in no-grad forwards of rows laid out end to end (``batches``).
 
     The policy and the reference read the update's first-epoch micro-batches: the old log-probs are then the
     update's own arithmetic (ratio exactly 1 before the first step) and the two models' log-probs come from the
@@ -60,20 +61,20 @@ def score(models: PPOModels, exp: Experience, ppo: PPOConfig, sizes: PPOSizes, i
         full[name][c.rows.to(values.device), : c.response_width] = values.float()
 
     for c in batches.policy_scoring_cuts(exp, ppo, sizes, iteration):
-        ids, mask = batches.inputs(exp, c)
+        ids, mask, starts = batches.inputs(exp, c)
         tokens = batches.responses(exp.responses, c)
         logprobs, logprobs_t1, entropy = algo.logprob_terms(
-            response_logits(policy, ids, mask, c.query_width, c.response_width), tokens, temperature, chunk
+            response_logits(policy, ids, mask, starts, c.response_width), tokens, temperature, chunk
         )
         with models.reference() as reference:
-            ref_logits = response_logits(reference, ids, mask, c.query_width, c.response_width)
+            ref_logits = response_logits(reference, ids, mask, starts, c.response_width)
         ref_logprobs, ref_logprobs_t1, _ = algo.logprob_terms(ref_logits, tokens, temperature, chunk)
         for name, values in (("logprobs", logprobs), ("nll", -logprobs_t1), ("entropy", entropy),
                              ("ref_logprobs", ref_logprobs), ("ref_nll", -ref_logprobs_t1)):  # fmt: skip
             put(name, c, values)
     for c in batches.scoring_cuts(exp, ppo):
-        ids, mask = batches.inputs(exp, c)
-        put("values", c, response_values(critic, ids, mask, c.query_width, c.response_width))
+        ids, mask, starts = batches.inputs(exp, c)
+        put("values", c, response_values(critic, ids, mask, starts, c.response_width))
         scores[c.rows.to(scores.device)] = _reward(models, ids, mask)
     return replace(exp, scores=scores, **full)
 

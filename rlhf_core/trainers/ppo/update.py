@@ -142,9 +142,11 @@ def policy_loss(
     the trick switches say. ``advantages`` is buffer-wide ``(B, T)`` (this minibatch's rows processed)."""
     ppo, mask = config.ppo, batches.responses(exp.response_mask, c)
     temperature = ppo.sampling.temperature
-    ids, attention = batches.inputs(exp, c)
+    ids, attention, starts = batches.inputs(exp, c)
     with models.policy.autocast():
-        logits = response_logits(models.policy.forward, ids, attention, c.query_width, c.response_width)
+        logits = response_logits(
+            models.policy.forward, ids, attention, starts, c.response_width, module=models.policy.unwrapped()
+        )
     logprobs = algo.logprobs_from_logits(logits, batches.responses(exp.responses, c), temperature)
     loss, pg = algo.policy_loss(logprobs, batches.responses(exp.logprobs, c), batches.responses(advantages, c), mask,
                                 ppo.cliprange, tricks.policy_loss_clip, normaliser)  # fmt: skip
@@ -173,9 +175,9 @@ def critic_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The critic's (clipped) value loss on the micro-batch ``c`` against the GAE returns (sec. 5.3)."""
     ppo = config.ppo
-    ids, attention = batches.inputs(exp, c)
+    ids, attention, starts = batches.inputs(exp, c)
     with models.critic.autocast():
-        values = response_values(models.critic.forward, ids, attention, c.query_width, c.response_width)
+        values = response_values(models.critic.forward, ids, attention, starts, c.response_width)
     loss, stats = algo.value_loss(values, batches.responses(exp.values, c), batches.responses(exp.returns, c),
                                   batches.responses(exp.response_mask, c), ppo.cliprange_value, tricks.value_loss_clip,
                                   normaliser)  # fmt: skip
