@@ -18,31 +18,36 @@ from tests.conftest import tiny_overrides
 # rows 0..4: query + response lengths 8, 3, 6, 5, 7
 QUERY = [3, 2, 3, 3, 4]
 RESPONSE = [5, 1, 3, 2, 3]
+LENGTHS = [q + r for q, r in zip(QUERY, RESPONSE, strict=True)]
 
 
 def test_token_budget_groups_by_hand():
     # Longest first: 0 (8), 4 (7), 2 (6), 3 (5), 1 (3); a group is as wide as its first row. Budget 16: [0, 4]
     # costs 2 x 8 = 16, adding 2 would cost 24; [2, 3] costs 2 x 6 = 12, adding 1 would cost 18; [1] alone.
-    assert token_budget_groups(list(range(5)), QUERY, RESPONSE, 16) == [[0, 4], [2, 3], [1]]
-    assert token_budget_groups(list(range(5)), QUERY, RESPONSE, 40) == [[0, 4, 2, 3, 1]]
-    assert token_budget_groups(list(range(5)), QUERY, RESPONSE, 39) == [[0, 4, 2, 3], [1]]
+    assert token_budget_groups(list(range(5)), LENGTHS, 16) == [[0, 4], [2, 3], [1]]
+    assert token_budget_groups(list(range(5)), LENGTHS, 40) == [[0, 4, 2, 3, 1]]
+    assert token_budget_groups(list(range(5)), LENGTHS, 39) == [[0, 4, 2, 3], [1]]
     for budget in (8, 9, 12, 16, 20, 30):
-        groups = token_budget_groups(list(range(5)), QUERY, RESPONSE, budget)
+        groups = token_budget_groups(list(range(5)), LENGTHS, budget)
         assert sorted(i for g in groups for i in g) == list(range(5))
-        assert all(group_cost(QUERY, RESPONSE, g) <= budget for g in groups)
+        assert all(group_cost(LENGTHS, g) <= budget for g in groups)
 
 
 def test_a_row_longer_than_the_budget_is_named():
-    with pytest.raises(RowTooLong, match="row 0 has 3 query \\+ 5 response tokens, more than the budget of 7"):
-        token_budget_groups(list(range(5)), QUERY, RESPONSE, 7)
+    with pytest.raises(RowTooLong, match="row 0 has 8 tokens, more than the budget of 7"):
+        token_budget_groups(list(range(5)), LENGTHS, 7)
+    # A preference pair puts two sequences in the forward: [0, 4] costs 2 x 2 x 8 = 32.
+    assert token_budget_groups(list(range(5)), LENGTHS, 32, sequences=2) == [[0, 4], [2, 3], [1]]
+    with pytest.raises(RowTooLong, match="row 0 has 8 tokens x 2 sequences, more than the budget of 15"):
+        token_budget_groups(list(range(5)), LENGTHS, 15, sequences=2)
 
 
 def test_split_into_reaches_the_count_without_raising_any_cost():
-    groups = token_budget_groups(list(range(5)), QUERY, RESPONSE, 45)
+    groups = token_budget_groups(list(range(5)), LENGTHS, 45)
     for count in range(1, 6):
         split = split_into(groups, count)
         assert len(split) == count and sorted(i for g in split for i in g) == list(range(5))
-        assert max(group_cost(QUERY, RESPONSE, g) for g in split) <= group_cost(QUERY, RESPONSE, groups[0])
+        assert max(group_cost(LENGTHS, g) for g in split) <= group_cost(LENGTHS, groups[0])
     with pytest.raises(ValueError):
         split_into(groups, 6)
 

@@ -22,9 +22,10 @@ class RowTooLong(ValueError):
     """One row alone needs more positions than the token budget allows."""
 
 
-def group_cost(query_lengths: list[int], response_lengths: list[int], rows: list[int]) -> int:
-    """Positions a forward over ``rows`` computes, each row laid out query then response: rows x longest row."""
-    return len(rows) * max(query_lengths[i] + response_lengths[i] for i in rows)
+def group_cost(lengths: list[int], rows: list[int], sequences: int = 1) -> int:
+    """Positions a forward over ``rows`` computes, each row right-padded to the longest: rows x longest row, times
+    the ``sequences`` each row puts in the forward (2 for a preference pair: chosen and rejected)."""
+    return sequences * len(rows) * max(lengths[i] for i in rows)
 
 
 def fixed_size_groups(rows: list[int], size: int) -> list[list[int]]:
@@ -32,21 +33,19 @@ def fixed_size_groups(rows: list[int], size: int) -> list[list[int]]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
-def token_budget_groups(
-    rows: list[int], query_lengths: list[int], response_lengths: list[int], max_tokens: int
-) -> list[list[int]]:
+def token_budget_groups(rows: list[int], lengths: list[int], max_tokens: int, sequences: int = 1) -> list[list[int]]:
     """``rows`` sorted by length (longest first, ties by index) and packed greedily into groups whose
     :func:`group_cost` stays within ``max_tokens``. Raises :class:`RowTooLong` naming the row that alone exceeds it.
     """
-    ordered = sorted(rows, key=lambda i: (-(query_lengths[i] + response_lengths[i]), -response_lengths[i], i))
+    ordered = sorted(rows, key=lambda i: (-lengths[i], i))
     groups: list[list[int]] = []
     current: list[int] = []
     for i in ordered:
-        q, r = query_lengths[i], response_lengths[i]
-        if q + r > max_tokens:
-            raise RowTooLong(f"row {i} has {q} query + {r} response tokens, more than the budget of {max_tokens}")
+        if group_cost(lengths, [i], sequences) > max_tokens:
+            times = f" x {sequences} sequences" if sequences > 1 else ""
+            raise RowTooLong(f"row {i} has {lengths[i]} tokens{times}, more than the budget of {max_tokens}")
         # Longest first: the group's first row sets its width.
-        if current and (len(current) + 1) * group_cost(query_lengths, response_lengths, current[:1]) > max_tokens:
+        if current and group_cost(lengths, [*current, i], sequences) > max_tokens:
             groups.append(current)
             current = []
         current.append(i)

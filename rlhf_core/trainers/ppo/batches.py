@@ -19,8 +19,8 @@ import torch
 
 from rlhf_core import distributed
 from rlhf_core.config import PPOConfig, PPOSizes
-from rlhf_core.data.batching import Cut, RowTooLong, cut, fixed_size_groups, split_into, token_budget_groups
-from rlhf_core.errors import ConfigError
+from rlhf_core.data.batching import Cut, cut
+from rlhf_core.trainers.micro_batches import length_groups
 from rlhf_core.trainers.ppo.experience import Experience
 
 
@@ -52,18 +52,8 @@ def policy_scoring_cuts(exp: Experience, ppo: PPOConfig, sizes: PPOSizes, iterat
 
 def _cuts(exp: Experience, rows: list[int], max_tokens: int | None, size: int, setting: str) -> list[Cut]:
     q, r = exp.query_lengths, exp.response_lengths
-    if max_tokens is None:
-        groups = fixed_size_groups(rows, size)
-    else:
-        try:
-            groups = token_budget_groups(rows, q, r, max_tokens)
-        except RowTooLong as exc:
-            raise ConfigError(f"{setting}={max_tokens}: {exc}; raise it to at least data.max_prompt_tokens + "
-                              "data.max_response_tokens (the longest row a rollout can hold)") from None  # fmt: skip
-    count = int(distributed.global_max(len(groups)))
-    if count > len(groups):
-        groups = split_into(groups, count)
-    return [cut(g, q, r) for g in groups]
+    lengths = [a + b for a, b in zip(q, r, strict=True)]
+    return [cut(g, q, r) for g in length_groups(rows, lengths, max_tokens, size, setting)]
 
 
 def inputs(exp: Experience, c: Cut) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
