@@ -196,6 +196,13 @@ class OptimConfig(OptimizerConfig):
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward pass on one process.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="Micro-batches by token budget (per process): each optimizer step's examples grouped by length, "
+        "every micro-batch at most this many positions (rows x its longest row; a preference pair counts both of its "
+        "sequences). null: micro_batch_size examples each. Must hold the longest row.",
+    )
     eval_every: int = Field(50, ge=1, description="Validate every N optimizer steps (and at the end).")
 
 
@@ -672,12 +679,15 @@ class Config(_Group):
     @model_validator(mode="after")
     def _budgets_hold_the_longest_row(self) -> Config:
         longest = self.data.max_prompt_tokens + self.data.max_response_tokens
-        for name in ("max_tokens_per_micro_batch", "max_tokens_per_forward"):
-            budget = getattr(self.ppo, name)
-            if budget is not None and budget < longest:
+        budgets = [("ppo", "max_tokens_per_micro_batch", 1), ("ppo", "max_tokens_per_forward", 1),
+                   ("sft", "max_tokens_per_micro_batch", 1), ("rm", "max_tokens_per_micro_batch", 2)]  # fmt: skip
+        for group, name, sequences in budgets:
+            budget, need = getattr(getattr(self, group), name), sequences * longest
+            if budget is not None and budget < need:
+                pair = " x 2 (a preference pair's two sequences)" if sequences > 1 else ""
                 raise ValueError(
-                    f"ppo.{name}={budget} cannot hold the longest row a rollout may have: data.max_prompt_tokens + "
-                    f"data.max_response_tokens = {longest}; raise it to at least {longest} or set it to null"
+                    f"{group}.{name}={budget} cannot hold the longest row: (data.max_prompt_tokens + "
+                    f"data.max_response_tokens){pair} = {need}; raise it to at least {need} or set it to null"
                 )
         return self
 

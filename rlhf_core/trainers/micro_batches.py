@@ -21,7 +21,8 @@ def length_groups(
         try:
             groups = token_budget_groups(rows, lengths, max_tokens, sequences)
         except RowTooLong as exc:
+            times = f" x {sequences}" if sequences > 1 else ""
             raise ConfigError(f"{setting}={max_tokens}: {exc}; raise it to at least the longest row "
-                              "(data.max_prompt_tokens + data.max_response_tokens)") from None  # fmt: skip
+                              f"(data.max_prompt_tokens + data.max_response_tokens){times}") from None  # fmt: skip
     count = int(distributed.global_max(len(groups)))
     return split_into(groups, count) if count > len(groups) else groups

@@ -35,6 +35,7 @@ from rlhf_core.models.reward import load_reward_model, reward_model_for_training
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import write_curves
 from rlhf_core.tracking import Logger
+from rlhf_core.trainers.micro_batches import length_groups
 from rlhf_core.trainers.results import StageResult
 
 Pair = tuple[list[int], list[int], list[int]]  # (query ids, chosen response ids, rejected response ids)
@@ -236,19 +237,23 @@ def _save_best(engine, tokenizer, model_dir: Path, ctx) -> None:
 
 def _train_step(engine, pairs: list[Pair], opt, pad_id: int, ctx) -> dict[str, float]:
     """One optimizer step on this rank's ``pairs`` of a global batch (eq. 2: ranking loss + beta_rm x LM loss on
-    the chosen responses); the batch's metrics, reduced over every rank."""
-    micro = opt.micro_batch_size
-    batches = [
-        (len(pairs[j : j + micro]), _to_device(engine, pairs[j : j + micro], pad_id))
-        for j in range(0, len(pairs), micro)
-    ]
+    the chosen responses); the batch's metrics, reduced over every rank. Micro-batches of ``micro_batch_size``
+    pairs, or grouped by length within ``rm.max_tokens_per_micro_batch`` positions (both sequences of a pair)."""
+    lengths = [len(q) + max(len(c), len(r)) for q, c, r in pairs]
+    groups = length_groups(list(range(len(pairs))), lengths, opt.max_tokens_per_micro_batch, opt.micro_batch_size,
+                           "rm.max_tokens_per_micro_batch", sequences=2)  # fmt: skip
+    batches = [(len(g), _to_device(engine, [pairs[i] for i in g], pad_id)) for g in groups]
     local_tokens = sum(int((b["labels"][:n, 1:] != -100).sum()) for n, b in batches)
     global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))  # host
     # As in SFT: after the engine divides by the accumulation and averages ranks, the LM term is the token mean
-    # over the chosen responses of the whole global batch.
-    normaliser = global_tokens / (opt.gradient_accumulation_steps * ctx.world_size)
+    # over the chosen responses of the whole global batch; the ranking terms, means over a micro-batch's pairs,
+    # are weighted by its share of the pairs (exactly 1 for micro-batches of micro_batch_size pairs).
+    accumulated = opt.gradient_accumulation_steps * ctx.world_size
+    normaliser = global_tokens / accumulated
+    pairs_per_share = float(distributed.all_reduce_sum(torch.tensor(float(len(pairs))))) / accumulated  # host
     sums = torch.zeros(5, dtype=torch.float64)  # host: ranking loss, correct, gap, pairs, chosen nll
-    for n, batch in batches:
+    for j, (n, batch) in enumerate(batches):
+        engine.set_boundary(j == len(batches) - 1)  # the count follows the budget
         lm_from = first_labelled_logit(batch["labels"][:n])  # the LM head on the chosen responses only
         with engine.autocast():
             scores, logits = engine.forward(
@@ -259,7 +264,7 @@ def _train_step(engine, pairs: list[Pair], opt, pad_id: int, ctx) -> dict[str, f
             )
         scores = scores.float()
         rank_loss, stats = pairwise_loss(scores[:n], scores[n:], margin=opt.margin, center_coef=opt.center_coef)
-        loss = rank_loss
+        loss = rank_loss * (n / pairs_per_share)
         nll = 0.0
         if logits is not None:
             lm_loss, lm_stats = sft_loss(logits.float(), batch["labels"][:n, lm_from:], normaliser=normaliser)

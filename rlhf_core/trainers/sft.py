@@ -30,6 +30,7 @@ from rlhf_core.models.lora import apply_lora, is_lora, save_causal_lm
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import write_curves
 from rlhf_core.tracking import Logger
+from rlhf_core.trainers.micro_batches import length_groups
 from rlhf_core.trainers.results import StageResult
 
 
@@ -110,18 +111,22 @@ def _sample_generations(config: Config, model_dir: Path, tokenizer, val_rows: li
 
 
 def _train_step(engine, examples: list[tuple[list[int], list[int]]], opt, pad_id: int, ctx) -> dict[str, float]:
-    """One optimizer step on this rank's ``examples`` of a global batch, in micro-batches; the batch's loss (token
+    """One optimizer step on this rank's ``examples`` of a global batch, in micro-batches (``micro_batch_size``
+    examples, or grouped by length within ``sft.max_tokens_per_micro_batch`` positions); the batch's loss (token
     mean over every rank), learning rate, token count and gradient norm."""
-    micro = opt.micro_batch_size
-    micro_batches = [collate_sft(examples[j : j + micro], pad_id) for j in range(0, len(examples), micro)]
+    lengths = [len(q) + len(r) for q, r in examples]
+    groups = length_groups(list(range(len(examples))), lengths, opt.max_tokens_per_micro_batch, opt.micro_batch_size,
+                           "sft.max_tokens_per_micro_batch")  # fmt: skip
+    micro_batches = [collate_sft([examples[i] for i in g], pad_id) for g in groups]
     local_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
     global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))  # host
     # Scaled so that after the engine divides by the accumulation and averages over ranks, the gradient is that of
     # the token mean over the whole global batch.
     normaliser = global_tokens / (opt.gradient_accumulation_steps * ctx.world_size)
     nll_sum = torch.zeros(())  # host
-    for mb in micro_batches:
+    for j, mb in enumerate(micro_batches):
         mb = {k: v.to(engine.device) for k, v in mb.items()}
+        engine.set_boundary(j == len(micro_batches) - 1)  # the count follows the budget
         logits, labels = _labelled_logits(engine, mb)
         loss, stats = sft_loss(logits, labels, normaliser=normaliser)
         engine.backward(loss)
