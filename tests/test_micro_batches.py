@@ -78,6 +78,7 @@ def test_sft_step_by_token_budget_gives_the_fixed_size_gradient():
     (w_fixed, r_fixed, n_fixed), (w_budget, r_budget, n_budget) = runs
     assert n_fixed == 2 and n_budget > 2
     assert r_budget["sft/tokens"] == r_fixed["sft/tokens"]
+    assert 1.0 <= r_budget["sft/positions_per_token"] < r_fixed["sft/positions_per_token"]
     assert r_budget["sft/loss"] == pytest.approx(r_fixed["sft/loss"], rel=1e-6)
     assert any(not torch.equal(w_fixed[k], start[k]) for k in start)
     for name in start:
@@ -108,6 +109,7 @@ def test_rm_step_by_token_budget_gives_the_fixed_size_gradient(prepared_tiny, tm
         runs.append(_one_step(_train_step, model, pairs, opt, tokenizer.pad_token_id))
     (w_fixed, r_fixed, n_fixed), (w_budget, r_budget, n_budget) = runs
     assert n_fixed == 2 and n_budget > 2
+    assert 1.0 <= r_budget["rm/positions_per_token"] < r_fixed["rm/positions_per_token"]
     for key in ("rm/loss", "rm/accuracy", "rm/score_gap", "rm/lm_loss"):
         assert r_budget[key] == pytest.approx(r_fixed[key], rel=1e-5, abs=1e-6), key
     for name in w_fixed:

@@ -26,11 +26,33 @@ def test_token_budget_groups_by_hand():
     # costs 2 x 8 = 16, adding 2 would cost 24; [2, 3] costs 2 x 6 = 12, adding 1 would cost 18; [1] alone.
     assert token_budget_groups(list(range(5)), LENGTHS, 16) == [[0, 4], [2, 3], [1]]
     assert token_budget_groups(list(range(5)), LENGTHS, 40) == [[0, 4, 2, 3, 1]]
-    assert token_budget_groups(list(range(5)), LENGTHS, 39) == [[0, 4, 2, 3], [1]]
+    # Budget 39: two groups either way; filling in turn gives [0, 4, 2, 3] + [1] = 32 + 3 = 35 positions, the
+    # cheapest cut into two [0, 4] + [2, 3, 1] = 16 + 18 = 34.
+    assert token_budget_groups(list(range(5)), LENGTHS, 39) == [[0, 4], [2, 3, 1]]
     for budget in (8, 9, 12, 16, 20, 30):
         groups = token_budget_groups(list(range(5)), LENGTHS, budget)
         assert sorted(i for g in groups for i in g) == list(range(5))
         assert all(group_cost(LENGTHS, g) <= budget for g in groups)
+
+
+def test_token_budget_groups_are_the_cheapest_cut_into_the_fewest_groups():
+    """Against every cut of the sorted rows (brute force): no fewer groups fit, and none of as many has fewer
+    positions."""
+    from itertools import combinations
+
+    generator = torch.Generator().manual_seed(3)
+    for trial in range(40):
+        n = 2 + trial % 7
+        lengths = torch.randint(1, 20, (n,), generator=generator).tolist()
+        budget = int(torch.randint(max(lengths), 4 * max(lengths) + 1, (1,), generator=generator))
+        groups = token_budget_groups(list(range(n)), lengths, budget)
+        ordered = sorted(range(n), key=lambda i: (-lengths[i], i))
+        cuts = [[ordered[a:b] for a, b in zip((0, *cut), (*cut, n), strict=True)]
+                for k in range(n) for cut in combinations(range(1, n), k)]  # fmt: skip
+        fitting = [c for c in cuts if all(group_cost(lengths, g) <= budget for g in c)]
+        fewest = min(len(c) for c in fitting)
+        cheapest = min(sum(group_cost(lengths, g) for g in c) for c in fitting if len(c) == fewest)
+        assert len(groups) == fewest and sum(group_cost(lengths, g) for g in groups) == cheapest, (lengths, budget)
 
 
 def test_a_row_longer_than_the_budget_is_named():

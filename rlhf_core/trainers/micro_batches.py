@@ -3,6 +3,8 @@ every process: shared by SFT, the reward model and PPO (``data.batching`` holds 
 
 from __future__ import annotations
 
+import torch
+
 from rlhf_core import distributed
 from rlhf_core.data.batching import RowTooLong, fixed_size_groups, split_into, token_budget_groups
 from rlhf_core.errors import ConfigError
@@ -26,3 +28,12 @@ def length_groups(
                               f"(data.max_prompt_tokens + data.max_response_tokens){times}") from None  # fmt: skip
     count = int(distributed.global_max(len(groups)))
     return split_into(groups, count) if count > len(groups) else groups
+
+
+def positions_per_token(micro_batches: list[torch.Tensor]) -> float:
+    """Positions the micro-batches' forwards compute per real token, over every process: each attention mask's
+    size over its ones (1.0: no padding at all)."""
+    positions = sum(float(m.numel()) for m in micro_batches)
+    real = sum(float(m.sum()) for m in micro_batches)
+    totals = distributed.all_reduce_sum(torch.tensor([positions, real], dtype=torch.float64))  # host
+    return float(totals[0] / totals[1])

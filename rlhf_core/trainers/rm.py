@@ -35,7 +35,7 @@ from rlhf_core.models.reward import load_reward_model, reward_model_for_training
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import write_curves
 from rlhf_core.tracking import Logger
-from rlhf_core.trainers.micro_batches import length_groups
+from rlhf_core.trainers.micro_batches import length_groups, positions_per_token
 from rlhf_core.trainers.results import StageResult
 
 Pair = tuple[list[int], list[int], list[int]]  # (query ids, chosen response ids, rejected response ids)
@@ -281,6 +281,7 @@ def _train_step(engine, pairs: list[Pair], opt, pad_id: int, ctx) -> dict[str, f
         "rm/accuracy": correct / count,
         "rm/score_gap": gap / count,
         "rm/lr": engine.current_lr(),
+        "rm/positions_per_token": positions_per_token([b["attention_mask"] for _, b in batches]),
     }
     if opt.beta_rm > 0:
         record["rm/lm_loss"] = nll_sum / global_tokens

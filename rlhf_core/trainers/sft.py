@@ -30,7 +30,7 @@ from rlhf_core.models.lora import apply_lora, is_lora, save_causal_lm
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import write_curves
 from rlhf_core.tracking import Logger
-from rlhf_core.trainers.micro_batches import length_groups
+from rlhf_core.trainers.micro_batches import length_groups, positions_per_token
 from rlhf_core.trainers.results import StageResult
 
 
@@ -113,7 +113,7 @@ def _sample_generations(config: Config, model_dir: Path, tokenizer, val_rows: li
 def _train_step(engine, examples: list[tuple[list[int], list[int]]], opt, pad_id: int, ctx) -> dict[str, float]:
     """One optimizer step on this rank's ``examples`` of a global batch, in micro-batches (``micro_batch_size``
     examples, or grouped by length within ``sft.max_tokens_per_micro_batch`` positions); the batch's loss (token
-    mean over every rank), learning rate, token count and gradient norm."""
+    mean over every rank), learning rate, token count, positions computed per real token and gradient norm."""
     lengths = [len(q) + len(r) for q, r in examples]
     groups = length_groups(list(range(len(examples))), lengths, opt.max_tokens_per_micro_batch, opt.micro_batch_size,
                            "sft.max_tokens_per_micro_batch")  # fmt: skip
@@ -136,6 +136,7 @@ def _train_step(engine, examples: list[tuple[list[int], list[int]]], opt, pad_id
         "sft/loss": float(distributed.all_reduce_sum(nll_sum)) / global_tokens,
         "sft/lr": engine.current_lr(),
         "sft/tokens": global_tokens,
+        "sft/positions_per_token": positions_per_token([mb["attention_mask"] for mb in micro_batches]),
     }
     if engine.last_grad_norm is not None:
         record["sft/grad_norm"] = engine.last_grad_norm
