@@ -20,17 +20,15 @@ every run.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.real_model_options import cpu_description  # noqa: E402
+from bench.real_model_options import cpu_description, read_train_csv, run_stage_process  # noqa: E402
+from rlhf_core.io import atomic_write_json  # noqa: E402
 
 PHASES = ("generation", "scoring", "training")
 BUDGETS = {"budget_4096": (4096, 8192), "budget_512": (512, 1024), "budget_256": (256, 512)}
@@ -44,15 +42,11 @@ def run_stage(name: str, tree: Path, out: Path, args) -> None:
     if name in BUDGETS:
         micro, forward = BUDGETS[name]
         sets += [f"ppo.max_tokens_per_micro_batch={micro}", f"ppo.max_tokens_per_forward={forward}"]
-    command = [sys.executable, "-m", "rlhf_core.cli", "ppo", *(x for s in sets for x in ("--set", s))]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    with open(out.with_suffix(".log"), "w") as log:
-        subprocess.run(command, cwd=tree, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
+    run_stage_process("ppo", sets, tree, out.with_suffix(".log"))
 
 
 def read_run(out: Path, warmup: int) -> dict:
-    with open(out / "plots" / "train.csv") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_train_csv(out)
     after = rows[warmup:]
 
     def mean(key: str, of=after) -> float | None:
@@ -125,9 +119,7 @@ def main() -> None:
                 print(f"running {out.name}", flush=True)
                 run_stage(name, trees.get(name, REPO), out, args)
             results["runs"].append({"config": name, "repeat": repeat, **read_run(out, args.warmup)})
-            tmp = args.results.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=1))
-            tmp.replace(args.results)
+            atomic_write_json(args.results, results)
     print(summary(results["runs"]))
 
 

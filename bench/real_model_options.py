@@ -57,6 +57,26 @@ def cpu_description() -> dict:
     return info
 
 
+def run_stage_process(stage: str, sets: list[str], cwd: Path, log_path: Path, params: Path | None = None) -> None:
+    """``rlhf <stage>`` with ``--set`` overrides in a fresh offline process run from ``cwd`` (its own checkout's code),
+    its output into ``log_path``; raises when the stage fails (the log says why)."""
+    import subprocess
+
+    command = [sys.executable, "-m", "rlhf_core.cli", stage, *(["--params", str(params)] if params else []),
+               *(x for s in sets for x in ("--set", s))]  # fmt: skip
+    with open(log_path, "w") as log:
+        subprocess.run(command, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True, stdout=log,
+                       stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def read_train_csv(out: Path) -> list[dict]:
+    """A stage's per-step history as its ``plots/train.csv`` holds it."""
+    import csv
+
+    with open(out / "plots" / "train.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
 def _batch(batch: int, prompt: int, response: int, vocab: int):
     import torch
 

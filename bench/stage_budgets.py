@@ -22,17 +22,15 @@ reports the positions per real token every budget would compute (seconds, no mod
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.real_model_options import cpu_description  # noqa: E402
+from bench.real_model_options import cpu_description, read_train_csv, run_stage_process  # noqa: E402
+from rlhf_core.io import atomic_write_json  # noqa: E402
 
 
 def run_stage(stage: str, budget: str, out: Path, args) -> None:
@@ -40,16 +38,11 @@ def run_stage(stage: str, budget: str, out: Path, args) -> None:
             f"{stage}.max_tokens_per_micro_batch={budget}", f"paths.{stage}={out}"]  # fmt: skip
     sets += ["sft.num_sample_generations=0"] if stage == "sft" else ["rm.reward_stats_prompts=8"]
     sets += args.extra
-    command = [sys.executable, "-m", "rlhf_core.cli", stage, "--params", str(args.params),
-               *(x for s in sets for x in ("--set", s))]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    with open(out.with_suffix(".log"), "w") as log:
-        subprocess.run(command, cwd=REPO, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
+    run_stage_process(stage, sets, REPO, out.with_suffix(".log"), args.params)
 
 
 def read_run(stage: str, out: Path) -> dict:
-    with open(out / "plots" / "train.csv") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_train_csv(out)
     metrics = json.loads((out / "metrics.json").read_text())
     ratios = [float(r[f"{stage}/positions_per_token"]) for r in rows]
     return {
@@ -125,9 +118,7 @@ def main() -> None:
     if args.positions_only:
         result = {"params": str(args.params), "positions_per_token": replayed_positions(args.params,
                   args.budgets.split(","))}  # fmt: skip
-        tmp = args.results.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.results)
+        atomic_write_json(args.results, result)
         print(json.dumps(result["positions_per_token"]))
         return
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -140,9 +131,7 @@ def main() -> None:
                     print(f"running {out.name}", flush=True)
                     run_stage(stage, budget, out, args)
                 results["runs"].append({"stage": stage, "budget": budget, "repeat": repeat, **read_run(stage, out)})
-                tmp = args.results.with_suffix(".tmp")
-                tmp.write_text(json.dumps(results, indent=1))
-                tmp.replace(args.results)
+                atomic_write_json(args.results, results)
     print(summary(results["runs"]))
 
 
