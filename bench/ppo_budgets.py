@@ -6,7 +6,8 @@
         --configs before,sliced,budget_4096,budget_512,budget_256 --work-dir /tmp/ppo_budgets
 
 Each run is ``rlhf ppo`` for ``--steps`` iterations on the default pipeline's data, SFT policy and reward model
-(``make run`` first), no checkpoints, no tracking, in a fresh process. A configuration named by ``--tree`` runs the
+(``make run`` first; or ``--params RECIPE --base`` that recipe's outputs), no checkpoints, no tracking, in a fresh
+process. A configuration named by ``--tree`` runs the
 stage from that checkout (with its own params.yaml); the others run this checkout with the token budgets named
 (``ppo.max_tokens_per_micro_batch`` / ``ppo.max_tokens_per_forward``). Runs alternate configuration by
 configuration, ``--repeats`` times. A run whose ``metrics.json`` is already in the work directory is read back, not
@@ -42,7 +43,7 @@ def run_stage(name: str, tree: Path, out: Path, args) -> None:
     if name in BUDGETS:
         micro, forward = BUDGETS[name]
         sets += [f"ppo.max_tokens_per_micro_batch={micro}", f"ppo.max_tokens_per_forward={forward}"]
-    run_stage_process("ppo", sets, tree, out.with_suffix(".log"))
+    run_stage_process("ppo", sets, tree, out.with_suffix(".log"), params=args.params)
 
 
 def read_run(out: Path, warmup: int) -> dict:
@@ -97,6 +98,7 @@ def main() -> None:
         help="configuration NAME runs the stage from the checkout PATH (repeatable)",
     )
     parser.add_argument("--base", type=Path, default=REPO / "outputs", help="pipeline outputs (data, sft, rm)")
+    parser.add_argument("--params", type=Path, help="a recipe for every configuration (default: params.yaml)")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=5, help="critic warm-up iterations left out of the means")
     parser.add_argument("--repeats", type=int, default=2)
