@@ -525,6 +525,30 @@ class EvalConfig(_Group):
     num_examples: int = Field(20, ge=0, description="Example pairs in the table (judge disagreements first).")
 
 
+class GenerationEngineConfig(_Group):
+    """How responses are generated wherever the pipeline samples (PPO rollouts and its end-of-run comparison, the
+    RM's reward statistics, SFT's sample answers, the eval stage). The distribution is ``ppo.sampling`` /
+    ``eval.sampling``'s whatever the engine; the engine decides how the work is batched, hence the random stream."""
+
+    engine: Literal["auto", "generate", "continuous"] = Field(
+        "auto",
+        description="generate: transformers' generate over a left-padded batch (a finished response keeps its slot "
+        "until the longest ends); continuous: transformers' continuous batching with paged attention (finished "
+        "responses leave the batch, new ones join it; the paper's repetition penalty included); auto: generate on "
+        "the CPU and under multi-process ZeRO-3, continuous on CUDA (BENCHMARKS.md, 'Rollout engines').",
+    )
+    max_batch_tokens: int = Field(
+        2048,
+        ge=16,
+        description="continuous: tokens one scheduler step runs (prompt chunks plus one per decoding response); "
+        "bounds the activations of a step, not the KV cache.",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="continuous on CUDA: decode through captured CUDA graphs, captured once per model and run.",
+    )
+
+
 class DistributedConfig(_Group):
     engine: Literal["torch", "deepspeed"] = Field(
         "torch", description="torch: plain single-process/DDP-free loop; deepspeed: a DeepSpeed ZeRO engine."
@@ -666,6 +690,7 @@ class Config(_Group):
     rm_eval: RMEvalConfig = Field(default_factory=RMEvalConfig, description="Reward-model evaluation.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO-max.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Win-rate evaluation.")
+    generation: GenerationEngineConfig = Field(default_factory=GenerationEngineConfig, description="Rollout engine.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Training engine.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     paths: PathsConfig = Field(default_factory=PathsConfig, description="Stage output directories.")

@@ -54,14 +54,15 @@ DISTRIBUTED_STAGES = ("sft", "rm", "ppo")
 # The config keys each stage reads (its `dvc.yaml` params; a test keeps the two equal) and the stages it reads from.
 STAGE_PARAMS = {
     "prepare": ["data", "model.vocab_size", "model.name_or_path"],
-    "sft": ["model", "sft", "distributed", "data.source", "data.seed", "data.max_response_tokens"],
+    "sft": ["model", "sft", "distributed", "generation", "data.source", "data.seed", "data.max_response_tokens"],
     "rm": [
-        "rm", "model.lora", "distributed", "rm_eval.batch_size", "data.source", "data.seed",
+        "rm", "model.lora", "distributed", "generation", "rm_eval.batch_size", "data.source", "data.seed",
         "data.max_response_tokens", "ppo.sampling",
     ],
     "rm-eval": ["rm_eval", "data.source", "data.seed", "data.sim"],
-    "ppo": ["ppo", "model.lora", "distributed", "data.source", "data.seed", "data.sim", "data.max_response_tokens"],
-    "eval": ["eval", "data.source", "data.seed", "data.sim", "data.max_response_tokens"],
+    "ppo": ["ppo", "model.lora", "distributed", "generation", "data.source", "data.seed", "data.sim",
+            "data.max_response_tokens"],
+    "eval": ["eval", "generation", "data.source", "data.seed", "data.sim", "data.max_response_tokens"],
 }  # fmt: skip
 UPSTREAM = {
     "prepare": [],

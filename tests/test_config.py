@@ -17,7 +17,19 @@ def test_params_yaml_is_exactly_the_defaults():
 def test_params_yaml_groups_are_the_documented_ones():
     groups = list(yaml.safe_load((REPO / "params.yaml").read_text()))
     assert groups == list(Config.model_fields)
-    assert groups == ["data", "model", "sft", "rm", "rm_eval", "ppo", "eval", "distributed", "tracking", "paths"]
+    assert groups == [
+        "data",
+        "model",
+        "sft",
+        "rm",
+        "rm_eval",
+        "ppo",
+        "eval",
+        "generation",
+        "distributed",
+        "tracking",
+        "paths",
+    ]
 
 
 def test_every_field_has_a_description():

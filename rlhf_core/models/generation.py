@@ -1,4 +1,6 @@
-"""Sampling responses from a causal LM the way the paper does (temperature, nucleus, repetition penalty, EOS)."""
+"""Sampling responses from a causal LM the way the paper does (temperature, nucleus, repetition penalty, EOS),
+with the engine ``generation.engine`` names: transformers' ``generate`` over a left-padded batch, or the
+continuous-batching scheduler of :mod:`rlhf_core.models.continuous`."""
 
 from __future__ import annotations
 
@@ -6,18 +8,41 @@ import torch
 from tqdm import tqdm
 
 from rlhf_core.data.tokenize import encode_query, eos_response_mask, left_pad
+from rlhf_core.models import continuous
+
+
+def engine_for(settings, device, synced_gpus: bool = False) -> str:
+    """The engine that samples: ``generation.engine``, with ``auto`` resolved per device from what was measured
+    (BENCHMARKS.md, "Rollout engines"): ``generate`` on the CPU, where the scheduler's per-step bookkeeping costs
+    more than the padding it saves, and wherever the model is sharded over processes; ``continuous`` on CUDA."""
+    if settings is None:
+        return "generate"
+    if settings.engine == "auto":
+        return "continuous" if torch.device(device).type == "cuda" and not synced_gpus else "generate"
+    return settings.engine
 
 
 @torch.no_grad()
 def sample(
-    model, tokenizer, query_ids, query_mask, sampling, max_new_tokens: int, synced_gpus: bool = False
+    model,
+    tokenizer,
+    query_ids,
+    query_mask,
+    sampling,
+    max_new_tokens: int,
+    synced_gpus: bool = False,
+    engine=None,
 ) -> torch.Tensor:
     """``(B, T)`` response tokens (pad after EOS), T <= max_new_tokens. ``sampling`` has temperature, top_p and
     repetition_penalty; top-k is off (the paper samples with nucleus only). ``sampling=None`` decodes greedily.
+    ``engine``: the ``generation`` config group (None: ``generate``).
 
     ``synced_gpus``: a model sharded over several ranks (ZeRO-3) gathers its layers from every rank at each
     forward, so a rank whose responses all ended keeps stepping (discarding the tokens) until every rank is done.
     """
+    if engine_for(engine, query_ids.device, synced_gpus) == "continuous":
+        return _sample_continuous(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens, synced_gpus,
+                                  engine)  # fmt: skip
     decoding = (
         {"do_sample": False}
         if sampling is None
@@ -41,6 +66,17 @@ def sample(
     return output[:, query_ids.shape[1] :]
 
 
+def _sample_continuous(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens, synced_gpus, engine):
+    continuous.check_supported(model, synced_gpus)
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(query_ids, query_mask, strict=True)]
+    generated = continuous.generate(model, tokenizer, prompts, sampling, max_new_tokens, engine)
+    width = max(1, max(len(g) for g in generated))
+    out = torch.full((len(generated), width), tokenizer.pad_token_id, dtype=torch.long)
+    for row, tokens in enumerate(generated):
+        out[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return out.to(query_ids.device)
+
+
 def pad_right(tensors: list[torch.Tensor], width: int, value: int) -> torch.Tensor:
     return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
 
@@ -57,8 +93,10 @@ def sample_responses(
     batch_size: int = 64,
     synced_gpus: bool = False,
     progress: str | None = None,
+    engine=None,
 ) -> dict:
-    """One sampled response per prompt, in batches of ``batch_size``; ``synced_gpus`` as in :func:`sample`;
+    """One sampled response per prompt, in batches of ``batch_size``; ``synced_gpus`` and ``engine`` as in
+    :func:`sample` (the continuous engine takes every prompt at once: its scheduler makes the batches);
     ``progress``: a progress bar's label (None: no bar).
 
     With a ``seed`` the draw is reproducible and the caller's RNG state is left untouched (evaluation); with
@@ -68,6 +106,8 @@ def sample_responses(
     """
     query_ids, query_mask = left_pad([encode_query(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
+    if engine_for(engine, device, synced_gpus) == "continuous":
+        batch_size = max(1, len(prompts))
     with torch.random.fork_rng(enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
@@ -75,7 +115,7 @@ def sample_responses(
         bar = tqdm(starts, desc=progress, unit="batch", disable=progress is None, dynamic_ncols=True, leave=False)
         chunks = [
             sample(model, tokenizer, query_ids[i : i + batch_size], query_mask[i : i + batch_size], sampling,
-                   max_new_tokens, synced_gpus)
+                   max_new_tokens, synced_gpus, engine)
             for i in bar
         ]  # fmt: skip
     width = max(c.shape[1] for c in chunks)

@@ -153,7 +153,7 @@ def _answers(config: Config, prompts: list[str]) -> tuple[dict[str, list[str]], 
         policy = distributed.place(load_causal_lm(path, tokenizer))
         got = sample_responses(policy, tokenizer, prompts, config.eval.sampling, config.data.max_response_tokens,
                                config.eval.seed, distributed.local_device(), config.eval.batch_size,
-                               progress=f"eval: {name} answers")  # fmt: skip
+                               progress=f"eval: {name} answers", engine=config.generation)  # fmt: skip
         answers[name] = got["texts"]
         rm_scores[name] = score_samples(reward_model, got, config.eval.batch_size).tolist()
     return answers, rm_scores

@@ -137,7 +137,13 @@ def reward_statistics(config: Config, rm_dir: Path, tokenizer, ctx) -> dict:
             queries = [encode_query(tokenizer, p) for p in prompts[start : start + batch_size]]
             input_ids, attention_mask = (t.to(policy.device) for t in left_pad(queries, tokenizer.pad_token_id))
             responses = sample(
-                policy, tokenizer, input_ids, attention_mask, config.ppo.sampling, config.data.max_response_tokens
+                policy,
+                tokenizer,
+                input_ids,
+                attention_mask,
+                config.ppo.sampling,
+                config.data.max_response_tokens,
+                engine=config.generation,
             )
             output = torch.cat([input_ids, responses], dim=1)
             # Scored as PPO will: query + response as generated (left-padded; the head reads the last real token).

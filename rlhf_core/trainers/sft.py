@@ -68,13 +68,15 @@ def evaluate_loss(engine, examples, micro_batch_size: int, pad_id: int, ctx) -> 
 
 
 @torch.no_grad()
-def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+def generate_greedy(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32, engine=None
+) -> list[str]:
     model.eval()
     responses = []
     for start in range(0, len(prompts), batch_size):
         queries = [encode_query(tokenizer, p) for p in prompts[start : start + batch_size]]
         input_ids, attention_mask = (t.to(model.device) for t in left_pad(queries, tokenizer.pad_token_id))
-        output = sample(model, tokenizer, input_ids, attention_mask, None, max_new_tokens)
+        output = sample(model, tokenizer, input_ids, attention_mask, None, max_new_tokens, engine=engine)
         responses += tokenizer.batch_decode(output, skip_special_tokens=True)
     return [r.strip() for r in responses]
 
@@ -85,7 +87,8 @@ def _sample_generations(config: Config, model_dir: Path, tokenizer, val_rows: li
     if not rows:
         return [], {}
     model = distributed.place(load_causal_lm(model_dir))
-    responses = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], config.data.max_response_tokens)
+    responses = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], config.data.max_response_tokens,
+                                engine=config.generation)  # fmt: skip
     samples = [
         {
             "prompt": r["prompt"],

@@ -57,7 +57,8 @@ def compare_on_eval_prompts(config: Config, models, tokenizer, judge) -> dict:
     for name in ("sft", "policy"):
         with models.reference() if name == "sft" else contextlib.nullcontext(models.policy.unwrapped()) as model:
             got = sample_responses(model, tokenizer, prompts, config.eval.sampling, config.data.max_response_tokens,
-                                   config.eval.seed, models.device, synced_gpus=models.synced_gpus)  # fmt: skip
+                                   config.eval.seed, models.device, synced_gpus=models.synced_gpus,
+                                   engine=config.generation)  # fmt: skip
         out.update(_with_interval(f"ppo/eval_rm_score_{name}", score_samples(models.reward_model, got).tolist()))
         out[f"ppo/eval_response_length_{name}"] = float(got["response_mask"].sum(1).float().mean())
         if judge is not None:

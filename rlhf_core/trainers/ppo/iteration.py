@@ -107,7 +107,8 @@ def ppo_iteration(run: PPORun, iteration: int) -> tuple[dict, Experience]:
     ppo, tricks, timer = run.config.ppo, run.tricks, PhaseTimer()
     with timer("generation"):  # 1. rollout
         exp = sample_rollout(run.models, run.tokenizer, run.prompts_for(iteration), ppo.sampling,
-                             run.config.data.max_response_tokens, ppo.generation_batch_size)  # fmt: skip
+                             run.config.data.max_response_tokens, ppo.generation_batch_size,
+                             run.config.generation)  # fmt: skip
     with timer("scoring"):
         exp = score(run.models, exp, ppo, run.sizes, iteration)  # 2. score
         scores = algo.penalise_missing_eos(exp.scores, exp.eos, ppo.missing_eos_penalty)

@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from rlhf_core.algos import ppo as algo
-from rlhf_core.config import PPOConfig, PPOSizes, SamplingConfig
+from rlhf_core.config import GenerationEngineConfig, PPOConfig, PPOSizes, SamplingConfig
 from rlhf_core.data.batching import Cut
 from rlhf_core.models.causal_lm import response_logits
 from rlhf_core.models.critic import response_values
@@ -19,13 +19,29 @@ from rlhf_core.trainers.ppo.models import PPOModels
 
 
 def sample_rollout(
-    models: PPOModels, tokenizer, prompts: list[str], sampling: SamplingConfig, max_new_tokens: int, batch_size: int
+    models: PPOModels,
+    tokenizer,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    max_new_tokens: int,
+    batch_size: int,
+    engine: GenerationEngineConfig | None = None,
 ) -> Experience:
     """Phase 1 (paper sec. 5.1): one response per prompt from the current policy with the paper's sampling
-    (temperature, top-p, repetition penalty, stop at EOS), continuing the run's RNG stream."""
+    (temperature, top-p, repetition penalty, stop at EOS), continuing the run's RNG stream; ``engine``: the
+    ``generation`` group (the engine's own log-probs are not kept: the old log-probs come from the update's forward)."""
     policy = models.policy.unwrapped()
     got = sample_responses(
-        policy, tokenizer, prompts, sampling, max_new_tokens, None, models.device, batch_size, models.synced_gpus
+        policy,
+        tokenizer,
+        prompts,
+        sampling,
+        max_new_tokens,
+        None,
+        models.device,
+        batch_size,
+        models.synced_gpus,
+        engine=engine,
     )
     responses, response_mask = got["responses"], got["response_mask"]
     return Experience(

@@ -1,0 +1,134 @@
+"""Rollout engines (``generation.engine``): the continuous-batching engine samples the distribution ``generate``
+samples (the paper's repetition penalty included), deterministically, and is chosen where it should be."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from rlhf_core.config import GenerationEngineConfig, SamplingConfig
+from rlhf_core.data.tokenize import left_pad
+from rlhf_core.errors import ConfigError
+from rlhf_core.models import continuous
+from rlhf_core.models.generation import engine_for, sample
+
+EOS, PAD = 2, 0
+TOKENIZER = SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD)
+CONTINUOUS = GenerationEngineConfig(engine="continuous", max_batch_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # A small vocabulary: responses repeat prompt and response tokens often, so the penalty acts on most steps.
+    config = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         eos_token_id=EOS, pad_token_id=PAD)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def prompts(count: int = 6) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.randint(3, 12, (count,), generator=generator)
+    return [torch.randint(3, 48, (int(n),), generator=generator).tolist() for n in lengths]
+
+
+def padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return left_pad(rows, PAD)
+
+
+def reference_logprobs(model, prompt: list[int], tokens: list[int], sampling, penalty: bool = True) -> list[float]:
+    """Each token's log-probability under transformers' own processors, as ``generate`` applies them (repetition
+    penalty over prompt and response so far, then temperature, then top-p), from a full forward of the prefix."""
+    processors = [TemperatureLogitsWarper(sampling.temperature), TopPLogitsWarper(sampling.top_p)]
+    if penalty:
+        processors.insert(0, RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+    out = []
+    with torch.no_grad():
+        for step, token in enumerate(tokens):
+            ids = torch.tensor([prompt + tokens[:step]])
+            scores = model(ids).logits[:, -1].float()
+            for processor in processors:
+                scores = processor(ids, scores)
+            out.append(float(torch.log_softmax(scores, -1)[0, token]))
+    return out
+
+
+def test_continuous_engine_samples_the_distribution_generate_samples(model):
+    sampling = SamplingConfig(temperature=0.8, top_p=0.9, repetition_penalty=1.5)
+    torch.manual_seed(3)
+    got = continuous.generate(model, TOKENIZER, prompts(), sampling, 10, CONTINUOUS, logprobs=True)
+    gaps, without_penalty = [], []
+    for prompt, (tokens, logprobs) in zip(prompts(), got, strict=True):
+        assert 1 <= len(tokens) <= 10 and len(logprobs) == len(tokens)
+        reference = reference_logprobs(model, prompt, tokens, sampling)
+        gaps += [abs(a - b) for a, b in zip(logprobs, reference, strict=True)]
+        unpenalised = reference_logprobs(model, prompt, tokens, sampling, penalty=False)
+        without_penalty += [abs(a - b) for a, b in zip(logprobs, unpenalised, strict=True)]
+    assert max(gaps) < 1e-4
+    # The comparison can tell: transformers' scheduler alone drops the penalty, and that distribution is far off.
+    assert max(without_penalty) > 0.05
+
+
+def test_greedy_continuous_answers_equal_generate(model):
+    ids, mask = padded(prompts())
+    by_generate = sample(model, TOKENIZER, ids, mask, None, 12)
+    by_continuous = sample(model, TOKENIZER, ids, mask, None, 12, engine=CONTINUOUS)
+    assert torch.equal(by_continuous, by_generate)
+
+
+def test_same_seed_same_responses_and_the_stream_continues_the_same(model):
+    ids, mask = padded(prompts(8))
+    sampling = SamplingConfig()
+
+    def draw(seed: int):
+        torch.manual_seed(seed)
+        responses = sample(model, TOKENIZER, ids, mask, sampling, 12, engine=CONTINUOUS)
+        return responses, torch.rand(3)
+
+    first, second, other = draw(5), draw(5), draw(6)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert not torch.equal(first[0], other[0])
+    # Pad after the first EOS, as generate's responses.
+    for row in first[0].tolist():
+        if EOS in row:
+            assert all(t == PAD for t in row[row.index(EOS) + 1 :])
+
+
+def test_a_fresh_engine_samples_what_a_kept_one_does(model):
+    """A resumed run builds its engine anew mid-run; the straight run reuses the one it built at the start."""
+    ids, mask = padded(prompts(8))
+    sampling = SamplingConfig()
+    torch.manual_seed(9)
+    sample(model, TOKENIZER, ids, mask, sampling, 12, engine=CONTINUOUS)  # the engine now exists on the model
+    state = torch.get_rng_state()
+    kept = sample(model, TOKENIZER, ids, mask, sampling, 12, engine=CONTINUOUS)
+    model.destroy_cached_continuous_batching_manager()
+    del model._rlhf_continuous_engine
+    torch.set_rng_state(state)
+    fresh = sample(model, TOKENIZER, ids, mask, sampling, 12, engine=CONTINUOUS)
+    assert torch.equal(kept, fresh)
+
+
+def test_auto_picks_generate_on_the_cpu_and_when_sharded_continuous_on_cuda():
+    auto = GenerationEngineConfig()
+    assert auto.engine == "auto"
+    assert engine_for(auto, "cpu") == "generate"
+    assert engine_for(auto, "cuda:0") == "continuous"
+    assert engine_for(auto, "cuda:0", synced_gpus=True) == "generate"
+    assert engine_for(GenerationEngineConfig(engine="generate"), "cuda:0") == "generate"
+    assert engine_for(None, "cuda:0") == "generate"
+
+
+def test_continuous_on_a_model_sharded_over_processes_is_a_config_error(model):
+    ids, mask = padded(prompts(2))
+    with pytest.raises(ConfigError, match="generation.engine"):
+        sample(model, TOKENIZER, ids, mask, SamplingConfig(), 4, synced_gpus=True, engine=CONTINUOUS)
