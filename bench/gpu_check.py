@@ -237,6 +237,7 @@ def scale_run(args, root: Path, name: str) -> dict:
         f"ppo.max_tokens_per_forward={_budget(args.scale_forward_tokens)}",
         f"ppo.steps={args.scale_iterations + 1}", f"data.max_prompt_tokens={prompt + 32}",
         f"data.max_response_tokens={response}", f"model.max_position_embeddings={prompt + 32 + response}",
+        f"generation.engine={args.scale_engine}", *args.scale_set,
     ]  # fmt: skip
     config = stage_config(root, overrides)
     ctx = distributed.setup(config.distributed)
@@ -255,6 +256,7 @@ def scale_run(args, root: Path, name: str) -> dict:
         plain = _plain_generate(run, exp, response)
     distributed.shutdown()
     result = {"parameters": params, "prompt_tokens": prompt, "response_tokens": response, "rollout": rollout,
+              "generation_engine": config.generation.engine, "overrides": list(args.scale_set),
               "max_tokens_per_micro_batch": config.ppo.max_tokens_per_micro_batch,
               "max_tokens_per_forward": config.ppo.max_tokens_per_forward,
               "iterations": records, **_means(records), "plain_generate": plain,
@@ -469,6 +471,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=32_768,
         help="ppo.max_tokens_per_forward at scale; 0: fixed-size scoring forwards",
+    )
+    parser.add_argument(
+        "--scale-engine",
+        choices=["auto", "generate", "continuous"],
+        default="auto",
+        help="generation.engine at scale (the rollout engine; issue 25)",
+    )
+    parser.add_argument(
+        "--scale-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another config override at scale, e.g. distributed.engine=deepspeed (bf16 weights for the continuous "
+        "engine, whose thread decodes in the weights' dtype)",
     )
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--response-tokens", type=int, default=256)

@@ -174,8 +174,10 @@ def test_ppo_without_reward_model_says_what_to_run(prepared_tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_to_the_same_final_metrics(trained_tiny_rm, prepared_tiny, tmp_path):
-    """A run killed with SIGKILL after its second checkpoint and resumed ends exactly like an uninterrupted one."""
+@pytest.mark.parametrize("engine", ["generate", "continuous"])
+def test_sigkilled_run_resumes_to_the_same_final_metrics(trained_tiny_rm, prepared_tiny, tmp_path, engine):
+    """A run killed with SIGKILL after its second checkpoint and resumed ends exactly like an uninterrupted one,
+    with each rollout engine (``generation.engine``)."""
     import os
     import signal
     import subprocess
@@ -187,7 +189,8 @@ def test_sigkilled_run_resumes_to_the_same_final_metrics(trained_tiny_rm, prepar
     from tests.conftest import REPO
 
     out, _ = trained_tiny_rm
-    base = [*tiny_overrides(prepared_tiny[0]), f"paths.sft={out / 'sft'}", f"paths.rm={out / 'rm'}", "ppo.steps=6"]
+    base = [*tiny_overrides(prepared_tiny[0]), f"paths.sft={out / 'sft'}", f"paths.rm={out / 'rm'}", "ppo.steps=6",
+            f"generation.engine={engine}"]  # fmt: skip
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

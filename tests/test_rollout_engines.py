@@ -132,3 +132,64 @@ def test_continuous_on_a_model_sharded_over_processes_is_a_config_error(model):
     ids, mask = padded(prompts(2))
     with pytest.raises(ConfigError, match="generation.engine"):
         sample(model, TOKENIZER, ids, mask, SamplingConfig(), 4, synced_gpus=True, engine=CONTINUOUS)
+
+
+def test_ppo_and_eval_sample_with_the_engine_the_config_names(trained_tiny_rm, prepared_tiny, tmp_path, monkeypatch):
+    """``generation.engine=continuous`` reaches the rollouts, PPO's end-of-run comparison and the eval stage."""
+    from rlhf_core.config import load_config
+    from rlhf_core.pipeline import run_stage
+    from tests.conftest import tiny_overrides
+
+    calls = []
+    real = continuous.generate
+
+    def counted(model, tokenizer, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(continuous, "generate", counted)
+    out, _ = trained_tiny_rm
+    paths = [f"paths.sft={out / 'sft'}", f"paths.rm={out / 'rm'}", f"paths.ppo={tmp_path / 'ppo'}",
+             f"paths.eval={tmp_path / 'eval'}"]  # fmt: skip
+    config = load_config(None, [*tiny_overrides(prepared_tiny[0]), *paths, "generation.engine=continuous"])
+    result = run_stage("ppo", config)
+    rollouts = config.ppo.steps
+    assert calls[:rollouts] == [config.ppo.rollout_size] * rollouts
+    assert len(calls) > rollouts  # the end-of-run comparison of SFT and policy answers
+    assert all(v == v for record in result.history for v in record.values())  # finite, not NaN
+    before = len(calls)
+    run_stage("eval", config)
+    assert len(calls) > before
+
+
+def test_auto_keeps_generate_where_autocast_runs_over_float32_weights(model, monkeypatch):
+    """The scheduler's thread decodes in the weights' dtype (autocast is per thread): over float32 weights under
+    the torch engine's bf16 autocast, ``auto`` keeps ``generate``, which decodes in bf16 there."""
+    auto, bf16_weights = GenerationEngineConfig(), SimpleNamespace(dtype=torch.bfloat16)
+    assert model.dtype == torch.float32
+    assert engine_for(auto, "cuda", model=model) == "continuous"  # no autocast: float32 in both engines
+    # CUDA's autocast as the bf16 stage would set it (this machine may have no GPU to enter it for real)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type: device_type == "cuda")
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.bfloat16)
+    assert engine_for(auto, "cuda", model=model) == "generate"
+    assert engine_for(auto, "cuda", model=bf16_weights) == "continuous"
+
+
+def test_the_engine_benchmarks_measure_each_engine(tmp_path, monkeypatch):
+    """``bench/rollout_engines.py`` and ``bench/gpu_check.py``'s scale part, as BENCHMARKS.md runs them, at tiny
+    sizes on the CPU."""
+    from bench import gpu_check, rollout_engines
+
+    results = rollout_engines.main(["--device", "cpu", "--models", "tiny", "--rollouts", "4", "--prompt-tokens",
+                                    "8", "--response-tokens", "6", "--repeats", "1", "--gap-rows", "2",
+                                    "--results", str(tmp_path / "engines.json")])  # fmt: skip
+    entry = results["tiny/rollout_4"]
+    for engine in ("generate", "continuous"):
+        assert entry[engine]["tokens_per_s"] > 0 and entry[engine]["generated_tokens"] > 0
+    assert entry["logprob_gap"]["tokens"] > 0 and entry["logprob_gap"]["max_abs"] < 1e-4
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    scale = gpu_check.main(["--device", "cpu", "--tiny", "--parts", "scale", "--scale-engine", "continuous",
+                            "--results", str(tmp_path / "gpu.json"), "--workdir", str(tmp_path / "work")])  # fmt: skip
+    tiny = scale["scale"]["tiny"]
+    assert tiny["generation_engine"] == "continuous" and tiny["generation_tokens_per_s"] > 0

@@ -12,6 +12,11 @@ one are the same on every run, and the sampling stream is seeded from the caller
 a run resumed from a checkpoint samples what the straight run sampled (the scheduler otherwise seeds itself once,
 when it is created). The manager is kept on the model between calls (its CUDA graphs are captured once per run)
 and stopped after each call, so no thread outlives a call.
+
+Precision: the scheduler's thread decodes in the weights' dtype, and its paged KV cache has that dtype too (autocast
+is per thread, and transformers sizes the cache from ``model.dtype``). Weights kept in bf16 (DeepSpeed's bf16
+engines) decode in bf16; float32 weights under the torch engine's bf16 autocast would decode in float32, which is
+why ``generation.engine=auto`` keeps ``generate`` there.
 """
 
 from __future__ import annotations
@@ -149,7 +154,8 @@ class _Engine:
         self.key = (config.to_json_string(), settings, logprobs, capacity, max_tokens)
         self.capacity = capacity
         if self.manager.continuous_batching_config.use_cuda_graph:
-            self.manager.warmup()
+            with torch.autocast(model.device.type, enabled=False):  # the thread decodes without autocast, too
+                self.manager.warmup()
 
     def run(self, prompts: list[list[int]], max_new_tokens: int, seed: int) -> list[tuple[list[int], list[float]]]:
         if self.penalty is not None:

@@ -11,15 +11,24 @@ from rlhf_core.data.tokenize import encode_query, eos_response_mask, left_pad
 from rlhf_core.models import continuous
 
 
-def engine_for(settings, device, synced_gpus: bool = False) -> str:
+def engine_for(settings, device, synced_gpus: bool = False, model=None) -> str:
     """The engine that samples: ``generation.engine``, with ``auto`` resolved per device from what was measured
     (BENCHMARKS.md, "Rollout engines"): ``generate`` on the CPU, where the scheduler's per-step bookkeeping costs
-    more than the padding it saves, and wherever the model is sharded over processes; ``continuous`` on CUDA."""
+    more than the padding it saves, wherever the model is sharded over processes, and where bf16 autocast runs over
+    float32 weights (the scheduler's thread would decode in float32); ``continuous`` on CUDA otherwise."""
     if settings is None:
         return "generate"
-    if settings.engine == "auto":
-        return "continuous" if torch.device(device).type == "cuda" and not synced_gpus else "generate"
-    return settings.engine
+    if settings.engine != "auto":
+        return settings.engine
+    device_type = torch.device(device).type
+    if device_type != "cuda" or synced_gpus:
+        return "generate"
+    autocast_over_wider_weights = (
+        model is not None
+        and torch.is_autocast_enabled(device_type)
+        and model.dtype != torch.get_autocast_dtype(device_type)
+    )
+    return "generate" if autocast_over_wider_weights else "continuous"
 
 
 @torch.no_grad()
@@ -40,7 +49,7 @@ def sample(
     ``synced_gpus``: a model sharded over several ranks (ZeRO-3) gathers its layers from every rank at each
     forward, so a rank whose responses all ended keeps stepping (discarding the tokens) until every rank is done.
     """
-    if engine_for(engine, query_ids.device, synced_gpus) == "continuous":
+    if engine_for(engine, query_ids.device, synced_gpus, model) == "continuous":
         return _sample_continuous(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens, synced_gpus,
                                   engine)  # fmt: skip
     decoding = (
@@ -106,7 +115,7 @@ def sample_responses(
     """
     query_ids, query_mask = left_pad([encode_query(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
-    if engine_for(engine, device, synced_gpus) == "continuous":
+    if engine_for(engine, device, synced_gpus, model) == "continuous":
         batch_size = max(1, len(prompts))
     with torch.random.fork_rng(enabled=seed is not None):
         if seed is not None:
