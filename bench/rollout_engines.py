@@ -3,6 +3,10 @@ batching with paged attention and our repetition penalty), per model size and ro
 
     .venv/bin/python bench/rollout_engines.py --device cpu --models tiny,smollm2-135m --rollouts 16,64 \
         --prompt-tokens 64 --response-tokens 64 --results bench/results/rollout_engines_cpu.json
+    # a pretrained model on real prompts (their answers end at their own EOS): the SmolLM2 sim recipe's
+    .venv/bin/python bench/rollout_engines.py --device cpu --pretrained models/smollm2-135m-instruct \
+        --prompts outputs/smollm2-sim/data/splits/ppo.jsonl --rollouts 32 --response-tokens 64 \
+        --results bench/results/rollout_engines_smollm2_sim.json
     # on a GPU (bf16 weights, the issue's workload):
     python3 bench/rollout_engines.py --device cuda --models smollm2-135m,llama-1b --rollouts 64,256 \
         --results $OUT/rollout_engines_cuda.json
@@ -29,6 +33,7 @@ Writes the results file after every measurement (a rerun reads finished ones bac
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -66,13 +71,12 @@ def prompts(rollout: int, prompt_tokens: int, vocab: int, seed: int = 1):
     return left_pad(rows, 0)
 
 
-def timed_call(engine: str, model, ids, mask, sampling, max_new: int, eos: int, device: str):
+def timed_call(engine: str, model, tokenizer, ids, mask, sampling, max_new: int, device: str):
     import torch
 
     from rlhf_core.config import GenerationEngineConfig
     from rlhf_core.models.generation import sample
 
-    tokenizer = _Tokenizer(eos)
     settings = GenerationEngineConfig(engine=engine)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -87,27 +91,43 @@ def timed_call(engine: str, model, ids, mask, sampling, max_new: int, eos: int, 
     return responses, seconds, peak
 
 
+def pretrained(path: Path, prompts_file: Path, rollout: int, device: str):
+    """A model directory with its tokenizer, and the first ``rollout`` prompts of a prepared split as the PPO stage
+    encodes them (chat template included)."""
+    import torch
+
+    from rlhf_core.data.tokenize import encode_query, left_pad
+    from rlhf_core.models.causal_lm import load_causal_lm
+    from rlhf_core.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, tokenizer).to(device=device, dtype=torch.bfloat16 if device == "cuda" else None)
+    rows = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines() if line.strip()][:rollout]
+    ids, mask = left_pad([encode_query(tokenizer, p) for p in rows], tokenizer.pad_token_id)
+    return model.eval(), tokenizer, ids, mask
+
+
 class _Tokenizer:
     def __init__(self, eos: int) -> None:
         self.eos_token_id, self.pad_token_id = eos, 0
 
 
-def measure(engine: str, model, ids, mask, args) -> dict:
+def measure(engine: str, model, tokenizer, ids, mask, args) -> dict:
     from rlhf_core.config import SamplingConfig
     from rlhf_core.data.tokenize import eos_response_mask
 
     sampling = SamplingConfig()
-    timed_call(engine, model, ids, mask, sampling, args.response_tokens, args.eos_id, args.device)  # warm-up
+    timed_call(engine, model, tokenizer, ids, mask, sampling, args.response_tokens, args.device)  # warm-up
     runs = []
     for repeat in range(args.repeats):
         import torch
 
         torch.manual_seed(100 + repeat)
-        responses, seconds, peak = timed_call(engine, model, ids, mask, sampling, args.response_tokens,
-                                              args.eos_id, args.device)  # fmt: skip
-        real = int(eos_response_mask(responses, args.eos_id).sum())
+        responses, seconds, peak = timed_call(engine, model, tokenizer, ids, mask, sampling, args.response_tokens,
+                                              args.device)  # fmt: skip
+        real = int(eos_response_mask(responses, tokenizer.eos_token_id).sum())
         runs.append({"seconds": seconds, "generated_tokens": real, "width": responses.shape[1], "peak_gib": peak})
-    _, first_token, _ = timed_call(engine, model, ids, mask, sampling, 1, args.eos_id, args.device)
+    _, first_token, _ = timed_call(engine, model, tokenizer, ids, mask, sampling, 1, args.device)
     seconds = statistics.median(r["seconds"] for r in runs)
     tokens = statistics.median(r["generated_tokens"] for r in runs)
     decoded = statistics.median(r["width"] * ids.shape[0] for r in runs)
@@ -122,7 +142,7 @@ def measure(engine: str, model, ids, mask, args) -> dict:
     }
 
 
-def logprob_gap(model, ids, mask, args) -> dict:
+def logprob_gap(model, tokenizer, ids, mask, args) -> dict:
     """The continuous engine's log-probs of its samples against the trainer's, at temperature only."""
     import torch
 
@@ -134,7 +154,7 @@ def logprob_gap(model, ids, mask, args) -> dict:
     sampling = SamplingConfig(temperature=0.8, top_p=1.0, repetition_penalty=1.0)
     rows = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)][: args.gap_rows]
     torch.manual_seed(7)
-    got = continuous.generate(model, _Tokenizer(args.eos_id), rows, sampling, args.response_tokens,
+    got = continuous.generate(model, tokenizer, rows, sampling, args.response_tokens,
                               GenerationEngineConfig(engine="continuous"), logprobs=True)  # fmt: skip
     gaps = []
     with torch.no_grad():
@@ -158,27 +178,35 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab-cap", type=int, default=49152, help="cap on the vocabulary (smaller: faster CPU)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gap-rows", type=int, default=8, help="rows compared for the log-prob gap")
+    parser.add_argument("--pretrained", type=Path, help="a model directory with its tokenizer instead of --models")
+    parser.add_argument("--prompts", type=Path, help="with --pretrained: a prepared split's jsonl (its prompts)")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "rollout_engines.json")
     args = parser.parse_args(argv)
 
     results = read_json(args.results) if args.results.is_file() else {}
     results.setdefault("system", {**cpu_description(), "device": args.device})
     results["settings"] = {k: v for k, v in vars(args).items() if k != "results"} | {"results": str(args.results)}
-    for name in args.models.split(","):
-        model, vocab = build(name, args.device, args.vocab_cap)
+    for name in [args.pretrained.name] if args.pretrained else args.models.split(","):
+        if not args.pretrained:
+            model, vocab = build(name, args.device, args.vocab_cap)
+            tokenizer = _Tokenizer(args.eos_id)
         for rollout in (int(r) for r in args.rollouts.split(",")):
-            ids, mask = (t.to(args.device) for t in prompts(rollout, args.prompt_tokens, vocab))
+            if args.pretrained:
+                model, tokenizer, ids, mask = pretrained(args.pretrained, args.prompts, rollout, args.device)
+            else:
+                ids, mask = prompts(rollout, args.prompt_tokens, vocab)
+            ids, mask = ids.to(args.device), mask.to(args.device)
             key = f"{name}/rollout_{rollout}"
             entry = results.setdefault(key, {})
             for engine in ENGINES:
                 if engine not in entry:
-                    entry[engine] = measure(engine, model, ids, mask, args)
+                    entry[engine] = measure(engine, model, tokenizer, ids, mask, args)
                     atomic_write_json(args.results, results)
                 print(key, engine, {k: v for k, v in entry[engine].items() if k != "runs"}, flush=True)
             entry["continuous_vs_generate"] = round(entry["continuous"]["tokens_per_s"]
                                                     / entry["generate"]["tokens_per_s"], 3)  # fmt: skip
             if "logprob_gap" not in entry:
-                entry["logprob_gap"] = logprob_gap(model, ids, mask, args)
+                entry["logprob_gap"] = logprob_gap(model, tokenizer, ids, mask, args)
             atomic_write_json(args.results, results)
             print(key, "continuous/generate", entry["continuous_vs_generate"], "gap", entry["logprob_gap"])
         del model

@@ -85,7 +85,7 @@ class RepetitionPenalty(ContinuousBatchingLogitsProcessor):
             tokens += new
         if tokens:
             self.seen[torch.tensor(rows, device=self.seen.device), torch.tensor(tokens, device=self.seen.device)] = True
-        return torch.tensor(slots, dtype=torch.int32, device="cpu")
+        return torch.tensor(slots, dtype=torch.int32, device="cpu")  # host: transformers copies it to the device
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         seen = self.seen[tensor_arg[: scores.size(0)].long()]
@@ -194,7 +194,7 @@ def generate(
     RNG seeds the sampling stream, which then continues in the caller's generator as ``generate``'s does."""
     if not prompts:
         return []
-    seed = int(torch.randint(0, 2**62, (1,)).item())
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # host: a draw of the caller's CPU stream (checkpointed)
     config = generation_config(tokenizer, sampling, max_new_tokens)
     max_tokens = max(len(p) for p in prompts) + max_new_tokens
     engine = getattr(model, "_rlhf_continuous_engine", None)

@@ -80,10 +80,10 @@ def _sample_continuous(model, tokenizer, query_ids, query_mask, sampling, max_ne
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(query_ids, query_mask, strict=True)]
     generated = continuous.generate(model, tokenizer, prompts, sampling, max_new_tokens, engine)
     width = max(1, max(len(g) for g in generated))
-    out = torch.full((len(generated), width), tokenizer.pad_token_id, dtype=torch.long)
+    out = torch.full((len(generated), width), tokenizer.pad_token_id, dtype=torch.long, device=query_ids.device)
     for row, tokens in enumerate(generated):
-        out[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    return out.to(query_ids.device)
+        out[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=query_ids.device)
+    return out
 
 
 def pad_right(tensors: list[torch.Tensor], width: int, value: int) -> torch.Tensor:
