@@ -185,8 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = read_json(args.results) if args.results.is_file() else {}
     results.setdefault("system", {**cpu_description(), "device": args.device})
-    results["settings"] = {k: v for k, v in vars(args).items() if k != "results"} | {"results": str(args.results)}
-    for name in [args.pretrained.name] if args.pretrained else args.models.split(","):
+    results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    # a stage's model directory is named "model": its stage names it (sft/model -> sft-model)
+    named = "-".join(args.pretrained.parts[-2:]) if args.pretrained and args.pretrained.name == "model" else None
+    for name in [named or args.pretrained.name] if args.pretrained else args.models.split(","):
         if not args.pretrained:
             model, vocab = build(name, args.device, args.vocab_cap)
             tokenizer = _Tokenizer(args.eos_id)

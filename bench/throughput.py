@@ -7,7 +7,9 @@
    ``ppo.rollout_size`` PPO prompts from the default SFT policy, alternating, from the same seed. Reports
    generated tokens per second (tokens up to and including each row's EOS) and checks both return the same tokens.
    A third contender, a sampling loop written by hand around the KV cache (``kv_cache_loop``), shows what leaving
-   ``generate`` would gain.
+   ``generate`` would gain; a fourth, ``continuous`` (``generation.engine=continuous``: transformers' continuous
+   batching with our repetition penalty), what the scheduler costs or saves on this machine (its random stream
+   differs, so its tokens do; ``bench/rollout_engines.py`` compares the engines in depth).
 2. Training: one PPO-sized policy update (forward + backward + AdamW step on the rollout's prompt + response
    tokens, micro-batch ``ppo.micro_batch_size``) timed; achieved FLOP/s = 6 x parameters x tokens (plus the
    attention matmuls) / time, against this machine's measured fp32 matmul peak (a 2048 x 2048 matmul).
@@ -117,6 +119,7 @@ def plain_generate(model, tokenizer, query_ids, query_mask, sampling, max_new_to
 def bench_generation(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens: int, repeats: int) -> dict:
     import torch
 
+    from rlhf_core.config import GenerationEngineConfig
     from rlhf_core.models.generation import sample
 
     def plain():
@@ -130,7 +133,12 @@ def bench_generation(model, tokenizer, query_ids, query_mask, sampling, max_new_
     def hand_written():
         return kv_cache_loop(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens)
 
-    contenders = {"transformers_generate": plain, "ours": ours, "kv_cache_loop": hand_written}
+    def continuous():
+        engine = GenerationEngineConfig(engine="continuous")
+        return sample(model, tokenizer, query_ids, query_mask, sampling, max_new_tokens, engine=engine)
+
+    contenders = {"transformers_generate": plain, "ours": ours, "kv_cache_loop": hand_written,
+                  "continuous": continuous}  # fmt: skip
     runs = {name: [] for name in contenders}
     outputs = {}
     with torch.no_grad():
@@ -163,6 +171,7 @@ def bench_generation(model, tokenizer, query_ids, query_mask, sampling, max_new_
     base = result["transformers_generate"]["tokens_per_second"]
     result["speedup"] = result["ours"]["tokens_per_second"] / base
     result["kv_cache_loop_speedup"] = result["kv_cache_loop"]["tokens_per_second"] / base
+    result["continuous_speedup"] = result["continuous"]["tokens_per_second"] / base
     return result
 
 
@@ -389,6 +398,7 @@ def main() -> None:
         )
     table.add_row("generate: ours / transformers", f"{generation['speedup']:.2f}x")
     table.add_row("generate: hand-written KV-cache loop / transformers", f"{generation['kv_cache_loop_speedup']:.2f}x")
+    table.add_row("continuous batching / transformers generate", f"{generation['continuous_speedup']:.2f}x")
     table.add_row("matmul peak (fp32, 2048^2)", f"{peak / 1e9:.0f} GFLOP/s")
     table.add_row(
         "training step (policy fwd+bwd+AdamW)",

@@ -118,14 +118,17 @@ def test_a_fresh_engine_samples_what_a_kept_one_does(model):
     assert torch.equal(kept, fresh)
 
 
-def test_auto_picks_generate_on_the_cpu_and_when_sharded_continuous_on_cuda():
+def test_auto_picks_by_device_size_and_sharding(model):
     auto = GenerationEngineConfig()
     assert auto.engine == "auto"
-    assert engine_for(auto, "cpu") == "generate"
-    assert engine_for(auto, "cuda:0") == "continuous"
-    assert engine_for(auto, "cuda:0", synced_gpus=True) == "generate"
-    assert engine_for(GenerationEngineConfig(engine="generate"), "cuda:0") == "generate"
-    assert engine_for(None, "cuda:0") == "generate"
+    parameters = sum(p.numel() for p in model.parameters())
+    assert engine_for(auto, "cpu", model=model) == "generate"  # small: the scheduler's bookkeeping dominates
+    large_enough = GenerationEngineConfig(cpu_continuous_min_parameters=parameters)
+    assert engine_for(large_enough, "cpu", model=model) == "continuous"
+    assert engine_for(auto, "cuda:0", model=model) == "continuous"
+    assert engine_for(auto, "cuda:0", synced_gpus=True, model=model) == "generate"
+    assert engine_for(GenerationEngineConfig(engine="generate"), "cuda:0", model=model) == "generate"
+    assert engine_for(None, "cuda:0", model=model) == "generate"
 
 
 def test_continuous_on_a_model_sharded_over_processes_is_a_config_error(model):

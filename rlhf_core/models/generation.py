@@ -12,23 +12,24 @@ from rlhf_core.models import continuous
 
 
 def engine_for(settings, device, synced_gpus: bool = False, model=None) -> str:
-    """The engine that samples: ``generation.engine``, with ``auto`` resolved per device from what was measured
-    (BENCHMARKS.md, "Rollout engines"): ``generate`` on the CPU, where the scheduler's per-step bookkeeping costs
-    more than the padding it saves, wherever the model is sharded over processes, and where bf16 autocast runs over
-    float32 weights (the scheduler's thread would decode in float32); ``continuous`` on CUDA otherwise."""
+    """The engine that samples: ``generation.engine``, with ``auto`` resolved from what was measured (BENCHMARKS.md,
+    "Rollout engines"): ``generate`` wherever the model is sharded over processes and where bf16 autocast runs over
+    float32 weights (the scheduler's thread would decode in float32); otherwise ``continuous`` on CUDA, and on the
+    CPU for models of at least ``generation.cpu_continuous_min_parameters`` (below that the scheduler's per-step
+    bookkeeping costs more than the finished rows it stops computing)."""
     if settings is None:
         return "generate"
     if settings.engine != "auto":
         return settings.engine
     device_type = torch.device(device).type
-    if device_type != "cuda" or synced_gpus:
+    if synced_gpus or model is None:
         return "generate"
-    autocast_over_wider_weights = (
-        model is not None
-        and torch.is_autocast_enabled(device_type)
-        and model.dtype != torch.get_autocast_dtype(device_type)
-    )
-    return "generate" if autocast_over_wider_weights else "continuous"
+    if torch.is_autocast_enabled(device_type) and model.dtype != torch.get_autocast_dtype(device_type):
+        return "generate"
+    if device_type == "cuda":
+        return "continuous"
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return "continuous" if parameters >= settings.cpu_continuous_min_parameters else "generate"
 
 
 @torch.no_grad()
