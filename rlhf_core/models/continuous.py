@@ -36,7 +36,7 @@ from rlhf_core.errors import ConfigError
 
 # Tokens of KV cache per page; one page per short request keeps the bookkeeping small.
 PAGE_SIZE = 64
-# transformers' processor arguments travel as int32 rows of the batch; slots are small non-negative ints.
+# A request's id carries its prompt's position in the call: its row in the penalty's table and in the output.
 _REQUEST_PREFIX = "rlhf_"
 
 
