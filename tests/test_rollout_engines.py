@@ -196,3 +196,22 @@ def test_the_engine_benchmarks_measure_each_engine(tmp_path, monkeypatch):
                             "--results", str(tmp_path / "gpu.json"), "--workdir", str(tmp_path / "work")])  # fmt: skip
     tiny = scale["scale"]["tiny"]
     assert tiny["generation_engine"] == "continuous" and tiny["generation_tokens_per_s"] > 0
+
+
+def test_continuous_samples_a_lora_policy_and_its_reference(model):
+    """PEFT adapters: the engine reads the adapted weights, and with the adapter disabled (PPO's reference under
+    LoRA) the base weights, as ``generate`` does."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(4)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    policy = get_peft_model(copy.deepcopy(model), lora).eval()
+    ids, mask = padded(prompts(4))
+    adapted = sample(policy, TOKENIZER, ids, mask, None, 8, engine=CONTINUOUS)
+    assert torch.equal(adapted, sample(policy, TOKENIZER, ids, mask, None, 8))
+    with policy.disable_adapter():
+        base = sample(policy, TOKENIZER, ids, mask, None, 8, engine=CONTINUOUS)
+        assert torch.equal(base, sample(policy, TOKENIZER, ids, mask, None, 8))
+    assert not torch.equal(adapted, base)
