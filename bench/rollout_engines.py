@@ -113,6 +113,8 @@ class _Tokenizer:
 
 
 def measure(engine: str, model, tokenizer, ids, mask, args) -> dict:
+    import torch
+
     from rlhf_core.config import SamplingConfig
     from rlhf_core.data.tokenize import eos_response_mask
 
@@ -120,8 +122,6 @@ def measure(engine: str, model, tokenizer, ids, mask, args) -> dict:
     timed_call(engine, model, tokenizer, ids, mask, sampling, args.response_tokens, args.device)  # warm-up
     runs = []
     for repeat in range(args.repeats):
-        import torch
-
         torch.manual_seed(100 + repeat)
         responses, seconds, peak = timed_call(engine, model, tokenizer, ids, mask, sampling, args.response_tokens,
                                               args.device)  # fmt: skip

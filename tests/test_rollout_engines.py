@@ -111,8 +111,7 @@ def test_a_fresh_engine_samples_what_a_kept_one_does(model):
     sample(model, TOKENIZER, ids, mask, sampling, 12, engine=CONTINUOUS)  # the engine now exists on the model
     state = torch.get_rng_state()
     kept = sample(model, TOKENIZER, ids, mask, sampling, 12, engine=CONTINUOUS)
-    model.destroy_cached_continuous_batching_manager()
-    del model._rlhf_continuous_engine
+    continuous.forget(model)
     torch.set_rng_state(state)
     fresh = sample(model, TOKENIZER, ids, mask, sampling, 12, engine=CONTINUOUS)
     assert torch.equal(kept, fresh)
@@ -215,3 +214,7 @@ def test_continuous_samples_a_lora_policy_and_its_reference(model):
         base = sample(policy, TOKENIZER, ids, mask, None, 8, engine=CONTINUOUS)
         assert torch.equal(base, sample(policy, TOKENIZER, ids, mask, None, 8))
     assert not torch.equal(adapted, base)
+    # Saving a LoRA policy merges a deep copy of it: the kept scheduler must not be part of the copy.
+    from rlhf_core.models.lora import merged
+
+    assert torch.equal(sample(merged(policy), TOKENIZER, ids, mask, None, 8), adapted)

@@ -10,7 +10,7 @@ penalty a per-request history and takes its place in the processor list, in the 
 Determinism: every request is queued while the scheduler's loop is paused, so the first batch and every later
 one are the same on every run, and the sampling stream is seeded from the caller's RNG at each call (one draw), so
 a run resumed from a checkpoint samples what the straight run sampled (the scheduler otherwise seeds itself once,
-when it is created). The manager is kept on the model between calls (its CUDA graphs are captured once per run)
+when it is created). The manager is kept for the model between calls (its CUDA graphs are captured once per run)
 and stopped after each call, so no thread outlives a call.
 
 Precision: the scheduler's thread decodes in the weights' dtype, and its paged KV cache has that dtype too (autocast
@@ -57,10 +57,6 @@ class RepetitionPenalty(ContinuousBatchingLogitsProcessor):
         self.penalty = penalty
         self.seen = torch.zeros(capacity, vocab_size, dtype=torch.bool, device=device)
         self.recorded: dict[int, int] = {}  # slot -> generated tokens already in the table
-
-    @property
-    def capacity(self) -> int:
-        return self.seen.shape[0]
 
     def reset(self) -> None:
         self.seen.zero_()
@@ -151,16 +147,24 @@ class _Engine:
         # transformers counts the argument rows only of the processors it converts itself
         processor_list.tensors_required = sum(isinstance(p, ContinuousBatchingLogitsProcessor) for p in processors)
         self.manager.logit_processor = processor_list
-        self.key = (config.to_json_string(), settings, logprobs, capacity, max_tokens)
-        self.capacity = capacity
+        self.decoding = (config.to_json_string(), settings, logprobs)
+        self.capacity, self.max_tokens = capacity, max_tokens
         if self.manager.continuous_batching_config.use_cuda_graph:
             with torch.autocast(model.device.type, enabled=False):  # the thread decodes without autocast, too
                 self.manager.warmup()
+
+    def serves(self, decoding: tuple, requests: int, max_tokens: int) -> bool:
+        """Whether this scheduler can take a call: the same decoding, and its cache sized for the call."""
+        return self.decoding == decoding and self.capacity >= requests and self.max_tokens >= max_tokens
 
     def run(self, prompts: list[list[int]], max_new_tokens: int, seed: int) -> list[tuple[list[int], list[float]]]:
         if self.penalty is not None:
             self.penalty.reset()
         torch.manual_seed(seed)
+        # stop() gave the model back its own attention; the scheduler needs the paged one while it runs
+        self.manager.switch_to_cb_friendly_attn(
+            self.manager.model, self.manager.continuous_batching_config.auto_switch_to_flash
+        )
         self.manager.start()
         done: dict[int, tuple[list[int], list[float]]] = {}
         try:
@@ -181,7 +185,41 @@ class _Engine:
                     done[slot_of(result.request_id)] = (list(result.generated_tokens), list(result.logprobs))
         finally:
             self.manager.stop(block=True, keep_for_next_session=True)
+            # Kept here, not on the model, where transformers puts it: a copy of the model (the LoRA merge at save
+            # time deep-copies it) would try to copy the scheduler's locks.
+            self.manager.model.__dict__.pop("_cached_continuous_batching_manager", None)
         return [done[i] for i in range(len(prompts))]
+
+    def destroy(self) -> None:
+        self.manager.destroy()
+
+
+class _Slot:
+    """A model's kept engine. Copies of the model start without one: a scheduler's thread state cannot be copied
+    (deep copy, pickling), and a copy is another model anyway."""
+
+    def __init__(self) -> None:
+        self.engine: _Engine | None = None
+
+    def __deepcopy__(self, memo) -> _Slot:
+        return _Slot()
+
+    def __getstate__(self) -> dict:
+        return {"engine": None}
+
+
+def _slot(model) -> _Slot:
+    if not isinstance(getattr(model, "_rlhf_continuous", None), _Slot):
+        model._rlhf_continuous = _Slot()
+    return model._rlhf_continuous
+
+
+def forget(model) -> None:
+    """Destroy the engine kept for ``model`` (the next call builds one anew, as a resumed run does)."""
+    slot = _slot(model)
+    if slot.engine is not None:
+        slot.engine.destroy()
+        slot.engine = None
 
 
 def generate(
@@ -197,14 +235,12 @@ def generate(
     seed = int(torch.randint(0, 2**62, (1,)).item())  # host: a draw of the caller's CPU stream (checkpointed)
     config = generation_config(tokenizer, sampling, max_new_tokens)
     max_tokens = max(len(p) for p in prompts) + max_new_tokens
-    engine = getattr(model, "_rlhf_continuous_engine", None)
-    key = (config.to_json_string(), settings, logprobs)
-    if engine is None or engine.key[:3] != key or engine.capacity < len(prompts) or engine.key[4] < max_tokens:
-        if engine is not None:
-            model.destroy_cached_continuous_batching_manager()
+    slot = _slot(model)
+    engine = slot.engine
+    if engine is None or not engine.serves((config.to_json_string(), settings, logprobs), len(prompts), max_tokens):
         capacity = max(len(prompts), engine.capacity if engine is not None else 0)
-        engine = _Engine(model, config, settings, capacity, max_tokens, logprobs)
-        model._rlhf_continuous_engine = engine
+        forget(model)
+        engine = slot.engine = _Engine(model, config, settings, capacity, max_tokens, logprobs)
     results = engine.run(prompts, max_new_tokens, seed)
     return results if logprobs else [tokens for tokens, _ in results]
 
