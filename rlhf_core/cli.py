@@ -8,6 +8,7 @@ print one line naming the problem and exit with status 2 (config) or 1 (data), b
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -48,7 +49,21 @@ _stop_requested: list[str] = []  # names of the stop signals received
 
 def _stop(signum, frame) -> None:
     _stop_requested.append(signal.Signals(signum).name)
+    if _in_finaliser(frame):
+        # Python ignores an exception raised inside a __del__ (it prints "Exception ignored in ...") and the run
+        # would go on: deliver the signal again once the finaliser has returned.
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
     raise KeyboardInterrupt
+
+
+def _in_finaliser(frame) -> bool:
+    """Whether the signal arrived while a ``__del__`` ran (the garbage collector calls them at any bytecode)."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def install_stop_handlers() -> None:

@@ -100,3 +100,38 @@ def test_summary_lists_each_stage_outputs_once_on_one_line(tmp_path, capsys, mon
     assert len(lines) == len(STAGES)
     sft = next(line for line in lines if "sft outputs" in line)
     assert "metrics.json plots" in sft and "unchanged: skipped" in sft and "mlflow_run_id" not in sft
+
+
+def test_a_stop_signal_landing_in_a_finaliser_is_delivered_again(monkeypatch):
+    """Python ignores an exception raised inside ``__del__``: a Ctrl-C that arrives while the garbage collector
+    runs one would be lost and the run would go on (seen: the KeyboardInterrupt printed as 'Exception ignored in
+    Group.__del__'). The handler sends the signal again instead of raising there; anywhere else it raises."""
+    import os
+    import signal
+
+    import pytest
+
+    from rlhf_core import cli
+
+    monkeypatch.setattr(cli, "_stop_requested", [])
+    scheduled = []
+
+    class Timer:
+        def __init__(self, delay, function, args):
+            scheduled.append((function, args))
+
+        def start(self):
+            pass
+
+    monkeypatch.setattr(cli.threading, "Timer", Timer)
+
+    class Finalised:
+        def __del__(self):
+            cli._stop(signal.SIGINT, sys._getframe())
+
+    obj = Finalised()
+    del obj
+    assert scheduled == [(os.kill, (os.getpid(), signal.SIGINT))]
+    with pytest.raises(KeyboardInterrupt):
+        cli._stop(signal.SIGTERM, sys._getframe())
+    assert cli._stop_requested == ["SIGINT", "SIGTERM"]
