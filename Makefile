@@ -23,7 +23,7 @@ export DO_NOT_TRACK ?= true
 export DVC_NO_ANALYTICS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test install install-dev repro model lint format clean
+.PHONY: run test install install-dev repro model lint format docs generated clean
 
 run: $(STAMP_BASE)
 	$(BIN)/rlhf run
@@ -61,6 +61,16 @@ lint: $(STAMP_DEV)
 
 format: $(STAMP_DEV)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+# The documentation site from docs/ into site/, strictly: a broken link or a page missing from the nav fails.
+docs: $(STAMP_DEV)
+	$(BIN)/mkdocs build --strict --quiet
+
+# The files generated from the code (tests fail when they differ): dvc.yaml from the stage declarations, and the
+# configuration reference from the schema.
+generated: $(STAMP_BASE)
+	$(BIN)/rlhf dvc-yaml --write
+	$(BIN)/python -m rlhf_core.reference
 
 clean:
 	rm -rf outputs mlruns mlflow.db .prefect

@@ -1,13 +1,14 @@
-"""The README's table of the default pipeline's numbers, regenerated from a finished run rather than typed in.
+"""The docs' table of the default pipeline's numbers (docs/results/default-run.md), regenerated from a finished run
+rather than typed in.
 
     make run                                            # the default pipeline (params.yaml)
-    .venv/bin/python bench/measured.py                  # read its outputs, write the JSON, rewrite the README table
-    .venv/bin/python bench/measured.py --check          # the README table is what the JSON renders (a test runs this)
+    .venv/bin/python bench/measured.py                  # read its outputs, write the JSON, rewrite the table
+    .venv/bin/python bench/measured.py --check          # the table is what the JSON renders (a test runs this)
 
 Reads ``outputs/*/metrics.json`` and ``outputs/data/stats.json`` (the paths of ``--params``), writes
 ``bench/results/measured.json`` with the machine (CPU model and its AVX/AMX flags), the date and the git commit,
-and replaces the README's block between the ``measured:start`` and ``measured:end`` markers with the table that
-JSON renders. The numbers of one seed on one machine: other CPUs give other numbers (BENCHMARKS.md has the spread
+and replaces the page's block between the ``measured:start`` and ``measured:end`` markers with the table that
+JSON renders. The numbers of one seed on one machine: other CPUs give other numbers (the benchmarks have the spread
 over data draws).
 """
 
@@ -37,11 +38,11 @@ def _interval(m: dict, key: str) -> str:
 
 def collect(config) -> list[list[str]]:
     """(what, value) rows from a finished run's outputs (the stages' own metrics; nothing recomputed)."""
-    from rlhf_core.config import stage_output_dir
     from rlhf_core.io import read_json
+    from rlhf_core.stages import output_dir
 
     def metrics(stage: str) -> dict:
-        return read_json(Path(stage_output_dir(config, stage)) / "metrics.json")
+        return read_json(Path(output_dir(config, stage)) / "metrics.json")
 
     stats = read_json(Path(config.paths.data) / "stats.json")
     sft, rm, rm_eval, ppo, ev = (metrics(s) for s in ("sft", "rm", "rm-eval", "ppo", "eval"))
@@ -102,7 +103,7 @@ def render(record: dict) -> str:
         START,
         f"The default pipeline (`{record['command']}`), measured by `bench/measured.py` on {record['date']} at commit "
         f"`{record['commit']}`: {machine.get('model', '?')}, {machine['cores']} cores ({flags}). One seed on one "
-        "machine: another CPU gives other numbers, and BENCHMARKS.md has the spread over data draws.",
+        "machine: another CPU gives other numbers, and [the benchmarks](benchmarks.md) have the spread over data draws.",
         "",
         "| what | value |",
         "| --- | --- |",
@@ -131,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--set", action="append", default=[], help="an override, as the run had it")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "measured.json")
-    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
-    parser.add_argument("--check", action="store_true", help="only compare the README block with the JSON")
+    parser.add_argument("--readme", type=Path, default=REPO / "docs" / "results" / "default-run.md")
+    parser.add_argument("--check", action="store_true", help="only compare the page's block with the JSON")
     args = parser.parse_args(argv)
     readme = args.readme.read_text()
     if args.check:

@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.real_model_options import cpu_description  # noqa: E402
 from rlhf_core.io import atomic_write_json  # noqa: E402
+from rlhf_core.stages import STAGES  # noqa: E402
 
-STAGES = ("prepare", "sft", "rm", "rm-eval", "ppo", "eval")
 HEADLINE = (  # (label, stage, metric key) shown in the summary when the stage wrote it
     ("SFT val loss", "sft", "sft/val_loss"),
     ("RM accuracy (annotator labels)", "rm-eval", "rm_eval/accuracy"),

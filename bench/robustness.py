@@ -39,9 +39,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from rlhf_core.stages import STAGES  # noqa: E402
+
 PRESETS = ("vanilla", "moss_released", "ppo_max")
 DEFAULT_DRAWS = (1, 2, 3, 4, 5)
-BASE_STAGES = ("prepare", "sft", "rm", "rm-eval")
+BASE_STAGES = ("prepare", "sft", "rm", "rm-eval")  # shared by every preset of a draw; ppo and eval per preset
 
 
 def draw_overrides(draw: int) -> list[str]:
@@ -56,8 +58,7 @@ def draw_overrides(draw: int) -> list[str]:
     ]
 
 
-STAGE_DIRS = {"prepare": "data", "sft": "sft", "rm": "rm", "rm-eval": "rm_eval", "ppo": "ppo", "eval": "eval"}
-ORDER = (*BASE_STAGES, "ppo", "eval")
+ORDER = tuple(STAGES)
 
 
 def variant_stages(variant: str | None, variant_from: str) -> tuple[str, ...]:
@@ -66,12 +67,12 @@ def variant_stages(variant: str | None, variant_from: str) -> tuple[str, ...]:
 
 
 def stage_dir(root: Path, stage: str, preset: str, variant: str | None, variant_from: str) -> Path:
-    name = STAGE_DIRS[stage] + (f"_{preset}" if stage in ("ppo", "eval") else "")
+    name = STAGES[stage].path_key + ("" if stage in BASE_STAGES else f"_{preset}")
     return root / (f"{name}_{variant}" if stage in variant_stages(variant, variant_from) else name)
 
 
 def draw_config(draw: int, out: Path, preset: str, extra: list[str], tiny: bool, variant=None, variant_from="ppo"):
-    from rlhf_core.config import load_config, stage_path_key
+    from rlhf_core.config import load_config
 
     root = out / f"draw{draw}"
     size = []
@@ -79,7 +80,7 @@ def draw_config(draw: int, out: Path, preset: str, extra: list[str], tiny: bool,
         from tests.conftest import TINY
 
         size = list(TINY)
-    paths = [f"paths.{stage_path_key(s)}={stage_dir(root, s, preset, variant, variant_from)}" for s in ORDER]
+    paths = [f"paths.{STAGES[s].path_key}={stage_dir(root, s, preset, variant, variant_from)}" for s in ORDER]
     overrides = [*size, *draw_overrides(draw), f"ppo.preset={preset}", *extra, *paths, "tracking.enabled=false"]
     return load_config(REPO / "params.yaml", overrides)
 
@@ -152,9 +153,9 @@ def train_ensemble_members(config, members: list[Path], extra_rm_seeds: list[int
 def _built_stage_metrics(config, stage: str) -> dict | None:
     """A shared stage's metrics when its outputs are on disk as its manifest records them, whatever code built it."""
     from rlhf_core import commit
-    from rlhf_core.config import stage_output_dir
+    from rlhf_core.stages import output_dir
 
-    out = Path(stage_output_dir(config, stage))
+    out = Path(output_dir(config, stage))
     stamp = commit.read_manifest(out)
     if stamp is None or not commit.unchanged(out, stamp):
         return None

@@ -251,7 +251,7 @@ def print_table(rows: list[dict], seeds: int) -> None:
 
 
 def markdown_table(rows: list[dict], seeds: list[int]) -> str:
-    """The table of BENCHMARKS.md."""
+    """The table of docs/results/benchmarks.md."""
     lines = [
         f"| configuration | gold win rate (mean +- sd) | per seed ({', '.join(map(str, seeds))}) | RM win rate | "
         "RM - gold | final KL | length | policy ppl | eval gold score | collapse warnings | s / run (median) |",

@@ -52,11 +52,12 @@ def run(
         selected = select_stages([s.strip() for s in stages.split(",")] if stages else None)
         check_before_work(config, selected)
         if prefect:
+            from flows.prefect_server import temporary_server
             from flows.rlhf import rlhf as rlhf_flow
 
             _keep_user_errors_off_the_console()
-            _start_temporary_server_in_its_own_session()
-            outputs = rlhf_flow(params_file=str(params), overrides=list(set_ or []), stages=selected, force=force)
+            with temporary_server():
+                outputs = rlhf_flow(params_file=str(params), overrides=list(set_ or []), stages=selected, force=force)
         else:
             outputs = run_pipeline(config, selected, force)
     except RLHFError as exc:
@@ -72,33 +73,6 @@ def run(
     print_summary(config, outputs, time.time() - started, prefect)
     if not set_ and len(selected) == len(STAGES):
         record_in_dvc(params)
-
-
-def _start_temporary_server_in_its_own_session() -> None:
-    """Without a Prefect server configured (``PREFECT_API_URL``), Prefect starts a temporary one as a child
-    process in the terminal's process group: a Ctrl-C reached it too, it died first, and the run then printed
-    about 200 KB of connection errors for over two minutes and left the flow run RUNNING in the database. Started
-    here, before the flow, in a session of its own, only this process gets the Ctrl-C: the flow run is marked
-    crashed through the living server, and Prefect stops the server as the process exits (it is Prefect's
-    singleton, so the flow uses this one)."""
-    from prefect.settings import get_current_settings
-
-    if get_current_settings().api.url:
-        return  # a server the user runs: not ours to start or stop
-    from prefect.server.api.server import SubprocessASGIServer
-
-    real_popen = subprocess.Popen
-
-    class PopenInOwnSession(real_popen):
-        def __init__(self, *args, **kwargs):
-            kwargs.setdefault("start_new_session", True)
-            super().__init__(*args, **kwargs)
-
-    subprocess.Popen = PopenInOwnSession  # only for this call: Prefect's server module looks it up at call time
-    try:
-        SubprocessASGIServer().start()
-    finally:
-        subprocess.Popen = real_popen
 
 
 @app.command()

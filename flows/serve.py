@@ -1,4 +1,4 @@
-"""Serve the flow as the deployment ``rlhf/full`` (needs a Prefect server: see the README)."""
+"""Serve the flow as the deployment ``rlhf/full`` (needs a Prefect server: see docs/pipeline.md)."""
 
 from flows.rlhf import rlhf
 

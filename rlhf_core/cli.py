@@ -22,6 +22,7 @@ from rich.text import Text
 
 from rlhf_core.env import apply_defaults
 from rlhf_core.errors import ConfigError, RLHFError
+from rlhf_core.stages import STAGE_LIST
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="RLHF with PPO-max: stages and pipeline.")
 console = Console(stderr=True)
@@ -111,9 +112,9 @@ def _run_single(stage: str, params: Path, overrides: list[str] | None) -> None:
 
 
 def _what_is_left(stage: str, config) -> str:
-    from rlhf_core.pipeline import stage_output_dir
+    from rlhf_core.stages import output_dir
 
-    out = stage_output_dir(config, stage)
+    out = output_dir(config, stage)
     if stage == "ppo":
         return f"{out} is as it was before the run; rerun the same command to resume from the newest checkpoint"
     return f"{out} is as it was before the run (nothing half-written); rerun the same command to start again"
@@ -134,40 +135,18 @@ def _print_artifacts(stage: str, artifacts: dict[str, str], config) -> None:
         )
 
 
-@app.command()
-def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Build the data splits, the tokenizer and stats.json (data.source: sim, hh_rlhf or jsonl)."""
-    _run_single("prepare", params, set_)
+def _stage_command(stage) -> None:
+    """``rlhf <stage>``: run one declared stage through the scaffold."""
+
+    def command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+        _run_single(stage.name, params, set_)
+
+    command.__name__ = stage.name.replace("-", "_")
+    app.command(stage.name, help=stage.help)(command)
 
 
-@app.command()
-def sft(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Supervised fine-tuning of the policy (torch or DeepSpeed ZeRO; torchrun for several processes)."""
-    _run_single("sft", params, set_)
-
-
-@app.command()
-def rm(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Train the reward model on preference pairs (eq. 2: ranking loss + beta_rm x LM loss on chosen)."""
-    _run_single("rm", params, set_)
-
-
-@app.command("rm-eval")
-def rm_eval(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Evaluate the reward model on rm_test: accuracy vs annotator and gold labels, calibration, errors."""
-    _run_single("rm-eval", params, set_)
-
-
-@app.command()
-def ppo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """PPO-max against the reward model (ppo.preset: vanilla, moss_released, ppo_max; ppo.tricks.* override)."""
-    _run_single("ppo", params, set_)
-
-
-@app.command("eval")
-def eval_(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Win rate of the PPO policy against the SFT policy, judged by the gold judge and the reward model."""
-    _run_single("eval", params, set_)
+for _stage in STAGE_LIST:
+    _stage_command(_stage)
 
 
 @app.command("config")
@@ -175,6 +154,7 @@ def config_(
     prefix: Annotated[str | None, typer.Argument(help="Only keys starting with this, e.g. ppo or ppo.tricks.")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="As markdown tables, one per group (the docs).")] = False,
 ) -> None:
     """Print the resolved configuration (params file + --set): every key --set takes, its value and what it does."""
     from rlhf_core.config import describe_config
@@ -187,6 +167,11 @@ def config_(
     shown = [r for r in rows if prefix is None or r[0] == prefix or r[0].startswith(prefix.rstrip(".") + ".")]
     if not shown:
         fail(ConfigError(f"no configuration key starts with {prefix!r}; `rlhf config` lists them all"))
+    if markdown:
+        from rlhf_core.reference import config_markdown
+
+        typer.echo(config_markdown(shown), nl=False)
+        return
     table = Table(box=None, pad_edge=False)
     table.add_column("key", no_wrap=True)
     table.add_column("value", no_wrap=True)  # whole, so it can be copied into --set
@@ -194,6 +179,26 @@ def config_(
     for key, value, description in shown:
         table.add_row(Text(key), Text(value), Text(description))  # plain text: "[a, b]" is a value, not markup
     Console(soft_wrap=False).print(table)
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 when dvc.yaml differs from the declarations.")] = False,
+    write: Annotated[bool, typer.Option("--write", help="Write dvc.yaml from the declarations.")] = False,
+) -> None:
+    """dvc.yaml as the stage declarations (rlhf_core/stages.py) give it: print it, --write it or --check it."""
+    from rlhf_core import dvc_file
+
+    if check:
+        problem = dvc_file.differs()
+        if problem:
+            fail(RLHFError(problem))
+        console.print("dvc.yaml matches the stage declarations")
+    elif write:
+        dvc_file.write()
+        console.print(f"wrote {dvc_file.PROJECT / 'dvc.yaml'}", highlight=False)
+    else:
+        typer.echo(dvc_file.render(), nl=False)
 
 
 models_app = typer.Typer(no_args_is_help=True, help="The local model store (model.store): pull pretrained models.")
@@ -239,23 +244,23 @@ def models_list(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
 def print_summary(config, outputs: dict, seconds: float, prefect: bool) -> None:
     """The table ``rlhf run`` ends with: each stage's headline numbers and where its outputs are."""
     from rlhf_core.io import read_json
-    from rlhf_core.pipeline import stage_output_dir
+    from rlhf_core.stages import STAGES
 
     table = Table(title=f"RLHF pipeline summary ({seconds:.0f} s)", show_lines=False)
     table.add_column("what")
     table.add_column("value", overflow="fold")
-    for stage, (file, rows) in SUMMARY_ROWS.items():
-        path = Path(stage_output_dir(config, stage)) / file
-        if stage in outputs and path.is_file():
-            for what, value in rows(read_json(path), config):
+    for stage in STAGES.values():
+        path = Path(stage.output_dir(config)) / stage.metrics_file
+        if stage.name in outputs and path.is_file():
+            for what, value in stage.summary(read_json(path), config):
                 table.add_row(what, value)
     table.add_section()
     for stage, artifacts in outputs.items():
-        table.add_row(f"{stage} outputs", _outputs_cell(Path(stage_output_dir(config, stage)), artifacts))
+        table.add_row(f"{stage} outputs", _outputs_cell(Path(STAGES[stage].output_dir(config)), artifacts))
     if config.tracking.enabled:
         table.add_row("MLflow", f"mlflow ui --backend-store-uri {config.tracking.uri} --host 127.0.0.1")
     if prefect:
-        table.add_row("Prefect", "flow 'rlhf' (see README: prefect server start --host 127.0.0.1)")
+        table.add_row("Prefect", "flow 'rlhf' (docs/pipeline.md: prefect server start --host 127.0.0.1)")
     Console().print(table)
 
 
@@ -269,92 +274,6 @@ def _outputs_cell(where: Path, artifacts: dict[str, str]) -> str:
         names.append(str(path.relative_to(where)) if path.is_relative_to(where) else str(path))
     note = "  (unchanged: skipped)" if artifacts.get("skipped") else ""
     return f"{where}/  " + " ".join(dict.fromkeys(names)) + note
-
-
-def _prepare_rows(stats: dict, config) -> list[tuple[str, str]]:
-    rows = [
-        ("data source", stats["source"]),
-        ("split sizes", ", ".join(f"{k} {v}" for k, v in stats["counts"].items())),
-    ]
-    if "annotator_gold_agreement" in stats:
-        demo = stats["demonstrator"]
-        rows += [
-            ("annotator-gold agreement", f"{stats['annotator_gold_agreement']['overall']:.1%}"),
-            (
-                "demonstrations",
-                f"{demo['sft_flawless_rate']:.1%} flawless, mean gold score {demo['sft_mean_gold_score']:.2f}",
-            ),
-        ]
-    return rows
-
-
-def _sft_rows(m: dict, config) -> list[tuple[str, str]]:
-    rows = [("SFT validation loss / perplexity", f"{m['sft/val_loss']:.3f} / {m['sft/ppl']:.2f}")]
-    if "sft/sample_gold_score" in m:
-        rows.append(
-            (
-                "SFT greedy samples (gold judge)",
-                f"mean {m['sft/sample_gold_score']:.2f} of 2.00, {m['sft/sample_flawless_rate']:.1%} flawless",
-            )
-        )
-    return rows  # fmt: skip
-
-
-def _rm_rows(m: dict, config) -> list[tuple[str, str]]:
-    return [
-        ("RM validation accuracy (best step)",
-         f"{m['rm/val_accuracy']:.1%} (step {m['rm/best_step']} of {m['rm/steps']})"),
-        ("RM score on SFT samples", f"mean {m['rm/reward_mean']:.2f}, std {m['rm/reward_std']:.2f}"),
-    ]  # fmt: skip
-
-
-def _rm_eval_rows(m: dict, config) -> list[tuple[str, str]]:
-    low, high = m["rm_eval/accuracy_ci_low"], m["rm_eval/accuracy_ci_high"]
-    line = f"{m['rm_eval/accuracy']:.1%} vs annotators [{low:.1%}, {high:.1%}]"
-    if "rm_eval/gold_accuracy" in m:
-        line += (
-            f", {m['rm_eval/gold_accuracy']:.1%} vs gold "
-            f"[{m['rm_eval/gold_accuracy_ci_low']:.1%}, {m['rm_eval/gold_accuracy_ci_high']:.1%}]"
-            f"; annotator-gold agreement {m['rm_eval/annotator_gold_agreement']:.1%}"
-        )
-    return [("RM test accuracy (95% CI)", line)]
-
-
-def _ppo_rows(m: dict, config) -> list[tuple[str, str]]:
-    line = (
-        f"RM score {m['ppo/objective_scores']:.2f}, KL {m['ppo/objective_kl']:.2f}, "
-        f"length {m['ppo/rollout_response_length']:.1f}, collapse warnings {m['ppo/collapse_warnings']}"
-    )
-    if "ppo/monitor_gold_score" in m:
-        line += f", gold score {m['ppo/monitor_gold_score']:.2f}"
-    return [(f"PPO ({config.ppo.preset}), last iterations", line)]
-
-
-def _eval_rows(m: dict, config) -> list[tuple[str, str]]:
-    rows = [
-        (f"PPO vs SFT, {j} judge: win / tie / lose",
-         f"{m[f'eval/{j}/win']:.1%} / {m[f'eval/{j}/tie']:.1%} / {m[f'eval/{j}/lose']:.1%}; "
-         f"win rate {m[f'eval/{j}/win_rate']:.1%} [{m[f'eval/{j}/win_rate_ci_low']:.1%}, "
-         f"{m[f'eval/{j}/win_rate_ci_high']:.1%}]")
-        for j in ("gold", "rm")
-        if f"eval/{j}/win_rate" in m
-    ]  # fmt: skip
-    if "eval/overoptimisation_gap" in m:
-        rows.append(("over-optimisation (RM minus gold win rate)", f"{m['eval/overoptimisation_gap']:+.1%}"))
-    if "eval/gold/cleanup_ceiling" in m:
-        rows.append(("gold clean-up ceiling (SFT answers, flaws fixed)", f"{m['eval/gold/cleanup_ceiling']:.1%}"))
-    return rows
-
-
-# stage -> (the file in its output directory the summary reads, the rows it makes of it)
-SUMMARY_ROWS = {
-    "prepare": ("stats.json", _prepare_rows),
-    "sft": ("metrics.json", _sft_rows),
-    "rm": ("metrics.json", _rm_rows),
-    "rm-eval": ("metrics.json", _rm_eval_rows),
-    "ppo": ("metrics.json", _ppo_rows),
-    "eval": ("metrics.json", _eval_rows),
-}
 
 
 def main() -> None:

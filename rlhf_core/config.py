@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from rlhf_core.errors import ConfigError
+from rlhf_core.stages import STAGE_LIST
 
 
 class _Group(BaseModel):
@@ -536,7 +537,7 @@ class GenerationEngineConfig(_Group):
         "until the longest ends); continuous: transformers' continuous batching with paged attention (finished "
         "responses leave the batch, new ones join it; the paper's repetition penalty included); auto: continuous on "
         "CUDA and for models of cpu_continuous_min_parameters on the CPU, generate otherwise, under multi-process "
-        "ZeRO-3 and where bf16 autocast runs over float32 weights (BENCHMARKS.md, 'Rollout engines').",
+        "ZeRO-3 and where bf16 autocast runs over float32 weights (docs/results/benchmarks.md, 'Rollout engines').",
     )
     max_batch_tokens: int = Field(
         2048,
@@ -592,19 +593,12 @@ class TrackingConfig(_Group):
     )
 
 
-class PathsConfig(_Group):
+class _PathsBase(_Group):
     """Where each stage commits its outputs. A relative path must stay inside the project (the working directory);
     an absolute path is taken as the user's explicit choice. No two stages share a directory or nest."""
 
-    data: str = Field("outputs/data", min_length=1, description="prepare: splits/, tokenizer/, stats.json.")
-    sft: str = Field("outputs/sft", min_length=1, description="sft: model/, metrics.json, plots/, samples.jsonl.")
-    rm: str = Field("outputs/rm", min_length=1, description="rm: reward model directory and metrics.")
-    rm_eval: str = Field("outputs/rm_eval", min_length=1, description="rm-eval: metrics and plots.")
-    ppo: str = Field("outputs/ppo", min_length=1, description="ppo: policy, checkpoints and metrics.")
-    eval: str = Field("outputs/eval", min_length=1, description="eval: win rates and plots.")
-
     @model_validator(mode="after")
-    def _separate_and_inside_the_project(self) -> PathsConfig:
+    def _separate_and_inside_the_project(self) -> _PathsBase:
         project = Path.cwd().resolve()
         resolved = {}
         for name, value in self.model_dump().items():
@@ -625,6 +619,17 @@ class PathsConfig(_Group):
                         "overwrite or delete the other's outputs; give each stage its own directory"
                     )
         return self
+
+
+# One field per stage, from its declaration (rlhf_core/stages.py): a new stage gets its directory setting there.
+PathsConfig = create_model(
+    "PathsConfig",
+    __base__=_PathsBase,
+    **{
+        stage.path_key: (str, Field(f"outputs/{stage.path_key}", min_length=1, description=stage.describe_outputs()))
+        for stage in STAGE_LIST
+    },
+)
 
 
 def describe_config(config: BaseModel, prefix: str = "") -> list[tuple[str, str, str]]:
@@ -662,15 +667,6 @@ def _with_preset_value(row: tuple[str, str, str], resolved: BaseModel, preset: s
         return row
     value = getattr(resolved, name)
     return key, f"null ({preset}: {str(value).lower() if isinstance(value, bool) else value})", description
-
-
-def stage_path_key(stage: str) -> str:
-    """The ``paths`` field of a stage's output directory ("rm-eval" -> "rm_eval", "prepare" -> "data")."""
-    return {"prepare": "data"}.get(stage, stage.replace("-", "_"))
-
-
-def stage_output_dir(config: Config, stage: str) -> str:
-    return getattr(config.paths, stage_path_key(stage))
 
 
 def _output_path_problem(value: str, project: Path) -> str | None:

@@ -3,7 +3,8 @@
 - :func:`setup` starts (or joins) the process group and returns a :class:`DistContext` (rank, world, device);
 - :func:`seed_everything` seeds python, numpy and torch the same way on every rank;
 - :func:`make_engine` wraps a model + optimizer + schedule as a plain-torch loop or a DeepSpeed ZeRO engine
-  behind one small interface (``backward``, ``step``, ``module``), so trainers never branch on the engine;
+  behind one interface (:class:`Engine`), whose attributes also say where the two differ, so trainers never test
+  an engine's type;
 - :func:`make_frozen` places an inference-only model (PPO's reference and reward model): on the device, or
   sharded over the ranks under ZeRO-3;
 - :func:`all_reduce_sum` sums a tensor over ranks; :func:`global_sum`, :func:`global_mean` and
@@ -24,6 +25,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -207,8 +209,34 @@ def barrier() -> None:
 
 
 # ------------------------------------------------------------------------------------------- engines
+class Engine(Protocol):
+    """What a trainer may ask of a training engine (:class:`TorchEngine`, :class:`DeepSpeedEngine`)."""
+
+    module: torch.nn.Module
+    device: torch.device
+    last_grad_norm: float | None  # of the last update, before clipping
+    skipped_steps: int  # updates dropped for a non-finite gradient
+    # True: an update whose gradient is non-finite is dropped whole, so a NaN loss may be backpropagated into it.
+    # False: the engine would apply NaN gradients, so the caller must leave a non-finite loss out.
+    drops_non_finite_updates: bool
+
+    def set_boundary(self, last: bool) -> None: ...
+    def autocast(self) -> contextlib.AbstractContextManager: ...
+    def forward(self, **batch): ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> bool: ...
+    def save_state(self, directory: Path) -> None: ...
+    def load_state(self, directory: Path) -> None: ...
+    @property
+    def micro_steps(self) -> int: ...
+    def current_lr(self) -> float: ...
+    def unwrapped(self) -> torch.nn.Module: ...
+
+
 class TorchEngine:
     """Plain single-process loop with the same stepping contract as a DeepSpeed engine."""
+
+    drops_non_finite_updates = True  # step() checks the gradient norm and drops a non-finite update
 
     def __init__(self, model, optimizer, scheduler, accumulation: int, max_grad_norm, bf16: bool, device: torch.device):
         self.module = model.to(device)
@@ -306,6 +334,8 @@ class TorchEngine:
 
 class DeepSpeedEngine:
     """A DeepSpeed ZeRO engine behind the TorchEngine interface."""
+
+    drops_non_finite_updates = False  # DeepSpeed would apply NaN gradients
 
     def __init__(self, engine):
         self.engine = engine
@@ -430,7 +460,7 @@ def make_engine(
     cfg: DistributedConfig,
     micro_batch_size: int,
     accumulation: int,
-):
+) -> Engine:
     """AdamW + warm-up/decay schedule + the configured engine around ``model``: one optimizer step per
     ``accumulation`` micro-batches of ``micro_batch_size`` sequences on each process."""
     from rlhf_core.algos.schedules import lr_multiplier

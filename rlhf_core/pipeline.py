@@ -11,9 +11,10 @@ so a stage behaves the same whichever starts it. Around the stage's own work it:
    it as one unit with ``stage.json`` (``commit.commit``): a stage killed at any moment leaves its previous
    complete outputs or its new complete outputs, never a mix.
 
-The fingerprint covers what the outputs are a function of: the stage's params (``STAGE_PARAMS``, the same keys as
-its ``dvc.yaml`` entry), the project's code, its output directory and the fingerprints of the stages it reads.
-Changing any of them reruns the stage and, through its new fingerprint, everything after it.
+The fingerprint covers what the outputs are a function of, as the stage's declaration (``rlhf_core.stages``) gives
+it and its ``dvc.yaml`` entry repeats: its params, the project code it runs, its output directory and the
+fingerprints of the stages it reads. Changing any of them reruns the stage and, through its new fingerprint,
+everything after it.
 """
 
 from __future__ import annotations
@@ -27,51 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_core import commit, distributed, preflight
-from rlhf_core.config import Config, flatten, save_config, stage_output_dir
+from rlhf_core.config import Config, flatten, save_config
 from rlhf_core.errors import ConfigError
 from rlhf_core.io import atomic_write_json, read_json
+from rlhf_core.stages import STAGES, code_digest, output_dir
 from rlhf_core.tracking import Logger, pipeline_run, pipeline_run_name, record_skipped_stage, stage_run
-from rlhf_core.trainers.eval import evaluate_win_rate
-from rlhf_core.trainers.ppo import train_ppo
-from rlhf_core.trainers.prepare import prepare_data
-from rlhf_core.trainers.rm import train_reward_model
-from rlhf_core.trainers.rm_eval import evaluate_reward_model
-from rlhf_core.trainers.sft import train_sft
-
-# Pipeline order. Each stage's work is (config, directory to write into, logger) -> StageResult.
-STAGES = {
-    "prepare": prepare_data,
-    "sft": train_sft,
-    "rm": train_reward_model,
-    "rm-eval": evaluate_reward_model,
-    "ppo": train_ppo,
-    "eval": evaluate_win_rate,
-}
-# Stages that train (and so run on every process under torchrun); the others run on rank 0 only.
-DISTRIBUTED_STAGES = ("sft", "rm", "ppo")
-
-
-# The config keys each stage reads (its `dvc.yaml` params; a test keeps the two equal) and the stages it reads from.
-STAGE_PARAMS = {
-    "prepare": ["data", "model.vocab_size", "model.name_or_path"],
-    "sft": ["model", "sft", "distributed", "generation", "data.source", "data.seed", "data.max_response_tokens"],
-    "rm": [
-        "rm", "model.lora", "distributed", "generation", "rm_eval.batch_size", "data.source", "data.seed",
-        "data.max_response_tokens", "ppo.sampling",
-    ],
-    "rm-eval": ["rm_eval", "data.source", "data.seed", "data.sim"],
-    "ppo": ["ppo", "model.lora", "distributed", "generation", "data.source", "data.seed", "data.sim",
-            "data.max_response_tokens"],
-    "eval": ["eval", "generation", "data.source", "data.seed", "data.sim", "data.max_response_tokens"],
-}  # fmt: skip
-UPSTREAM = {
-    "prepare": [],
-    "sft": ["prepare"],
-    "rm": ["prepare", "sft"],
-    "rm-eval": ["prepare", "rm"],
-    "ppo": ["prepare", "sft", "rm"],
-    "eval": ["prepare", "sft", "rm", "ppo"],
-}
 
 
 @dataclass(frozen=True)
@@ -89,17 +50,18 @@ def run_stage(
     """Run one stage in the scaffold (see the module docstring), its MLflow run nested under ``parent_run_id``."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    declared = STAGES[stage]
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if stage not in DISTRIBUTED_STAGES and not is_main:
+    if not declared.distributed and not is_main:
         return StageOutcome({})  # evaluation and data preparation run once, on rank 0
     check_before_work(config, [stage])
-    if stage in DISTRIBUTED_STAGES:
+    if declared.distributed:
         distributed.setup(config.distributed)  # joins torchrun's process group before any rank touches files
     if is_main:
-        for name in (*UPSTREAM[stage], stage):
-            commit.recover(Path(stage_output_dir(config, name)))
+        for name in (*declared.upstream, stage):
+            commit.recover(Path(output_dir(config, name)))
     distributed.barrier()
-    out = Path(stage_output_dir(config, stage))
+    out = Path(output_dir(config, stage))
     fingerprint = stage_fingerprint(config, stage)
     if skip_unchanged:
         previous = unchanged_artifacts(config, stage, fingerprint)
@@ -114,7 +76,7 @@ def run_stage(
         started = time.time()
         try:
             with distributed.stage_autocast(config.distributed):
-                result = STAGES[stage](config, staging, logger)
+                result = declared.run(config, staging, logger)
         except BaseException:
             if is_main:
                 commit.abandon(out)
@@ -137,7 +99,8 @@ def check_before_work(config: Config, stages: list[str]) -> None:
     """What the disk must allow for ``stages`` to run, checked before any stage reads, trains or deletes."""
     preflight.check_tracking_store(config)
     for stage in stages:
-        preflight.check_stage_output(config, stage)
+        declared, out = STAGES[stage], STAGES[stage].output_dir(config)
+        preflight.check_stage_output(Path(out), stage, declared.entries, f"paths.{declared.path_key}={out}")
 
 
 def _write_and_log(config: Config, staging: Path, result, metrics: dict, logger: Logger) -> None:
@@ -153,16 +116,7 @@ def _write_and_log(config: Config, staging: Path, result, metrics: dict, logger:
         logger.log_artifact(staging / path, path if (staging / path).is_dir() else None)
 
 
-def _code_version() -> str:
-    """Hash of the project's Python sources (what the stages run)."""
-    digest = hashlib.sha256()
-    root = Path(__file__).resolve().parent
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
-    return digest.hexdigest()
-
-
-def _param_values(config: Config, keys: list[str]) -> dict:
+def _param_values(config: Config, keys: tuple[str, ...]) -> dict:
     tree = config.model_dump()
     values = {}
     for key in keys:
@@ -176,8 +130,8 @@ def _param_values(config: Config, keys: list[str]) -> dict:
 def stage_fingerprint(config: Config, stage: str) -> str | None:
     """What the stage's outputs are a function of; None when an upstream stage has no stamp (never ran here)."""
     upstream = {}
-    for name in UPSTREAM[stage]:
-        stamp = commit.read_manifest(Path(stage_output_dir(config, name)))
+    for name in STAGES[stage].upstream:
+        stamp = commit.read_manifest(Path(output_dir(config, name)))
         if stamp is None:
             return None
         upstream[name] = stamp["fingerprint"]
@@ -189,9 +143,9 @@ def stage_fingerprint(config: Config, stage: str) -> str | None:
             upstream[f"reward_ensemble:{directory}"] = stamp["fingerprint"]
     payload = {
         "stage": stage,
-        "params": _param_values(config, STAGE_PARAMS[stage]),
-        "output": stage_output_dir(config, stage),
-        "code": _code_version(),
+        "params": _param_values(config, STAGES[stage].all_params),
+        "output": output_dir(config, stage),
+        "code": code_digest(stage),
         "upstream": upstream,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -200,7 +154,7 @@ def stage_fingerprint(config: Config, stage: str) -> str | None:
 def unchanged_artifacts(config: Config, stage: str, fingerprint: str | None) -> dict[str, str] | None:
     """The recorded artifacts when the stage already ran with ``fingerprint`` (``stage_fingerprint``) and every
     output it recorded is on disk with the recorded content."""
-    out = Path(stage_output_dir(config, stage))
+    out = Path(output_dir(config, stage))
     stamp = commit.read_manifest(out)
     if stamp is None or fingerprint is None or stamp.get("fingerprint") != fingerprint:
         return None
@@ -210,7 +164,7 @@ def unchanged_artifacts(config: Config, stage: str, fingerprint: str | None) -> 
 
 
 def _previous_metrics(config: Config, stage: str) -> dict:
-    path = Path(stage_output_dir(config, stage)) / "metrics.json"
+    path = Path(output_dir(config, stage)) / "metrics.json"
     return read_json(path) if path.is_file() else {}
 
 
@@ -251,8 +205,8 @@ def log_stage_metrics(config: Config, logger, stages) -> None:
     pipeline's parent run, so two pipeline runs (say ``ppo_max`` and ``vanilla``) compare on one row in the
     MLflow UI."""
     for stage in stages:
-        path = Path(stage_output_dir(config, stage)) / "metrics.json"
-        if stage == "prepare" or not path.is_file():
+        path = Path(output_dir(config, stage)) / "metrics.json"
+        if STAGES[stage].metrics_file != "metrics.json" or not path.is_file():
             continue  # prepare's stats.json is nested counts, logged by its own run
         metrics = read_json(path)
         logger.log_metrics({k: float(v) for k, v in metrics.items() if type(v) in (int, float)})

@@ -12,31 +12,21 @@ import os
 from pathlib import Path
 
 from rlhf_core import commit
-from rlhf_core.config import stage_output_dir, stage_path_key
 from rlhf_core.errors import ConfigError
 
-# What each stage may leave in its directory (a test runs every stage and checks this list covers it), and what
-# any stage's directory may hold: the scaffold's files and DVC's .gitignore.
-STAGE_ENTRIES = {
-    "prepare": {"splits", "tokenizer", "stats.json"},
-    "sft": {"model", "samples.jsonl"},
-    "rm": {"model", "checkpoints.json"},
-    "rm-eval": {"confident_errors.jsonl", "confident_errors.md", "pair_scores.jsonl"},
-    "ppo": {"model", "checkpoints", "samples.jsonl", "tricks.json"},
-    "eval": {"examples.md", "pairs.jsonl"},
-}
+# What any stage's directory may hold besides the stage's own entries (its declaration's): the scaffold's files
+# and DVC's .gitignore.
 COMMON_ENTRIES = {"config.yaml", "metrics.json", "plots", commit.MANIFEST, commit.STAGING, commit.TRASH, ".gitignore"}
 
 
-def check_stage_output(config, stage: str) -> None:
-    """One ConfigError line, before any work, when ``stage`` could not safely write its output directory."""
-    out = Path(stage_output_dir(config, stage))
-    where = f"paths.{stage_path_key(stage)}={stage_output_dir(config, stage)}"
+def check_stage_output(out: Path, stage: str, entries: set[str], where: str) -> None:
+    """One ConfigError line, before any work, when ``stage`` could not safely write its output directory ``out``
+    (``where``: the config field and value that name it), where it may leave ``entries`` (its declaration's)."""
     _check_creatable(out, where, directory=True)
     if not out.exists():
         return
     _check_writable_tree(out, where)
-    _check_only_stage_files(out, stage, where)
+    _check_only_stage_files(out, stage, entries, where)
 
 
 def check_tracking_store(config) -> None:
@@ -81,13 +71,13 @@ def _our_temporary(name: str) -> bool:
     return name.startswith(".") and name.endswith((".tmp", ".old"))
 
 
-def _check_only_stage_files(out: Path, stage: str, where: str) -> None:
+def _check_only_stage_files(out: Path, stage: str, entries: set[str], where: str) -> None:
     """``out`` holds this stage's outputs (or nothing): never another stage's or a folder of the user's."""
     manifest = commit.read_manifest(out)
     if manifest is not None and manifest.get("stage") not in (stage, None):
         raise ConfigError(f"{where}: {out} holds the outputs of the {manifest['stage']} stage; give each stage its own")
     recorded = set((manifest or {}).get("outputs") or {})
-    allowed = STAGE_ENTRIES[stage] | COMMON_ENTRIES | recorded
+    allowed = entries | COMMON_ENTRIES | recorded
     foreign = sorted(p.name for p in out.iterdir() if p.name not in allowed and not _our_temporary(p.name))
     if foreign:
         shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")

@@ -362,13 +362,3 @@ def dvc_experiment_parent(config: Config) -> str | None:
 def _copy_final_metrics(client, source_run_id: str, target_run_id: str) -> None:
     metrics = client.get_run(source_run_id).data.metrics
     MLflowLogger(client, target_run_id).log_metrics(metrics)
-
-
-def describe_location(config: Config, logger: Logger) -> str:
-    """One line telling the user where to find the run."""
-    if logger.run_id is None:
-        return "MLflow: tracking disabled"
-    return (
-        f"MLflow run {logger.run_id} in experiment '{config.tracking.experiment}' at {config.tracking.uri} "
-        f"(browse: mlflow ui --backend-store-uri {config.tracking.uri} --host 127.0.0.1)"
-    )

@@ -481,8 +481,10 @@ CHECKPOINT_CASES = [
 CASES = [*CONFIG_CASES, *PATH_CASES, *DATA_CASES, *MODEL_CASES, *CHECKPOINT_CASES]
 
 
-def test_the_corpus_is_large_and_ids_unique():
-    assert len(CASES) >= 60
+def test_the_corpus_covers_every_stage_and_its_ids_are_unique():
+    from rlhf_core.stages import STAGES
+
+    assert {c.command for c in CASES} >= set(STAGES), "every stage's bad inputs are in the corpus"
     assert len({c.id for c in CASES}) == len(CASES)
 
 

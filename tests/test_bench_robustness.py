@@ -29,7 +29,14 @@ def test_robustness_runs_draws_resumes_and_summarises(tmp_path, monkeypatch):
     assert saved["cpu"]["cores"] and results_file.with_suffix(".png").stat().st_size > 0
     ppo_max = next(row for row in saved["summary"] if row["preset"] == "ppo_max")
     assert ppo_max["draws"] == [1, 2] and ppo_max["draws_with_vanilla"] == 2
-    assert 0 <= ppo_max["draws_ci_above_50"] <= 2 and 0 <= ppo_max["draws_gap_below_vanilla"] <= 2
+    runs, vanilla = (
+        [r for r in first if r["preset"] == "ppo_max"],
+        {r["draw"]: r for r in first if r["preset"] == "vanilla"},
+    )
+    assert ppo_max["draws_ci_above_50"] == sum(r["gold_win_rate_ci95"][0] > 0.5 for r in runs)
+    assert ppo_max["draws_gap_below_vanilla"] == sum(
+        r["overoptimisation_gap"] < vanilla[r["draw"]]["overoptimisation_gap"] for r in runs
+    )
 
     import rlhf_core.pipeline
 
@@ -78,3 +85,19 @@ def test_a_variant_reruns_only_the_stages_it_changes_and_sits_beside_the_baselin
     assert ppo_config["ppo"]["reward_ensemble"] == [str(member)]
     assert ppo_config["rm"]["seed"] != yaml.safe_load((member / "config.yaml").read_text())["rm"]["seed"]
     assert "ppo_max+ens" in {r["preset"] for r in ensemble}
+
+
+def test_the_summary_counts_draws_by_hand():
+    """Two draws: ppo_max's interval is above 50% on the first only, and its gap is below vanilla's on the second."""
+    from bench.robustness import summarise
+
+    def run(draw, preset, win, low, gap):
+        return {"draw": draw, "preset": preset, "gold_win_rate": win, "gold_win_rate_ci95": [low, win + 0.05],
+                "rm_win_rate": 0.6, "overoptimisation_gap": gap, "final_kl": 1.0, "rm_gold_accuracy": 0.8,
+                "collapse_warnings": 1}  # fmt: skip
+
+    results = [run(1, "vanilla", 0.50, 0.45, 0.10), run(1, "ppo_max", 0.58, 0.52, 0.20),
+               run(2, "vanilla", 0.40, 0.35, 0.30), run(2, "ppo_max", 0.54, 0.49, 0.05)]  # fmt: skip
+    row = next(r for r in summarise(results) if r["preset"] == "ppo_max")
+    assert (row["draws_ci_above_50"], row["draws_gap_below_vanilla"], row["draws_with_vanilla"]) == (1, 1, 2)
+    assert row["gold_win_rate"] == pytest.approx(0.56) and row["collapse_warnings"] == 2

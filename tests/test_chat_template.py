@@ -82,6 +82,9 @@ def test_a_chat_model_runs_all_six_stages(prepared_tiny, tmp_path):
     assert prepared.chat_template == CHATML and prepared.eos_token == "<|im_end|>"
     assert prepared.pad_token_id not in (prepared.eos_token_id, None)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert 0 <= metrics["eval/gold/win_rate"] <= 1
+    win, tie, lose = (metrics[f"eval/gold/{k}"] for k in ("win", "tie", "lose"))
+    assert win + tie + lose == pytest.approx(1) and metrics["eval/gold/win_rate"] == pytest.approx(win + tie / 2)
+    pairs = (tmp_path / "eval" / "pairs.jsonl").read_text().splitlines()
+    assert len(pairs) == config.data.splits.eval, "every eval prompt answered by both policies and judged"
     ppo = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
     assert all(math.isfinite(v) for v in ppo.values() if isinstance(v, float))

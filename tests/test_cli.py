@@ -86,13 +86,13 @@ def test_summary_lists_each_stage_outputs_once_on_one_line(tmp_path, capsys, mon
     """The summary's results are not buried under one row per artifact: one compact row per stage."""
     monkeypatch.setenv("COLUMNS", "250")  # a wide terminal, so that each row is one line
     from rlhf_core.cli import print_summary
-    from rlhf_core.config import load_config, stage_output_dir
-    from rlhf_core.pipeline import STAGES
+    from rlhf_core.config import load_config
+    from rlhf_core.stages import STAGES, output_dir
 
     config = load_config(None, [f"paths.{p}={tmp_path / p}" for p in ("data", "sft", "rm", "rm_eval", "ppo", "eval")])
     outputs = {}
     for stage in STAGES:
-        where = Path(stage_output_dir(config, stage))
+        where = Path(output_dir(config, stage))
         outputs[stage] = {"metrics": str(where / "metrics.json"), "plots": str(where / "plots"), "mlflow_run_id": "x"}
     outputs["sft"]["skipped"] = "unchanged"
     print_summary(config, outputs, 1.0, prefect=False)

@@ -13,7 +13,8 @@ import pytest
 
 from rlhf_core import commit
 from rlhf_core.config import load_config
-from rlhf_core.pipeline import STAGES, run_stage, stage_output_dir
+from rlhf_core.pipeline import STAGES, run_stage
+from rlhf_core.stages import output_dir
 from tests.conftest import REPO, tiny_overrides
 
 
@@ -165,7 +166,7 @@ def _kill(stage: str, kill_at: str, overrides: list[str]) -> None:
 
 
 def _consistent(config, stage: str) -> dict:
-    out = Path(stage_output_dir(config, stage))
+    out = Path(output_dir(config, stage))
     manifest = commit.read_manifest(out)
     assert manifest is not None and commit.unchanged(out, manifest), f"{stage}: outputs do not match stage.json"
     return manifest

@@ -97,7 +97,7 @@ def test_retries_only_where_safe_and_never_for_config_or_data_errors():
 
     retries = {t.name: t.retries for t in stages.STAGE_TASKS.values()}
     assert retries == {"prepare": 1, "sft": 0, "rm": 0, "rm-eval": 1, "ppo": 1, "eval": 1}
-    condition = stages.ppo_task.retry_condition_fn
+    condition = stages.STAGE_TASKS["ppo"].retry_condition_fn
     assert condition(None, None, Failed(data=OSError("disk hiccup")))
     assert not condition(None, None, Failed(data=ConfigError("ppo.steps: bad")))
     assert not condition(None, None, Failed(data=DataError("ppo.jsonl:3: empty prompt")))
@@ -109,13 +109,14 @@ def _every_output_is_known_and_every_key_is_valid_for_mlflow(root, client, runs)
     from mlflow.utils.validation import _validate_metric_name, _validate_param_name
 
     from rlhf_core.config import flatten
-    from rlhf_core.preflight import COMMON_ENTRIES, STAGE_ENTRIES
+    from rlhf_core.preflight import COMMON_ENTRIES
+    from rlhf_core.stages import STAGES
 
     keys = set()
-    for stage, directory in {"prepare": "data", "sft": "sft", "rm": "rm", "rm-eval": "rm_eval", "ppo": "ppo",
-                             "eval": "eval"}.items():  # fmt: skip
+    for stage in STAGES.values():
+        directory = stage.path_key
         entries = {p.name for p in (root / directory).iterdir()}
-        assert entries <= STAGE_ENTRIES[stage] | COMMON_ENTRIES, (stage, entries - STAGE_ENTRIES[stage])
+        assert entries <= stage.entries | COMMON_ENTRIES, (stage.name, entries - stage.entries)
         for name in ("metrics.json", "stats.json"):
             if (root / directory / name).is_file():
                 keys |= set(flatten(json.loads((root / directory / name).read_text())))

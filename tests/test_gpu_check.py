@@ -41,5 +41,12 @@ def test_gpu_check_runs_every_part_on_the_cpu_and_compares_with_a_reference(tmp_
         assert scale[key] > 0, key
     assert scale["plain_generate"]["tokens"] == 8 * 16 and scale["sampler_vs_plain_generate"] > 0
 
-    compared = gpu_check.compare_with(results, json.loads(results_file.read_text()))
-    assert compared["pipeline"] and all(row["relative"] == 0 for part in compared.values() for row in part.values())
+    # Against a reference run that differs in one number and lacks another: that number's relative difference,
+    # the missing one left out, every other metric equal.
+    reference = json.loads(results_file.read_text())
+    reference["pipeline"]["sft"]["metrics"]["sft/val_loss"] *= 2
+    del reference["pipeline"]["eval"]["metrics"]["eval/rm/win_rate"]
+    compared = gpu_check.compare_with(results, reference)["pipeline"]
+    assert compared.pop("sft/sft/val_loss")["relative"] == pytest.approx(0.5)
+    assert "eval/eval/rm/win_rate" not in compared and "eval/eval/gold/win_rate" in compared
+    assert all(row["relative"] == 0 for row in compared.values())

@@ -67,7 +67,10 @@ def test_lora_runs_all_six_stages_and_exports_merged_models(lora_pipeline, chat_
     assert history[0]["objective/kl"] == 0.0, "the reference is the policy with its adapters off"
     assert history[-1]["objective/kl"] != 0.0 and "loss/ptx" in history[-1]
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
-    assert 0 <= metrics["eval/gold/win_rate"] <= 1
+    win, tie, lose = (metrics[f"eval/gold/{k}"] for k in ("win", "tie", "lose"))
+    assert win + tie + lose == pytest.approx(1) and metrics["eval/gold/win_rate"] == pytest.approx(win + tie / 2)
+    pairs = (root / "eval" / "pairs.jsonl").read_text().splitlines()
+    assert len(pairs) == config.data.splits.eval, "every eval prompt answered by both policies and judged"
 
 
 def test_lora_trains_only_the_adapters(lora_pipeline, chat_model):

@@ -1,5 +1,5 @@
-"""bench/measured.py: the README's table of the default run comes from the run's outputs, and the README's copy
-is exactly what the committed results render (a hand edit fails here)."""
+"""bench/measured.py: the docs' table of the default run comes from the run's outputs, and the page's copy is
+exactly what the committed results render (a hand edit fails here)."""
 
 from __future__ import annotations
 
@@ -54,9 +54,9 @@ def test_the_table_is_read_from_the_run_and_written_between_the_markers(finished
     assert measured.main([*args, "--check"]) == 1
 
 
-def test_the_readme_table_is_what_the_committed_results_render():
+def test_the_docs_table_is_what_the_committed_results_render():
     from bench import measured
 
-    assert measured.main(["--check"]) == 0, "README.md's measured block was edited by hand; rerun bench/measured.py"
+    assert measured.main(["--check"]) == 0, "the measured block was edited by hand; rerun bench/measured.py"
     record = json.loads((REPO / "bench" / "results" / "measured.json").read_text())
     assert record["machine"]["model"] and record["commit"] != "?"

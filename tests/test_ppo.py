@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core.config import load_config
+from rlhf_core.config import PRESETS, load_config
 from rlhf_core.pipeline import run_stage
 from tests.conftest import tiny_overrides
 
@@ -28,9 +28,15 @@ def test_ppo_smoke_every_preset(trained_tiny_rm, prepared_tiny, tmp_path, preset
         for key, value in record.items():
             assert math.isfinite(value), (key, value)
     assert (Path(result.artifacts["model"]) / "model.safetensors").is_file()
+    # What differs between presets: the switches written are the preset's, and the run followed them.
     tricks = json.loads((tmp_path / "ppo" / "tricks.json").read_text())
     assert tricks["preset"] == preset
-    print(result.metrics)
+    assert {k: tricks[k] for k in PRESETS[preset].model_dump()} == PRESETS[preset].model_dump()
+    history, switches = result.history, PRESETS[preset]
+    warmup = config.ppo.critic_warmup_steps if switches.critic_warmup else 0
+    assert warmup < config.ppo.steps
+    assert all("loss/policy" not in r for r in history[:warmup]) and all("loss/policy" in r for r in history[warmup:])
+    assert any("loss/ptx" in r for r in history) == switches.ptx
 
 
 def test_outputs_metrics_samples_and_resolved_tricks(trained_tiny_rm, prepared_tiny, tmp_path):

@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from rlhf_core.algos.masked import masked_mean, masked_var, masked_whiten
+from rlhf_core.algos.masked import masked_mean, masked_sums, whiten
 from rlhf_core.algos.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -25,7 +25,6 @@ from rlhf_core.algos.ppo import (
     normalize_scores,
     policy_loss,
     repetition_rate,
-    response_lengths,
     scale_scores,
     value_loss,
 )
@@ -44,49 +43,43 @@ def _lengths_mask(lengths: list[int], width: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ masked additions
 
 
-def test_masked_var_by_hand_and_bessel():
+def _moments(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(mean, population var) of the masked positions, the way the trainer gets them: sums, then moments."""
+    _, mean, var = moments_from_sums(*masked_sums(values, mask).tolist())
+    return mean, var
+
+
+def test_masked_sums_and_their_moments_by_hand():
     values = torch.tensor([[1.0, 2.0, 3.0], [5.0, 100.0, -7.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    # Masked values 1, 2, 3, 5: mean 11/4, squared deviations 3.0625 + 0.5625 + 0.0625 + 5.0625 = 8.75.
-    assert masked_var(values, mask).item() == pytest.approx(8.75 / 4)
-    assert masked_var(values, mask, unbiased=True).item() == pytest.approx(8.75 / 3)
-    assert masked_var(values, mask).item() == pytest.approx(statistics.pvariance([1, 2, 3, 5]))
-    with pytest.raises(ValueError, match="at least two"):
-        masked_var(values, torch.tensor([[0, 1, 0], [0, 0, 0]]), unbiased=True)
+    # Masked values 1, 2, 3, 5: n 4, sum 11, sum of squares 39; mean 11/4, var 39/4 - (11/4)^2 = 8.75 / 4.
+    assert masked_sums(values, mask).tolist() == [4.0, 11.0, 39.0]
+    assert _moments(values, mask) == pytest.approx((2.75, 8.75 / 4))
+    assert _moments(values, mask)[1] == pytest.approx(statistics.pvariance([1, 2, 3, 5]))
     with pytest.raises(ValueError, match="empty mask"):
-        masked_var(values, torch.zeros_like(mask))
+        masked_sums(values, torch.zeros_like(mask))
 
 
-def test_masked_var_ignores_nan_and_inf_in_padding():
+def test_masked_sums_ignore_nan_and_inf_in_padding():
     values = torch.tensor([[1.0, 2.0, float("nan")], [3.0, float("inf"), float("-inf")]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    assert masked_var(values, mask).item() == pytest.approx(statistics.pvariance([1, 2, 3]))
+    assert masked_sums(values, mask).tolist() == [3.0, 6.0, 14.0]
+    assert _moments(values, mask)[1] == pytest.approx(statistics.pvariance([1, 2, 3]))
 
 
-def test_masked_whiten_standardises_masked_positions_and_zeros_padding():
+def test_whiten_standardises_masked_positions_and_zeros_padding():
     torch.manual_seed(0)
     values = torch.randn(4, 7) * 3 + 5
     mask = _lengths_mask([7, 3, 5, 1], 7)
     before = values.clone()
-    white = masked_whiten(values, mask)
+    white = whiten(values, mask, *_moments(values, mask))
     assert torch.equal(values, before)  # no mutation
     assert masked_mean(white, mask).item() == pytest.approx(0.0, abs=1e-6)
-    assert masked_var(white, mask).item() == pytest.approx(1.0, abs=1e-5)
+    assert _moments(white, mask)[1] == pytest.approx(1.0, abs=1e-5)
     assert white[mask == 0].abs().sum().item() == 0.0
     # By hand on [1, 3]: mean 2, var 1 -> [-1, 1].
-    small = masked_whiten(torch.tensor([[1.0, 3.0, 9.0]]), torch.tensor([[1, 1, 0]]), eps=0.0)
-    assert small.tolist() == [[-1.0, 1.0, 0.0]]
-
-
-def test_masked_whiten_without_shift_keeps_the_mean():
-    values = torch.tensor([[1.0, 3.0, 9.0], [5.0, 0.0, 0.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    # mean 3, var (4 + 0 + 4) / 3 = 8/3: whitened = (x - 3) / sqrt(8/3) + 3.
-    white = masked_whiten(values, mask, shift_mean=False, eps=0.0)
-    scale = math.sqrt(8 / 3)
-    _assert_values(white, [[3 - 2 / scale, 3.0, 0.0], [3 + 2 / scale, 0.0, 0.0]])
-    assert masked_mean(white, mask).item() == pytest.approx(3.0)
-    assert masked_var(white, mask).item() == pytest.approx(1.0)
+    small = torch.tensor([[1.0, 3.0, 9.0]])
+    assert whiten(small, torch.tensor([[1, 1, 0]]), 2.0, 1.0, eps=0.0).tolist() == [[-1.0, 1.0, 0.0]]
 
 
 # ----------------------------------------------------------------------------------------------- log-probabilities
@@ -356,6 +349,11 @@ def test_gae_does_not_mutate_inputs():
 # ----------------------------------------------------------------------------------------- score reparameterisation
 
 
+def _merge_batch(moments: RunningMoments, batch: torch.Tensor) -> None:
+    d = batch.double().flatten()
+    moments.merge(*moments_from_sums(d.numel(), d.sum(), d.square().sum()))
+
+
 def test_running_moments_match_the_concatenated_stream():
     gen = torch.Generator().manual_seed(9)
     batches = [torch.randn(size, generator=gen) * 2 + 3 for size in (1, 7, 64, 3, 250)]
@@ -363,26 +361,26 @@ def test_running_moments_match_the_concatenated_stream():
     assert (moments.mean, moments.std, moments.count) == (0.0, 1.0, 0.0)
     seen: list[float] = []
     for batch in batches:
-        moments.update(batch)
+        _merge_batch(moments, batch)
         seen += batch.double().tolist()
         assert moments.count == len(seen)
         assert moments.mean == pytest.approx(statistics.fmean(seen), rel=1e-9, abs=1e-12)
         assert moments.std == pytest.approx(statistics.pstdev(seen), rel=1e-9, abs=1e-12)
 
 
-def test_running_moments_first_update_adopts_the_batch():
+def test_running_moments_first_merge_adopts_the_batch():
     moments = RunningMoments()
-    moments.update(torch.tensor([[2.0, 4.0], [6.0, 8.0]]))  # any shape: all entries count
+    moments.merge(4, 5.0, 5.0)  # 2, 4, 6, 8
     assert (moments.count, moments.mean, moments.var) == (4.0, 5.0, 5.0)
-    with pytest.raises(ValueError, match="no values"):
-        moments.update(torch.tensor([]))
+    with pytest.raises(ValueError, match="must be >= 0"):
+        moments.merge(-1, 0.0, 1.0)
 
 
-def test_running_moments_merge_of_halves_equals_one_update():
+def test_running_moments_merge_of_halves_equals_one_merge_of_the_whole():
     gen = torch.Generator().manual_seed(10)
     data = torch.randn(101, generator=gen) * 5 - 1
     whole = RunningMoments()
-    whole.update(data)
+    _merge_batch(whole, data)
     # As the trainer does across ranks: per-shard [n, sum, sum_sq] -> moments -> merge.
     merged = RunningMoments()
     for shard in (data[:40], data[40:]):
@@ -405,12 +403,12 @@ def test_moments_from_sums_by_hand():
 
 def test_running_moments_state_round_trip():
     moments = RunningMoments()
-    moments.update(torch.tensor([1.0, 5.0, 9.0]))
+    _merge_batch(moments, torch.tensor([1.0, 5.0, 9.0]))
     restored = RunningMoments()
     restored.load_state_dict(moments.state_dict())
     assert restored.state_dict() == moments.state_dict()
-    moments.update(torch.tensor([-3.0]))
-    restored.update(torch.tensor([-3.0]))
+    _merge_batch(moments, torch.tensor([-3.0]))
+    _merge_batch(restored, torch.tensor([-3.0]))
     assert (restored.mean, restored.std, restored.count) == (moments.mean, moments.std, moments.count)
 
 
@@ -542,8 +540,8 @@ def test_entropy_loss_by_hand():
         lambda m: policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), m, 0.2),
         lambda m: value_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), m, 0.2),
         lambda m: entropy_loss(torch.ones(2, 3), m),
-        lambda m: masked_whiten(torch.ones(2, 3), m),
-        lambda m: masked_var(torch.ones(2, 3), m),
+        lambda m: whiten(torch.ones(2, 3), m, 0.0, 1.0),
+        lambda m: masked_sums(torch.ones(2, 3), m),
         lambda m: kl_shaped_rewards(torch.ones(2), torch.zeros(2, 3), m, 0.1),
     ],
 )
@@ -589,12 +587,6 @@ def test_repetition_rate_respects_the_mask():
     mask = torch.tensor([[1, 1, 1, 0, 0, 0]])
     assert repetition_rate(tokens, mask, n=2).tolist() == [0.0]
     assert repetition_rate(tokens, torch.ones_like(mask), n=2).tolist() == pytest.approx([0.6])
-
-
-def test_response_lengths():
-    out = response_lengths(torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]))
-    assert out.dtype == torch.float32
-    assert out.tolist() == [3.0, 1.0, 0.0]
 
 
 def test_ensemble_scores_by_hand():

@@ -30,25 +30,6 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum()
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
-    """sum_i m_i (x_i - mu)^2 / n with mu the masked mean and n = sum_i m_i; times n / (n - 1) if ``unbiased``.
-
-    The Bessel-corrected variance needs at least two masked positions.
-    """
-    mask = _check(values, mask)
-    keep = mask.bool()
-    # torch.where rather than a product: a NaN or inf at a masked-out position must not leak into the result.
-    clean = torch.where(keep, values, torch.zeros_like(values))
-    centred = torch.where(keep, clean - masked_mean(clean, mask), torch.zeros_like(values))
-    n = mask.sum()
-    var = (centred * centred).sum() / n
-    if unbiased:
-        if not bool(n >= 2):
-            raise ValueError("masked_var: the unbiased variance needs at least two masked positions")
-        var = var * n / (n - 1)
-    return var
-
-
 def whiten(values: torch.Tensor, mask: torch.Tensor, mean: float, var: float, eps: float = 1e-8) -> torch.Tensor:
     """(x - mu) / sqrt(var + eps) on masked positions, 0 elsewhere, with the moments given.
 
@@ -67,16 +48,3 @@ def masked_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     keep = _check(values, mask).bool()
     clean = torch.where(keep, values.double(), torch.zeros((), dtype=torch.float64, device=values.device))
     return torch.stack([keep.double().sum(), clean.sum(), (clean * clean).sum()])
-
-
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """:func:`whiten` with this tensor's own masked mean and (population) variance; ``shift_mean=False`` adds mu
-    back, rescaling the spread only, so the sign of the average signal survives (the TRL / lm-human-preferences
-    convention)."""
-    keep = _check(values, mask).bool()
-    clean = torch.where(keep, values, torch.zeros_like(values))
-    mean = masked_mean(clean, mask)
-    whitened = whiten(clean, mask, float(mean), float(masked_var(clean, mask)), eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(keep, whitened, torch.zeros_like(whitened))

@@ -271,10 +271,10 @@ def moments_from_sums(
 class RunningMoments:
     """Historical mean and (population) std of every score seen: the statistics of paper sec. 5.3.1, eq. 18.
 
-    State is Python floats (float64). It starts at mean 0, var 1, count 0; with count 0 the first update simply
+    State is Python floats (float64). It starts at mean 0, var 1, count 0; with count 0 the first merge simply
     adopts the batch moments (the initial mean and var carry zero weight), so the defaults only matter before any
-    update. Batches are merged with Chan et al.'s parallel algorithm, so merging per-rank moments (``merge``, after
-    ``moments_from_sums`` on all-reduced ``[n, sum, sum_sq]``) equals one update with the whole stream.
+    merge. Batches are merged with Chan et al.'s parallel algorithm, so merging each batch's moments (from the
+    all-reduced ``[n, sum, sum_sq]``, ``moments_from_sums``) gives the moments of the whole stream.
     """
 
     def __init__(self) -> None:
@@ -297,13 +297,6 @@ class RunningMoments:
     @property
     def count(self) -> float:
         return self._count
-
-    def update(self, values: torch.Tensor) -> None:
-        """Merge the moments of all entries of ``values`` (any shape, at least one entry)."""
-        flat = values.detach().to(torch.float64).flatten()
-        if flat.numel() == 0:
-            raise ValueError("RunningMoments.update: no values")
-        self.merge(flat.numel(), flat.mean().item(), flat.var(correction=0).item())
 
     def merge(self, count: float, mean: float, var: float) -> None:
         """Merge a batch of ``count`` values with this ``mean`` and population ``var``; count 0 is a no-op.
@@ -487,8 +480,3 @@ def repetition_rate(tokens: torch.Tensor, mask: torch.Tensor, n: int = 3) -> tor
         grams = [tuple(response[i : i + n]) for i in range(len(response) - n + 1)]
         rates.append((len(grams) - len(set(grams))) / len(grams) if grams else 0.0)
     return torch.tensor(rates, dtype=torch.float32, device=tokens.device)
-
-
-def response_lengths(mask: torch.Tensor) -> torch.Tensor:
-    """|y| = sum_t m_t per row (paper sec. 5.2: response length is a training-health signal). ``(B, T)`` -> ``(B,)``."""
-    return mask.to(torch.float32).sum(dim=1)

@@ -30,7 +30,7 @@ def first_labelled_logit(labels: torch.Tensor) -> int:
     """The first position whose logits predict a label in any row of ``labels`` ``(B, L)``: logits and labels from
     there on (``logits[:, start:]``, ``labels[:, start:]``) give :func:`token_nll` the same loss as the full width.
     The LM head then runs on the response positions only, which at a 49 k vocabulary is most of a small model's
-    forward and backward (measured in BENCHMARKS.md). 0 when nothing is labelled."""
+    forward and backward (measured in docs/results/benchmarks.md). 0 when nothing is labelled."""
     predicts_label = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)
     return int(predicts_label.nonzero()[0]) if bool(predicts_label.any()) else 0
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from rlhf_core.config import ModelConfig
-from rlhf_core.io import atomic_directory
 from rlhf_core.models.loading import from_pretrained
 
 
@@ -55,14 +54,6 @@ def initial_policy(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
     if cfg.name_or_path is None:
         return build_tiny_llama(cfg, tokenizer)
     return load_causal_lm(resolve(cfg.name_or_path, cfg.store), tokenizer, role="model.name_or_path")
-
-
-def save_causal_lm(model: torch.nn.Module, tokenizer, path: str | Path) -> None:
-    """Write a directory ``AutoModelForCausalLM.from_pretrained`` loads (safetensors + config + tokenizer),
-    atomically: a temporary sibling directory renamed into place."""
-    with atomic_directory(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
 
 
 def response_positions(starts: int | torch.Tensor, width: int, total_width: int, rows: int, device) -> torch.Tensor:

@@ -208,17 +208,17 @@ def ptx_minibatches(
         ]
 
 
-def _backward_and_step(engine, loss: torch.Tensor) -> bool:
+def _backward_and_step(engine: distributed.Engine, loss: torch.Tensor) -> bool:
     """Backward one micro-batch and count it (the engine steps at the accumulation boundary). True when the loss
     or the update's gradient was non-finite, i.e. the update is (or will be) skipped.
 
-    The torch engine drops a whole update whose gradient norm is non-finite, so a NaN loss may flow into it and
-    poisons exactly that update. DeepSpeed would apply NaN gradients, so there the bad micro-batch is left out
+    An engine that drops a whole update whose gradient norm is non-finite (the torch one) may take a NaN loss: it
+    poisons exactly that update. One that would apply NaN gradients (DeepSpeed) gets the finite micro-batches only,
     and the update applies the finite rest of the minibatch.
     """
     finite = _finite_everywhere(loss)
     skipped_before = engine.skipped_steps
-    if finite or isinstance(engine, distributed.TorchEngine):
+    if finite or engine.drops_non_finite_updates:
         engine.backward(loss)
     engine.step()
     return not finite or engine.skipped_steps > skipped_before
