@@ -103,7 +103,8 @@ def render(record: dict) -> str:
         START,
         f"The default pipeline (`{record['command']}`), measured by `bench/measured.py` on {record['date']} at commit "
         f"`{record['commit']}`: {machine.get('model', '?')}, {machine['cores']} cores ({flags}). One seed on one "
-        "machine: another CPU gives other numbers, and [the benchmarks](benchmarks.md) have the spread over data draws.",
+        "machine: another CPU gives other numbers, and [the benchmarks](benchmarks.md) have the spread over data "
+        "draws.",
         "",
         "| what | value |",
         "| --- | --- |",

@@ -203,7 +203,7 @@ def worker(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rlhf_core import distributed
-    from rlhf_core.config import DistributedConfig, OptimConfig
+    from rlhf_core.config import DistributedConfig, SupervisedStageConfig
 
     torch.set_num_threads(args.threads)
     dist_cfg = DistributedConfig(engine="deepspeed", zero_stage=args.stage, backend="gloo")
@@ -213,7 +213,7 @@ def worker(args) -> None:
     accumulation = per_rank // args.micro_batch
     if per_rank * world != args.global_batch or accumulation * args.micro_batch != per_rank:
         raise SystemExit(f"global batch {args.global_batch} does not split into {world} x micro {args.micro_batch}")
-    optim = OptimConfig(
+    optim = SupervisedStageConfig(
         micro_batch_size=args.micro_batch, gradient_accumulation_steps=accumulation, lr=args.lr, max_steps=args.steps
     )
 

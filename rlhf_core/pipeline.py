@@ -97,6 +97,7 @@ def run_stage(
 
 def check_before_work(config: Config, stages: list[str]) -> None:
     """What the disk must allow for ``stages`` to run, checked before any stage reads, trains or deletes."""
+    preflight.check_output_paths(config)
     preflight.check_tracking_store(config)
     for stage in stages:
         declared, out = STAGES[stage], STAGES[stage].output_dir(config)

@@ -1,9 +1,10 @@
 """Checks of the file system a stage is about to write, run before it reads, trains or deletes anything.
 
-The configuration already refuses output paths that collide or leave the project (``PathsConfig``). What only the
-disk can tell is checked here: the directory is a directory, it and everything in it can be written (a read-only
-``outputs/ppo`` would otherwise lose its checkpoints to a fresh run and then fail), and it holds nothing the stage
-did not write (``paths.ppo`` pointed at a folder of the user's would have its ``model/`` replaced).
+What depends on where the run starts and on the disk is checked here, not in the configuration's schema: the
+output directories (``paths.*``, relative to the working directory) stay inside the project unless absolute, and
+no two stages share or nest theirs; each directory is a directory, it and everything in it can be written (a
+read-only ``outputs/ppo`` would otherwise lose its checkpoints to a fresh run and then fail), and it holds nothing
+the stage did not write (``paths.ppo`` pointed at a folder of the user's would have its ``model/`` replaced).
 """
 
 from __future__ import annotations
@@ -27,6 +28,44 @@ def check_stage_output(out: Path, stage: str, entries: set[str], where: str) -> 
         return
     _check_writable_tree(out, where)
     _check_only_stage_files(out, stage, entries, where)
+
+
+def check_output_paths(config) -> None:
+    """Every ``paths.*`` names a directory a stage may replace: inside the project when relative, not the project,
+    home or root directory, and apart from every other stage's (neither the same nor nested)."""
+    project = Path.cwd().resolve()
+    values = config.paths.model_dump()
+    resolved = {}
+    for name, value in values.items():
+        problem = _output_path_problem(value, project)
+        if problem:
+            raise ConfigError(f"paths.{name}={value!r} {problem}")
+        resolved[name] = (project / value).resolve()
+    names = list(resolved)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if resolved[a] == resolved[b] or resolved[a] in resolved[b].parents or resolved[b] in resolved[a].parents:
+                raise ConfigError(
+                    f"paths.{a}={values[a]!r} and paths.{b}={values[b]!r} overlap: one stage would overwrite or "
+                    "delete the other's outputs; give each stage its own directory"
+                )
+
+
+def _output_path_problem(value: str, project: Path) -> str | None:
+    """Why ``value`` cannot be a stage's output directory, or None."""
+    if "\0" in value or any(ord(ch) < 32 for ch in value):
+        return "contains a control character"
+    if value.startswith("~"):
+        return "starts with '~', which no stage expands; write the full path"
+    path = Path(value)
+    target = (project / path).resolve()
+    if target == project or target in project.parents:
+        return "is the project directory or one of its parents: a stage replaces its directory's contents"
+    if target == Path.home().resolve() or target == Path(target.anchor):
+        return "is the home or root directory"
+    if not path.is_absolute() and project not in target.parents:
+        return "leaves the project directory; use an absolute path to write outside it on purpose"
+    return None
 
 
 def check_tracking_store(config) -> None:

@@ -14,6 +14,16 @@ def test_params_yaml_is_exactly_the_defaults():
     assert load_config(REPO / "params.yaml") == Config()
 
 
+def test_params_yaml_lists_every_key_of_the_schema():
+    """The defaults live in the schema; params.yaml, the file users read and edit, shows every one of them (with a
+    comment where the paper or its code fixes the value). A new field fails here, naming the line to add."""
+    from rlhf_core.config import config_to_dict
+
+    listed = set(flatten(yaml.safe_load((REPO / "params.yaml").read_text())))
+    missing = {k: v for k, v in flatten(config_to_dict(Config())).items() if k not in listed}
+    assert not missing, f"params.yaml lacks {missing}: add each under its group with its default"
+
+
 def test_params_yaml_groups_are_the_documented_ones():
     groups = list(yaml.safe_load((REPO / "params.yaml").read_text()))
     assert groups == list(Config.model_fields)
@@ -116,7 +126,7 @@ def test_steps_for_exact_batches_and_clear_error():
 
 
 def test_presets_set_the_switches_and_explicit_params_win():
-    from rlhf_core.config import PRESETS, Tricks, TricksConfig, load_config
+    from rlhf_core.config import PRESETS, TrickOverrides, Tricks, load_config
 
     vanilla = load_config(None, ["ppo.preset=vanilla"]).ppo.resolved_tricks()
     assert isinstance(vanilla, Tricks) and vanilla.policy_loss_clip is True
@@ -133,7 +143,7 @@ def test_presets_set_the_switches_and_explicit_params_win():
     resolved = custom.resolved_tricks()
     assert resolved == PRESETS["ppo_max"].model_copy(update={"ptx": False, "kl_coef": 0.1, "kl_estimator": "k3"})
     # ppo.tricks.* overrides every switch but the coefficient, which lives at ppo.kl_coef.
-    assert set(TricksConfig.model_fields) == set(Tricks.model_fields) - {"kl_coef"}
+    assert set(TrickOverrides.model_fields) == set(Tricks.model_fields) - {"kl_coef"}
     with pytest.raises(Exception, match="frozen"):
         resolved.ptx = True
 

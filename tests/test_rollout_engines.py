@@ -178,8 +178,8 @@ def test_auto_keeps_generate_where_autocast_runs_over_float32_weights(model, mon
 
 
 def test_the_engine_benchmarks_measure_each_engine(tmp_path, monkeypatch):
-    """``bench/rollout_engines.py`` and ``bench/gpu_check.py``'s scale part, as docs/results/benchmarks.md runs them, at tiny
-    sizes on the CPU."""
+    """``bench/rollout_engines.py`` and ``bench/gpu_check.py``'s scale part, as docs/results/benchmarks.md runs
+    them, at tiny sizes on the CPU."""
     from bench import gpu_check, rollout_engines
 
     results = rollout_engines.main(["--device", "cpu", "--models", "tiny", "--rollouts", "4", "--prompt-tokens",

@@ -4,8 +4,8 @@ The harmless-base prompts are red-team attempts, so the share of answers that de
 a statement of unwillingness, a remark that the request is illegal or harmful, a pointer to proper help) is a
 direct if rough measure of harmlessness training. It is a heuristic: it can miss a refusal phrased another way and
 can flag a compliant answer that mentions the law. Its agreement with the data's own labels is measured in
-docs/results/benchmarks.md: the human-chosen (less harmful) answers of the harmless-base test pairs are flagged more often than
-the rejected ones.
+docs/results/benchmarks.md: the human-chosen (less harmful) answers of the harmless-base test pairs are flagged
+more often than the rejected ones.
 """
 
 from __future__ import annotations

@@ -12,11 +12,11 @@ from rlhf_core.models import continuous
 
 
 def engine_for(settings, device, synced_gpus: bool = False, model=None) -> str:
-    """The engine that samples: ``generation.engine``, with ``auto`` resolved from what was measured (docs/results/benchmarks.md,
-    "Rollout engines"): ``generate`` wherever the model is sharded over processes and where bf16 autocast runs over
-    float32 weights (the scheduler's thread would decode in float32); otherwise ``continuous`` on CUDA, and on the
-    CPU for models of at least ``generation.cpu_continuous_min_parameters`` (below that the scheduler's per-step
-    bookkeeping costs more than the finished rows it stops computing)."""
+    """The engine that samples: ``generation.engine``, with ``auto`` resolved from what was measured
+    (docs/results/benchmarks.md, "Rollout engines"): ``generate`` wherever the model is sharded over processes and
+    where bf16 autocast runs over float32 weights (the scheduler's thread would decode in float32); otherwise
+    ``continuous`` on CUDA, and on the CPU for models of at least ``generation.cpu_continuous_min_parameters``
+    (below that the scheduler's per-step bookkeeping costs more than the finished rows it stops computing)."""
     if settings is None:
         return "generate"
     if settings.engine != "auto":

@@ -1,28 +1,17 @@
-"""Validated configuration: frozen pydantic models mirroring the groups of ``params.yaml`` one to one.
-
-Every hyperparameter of the pipeline lives here with its default, its valid range and a description.
-``load_config`` reads a params file, applies ``--set group.key=value`` overrides and turns any problem into
-one :class:`ConfigError` line naming the key, the bad value and what is allowed, before any work starts.
-"""
+"""The schema: frozen pydantic models mirroring the groups of ``params.yaml`` one to one, every field with its
+default, its valid range and a description. The defaults live here only (``params.yaml`` lists the same values, a
+test checks it; ``docs/reference/configuration.md`` is generated from it)."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import Field, create_model, model_validator
 
-from rlhf_core.errors import ConfigError
+from rlhf_core.config.base import _Group
+from rlhf_core.config.sizes import _ppo_size_problem
+from rlhf_core.config.tricks import PRESETS, TrickOverrides, Tricks
 from rlhf_core.stages import STAGE_LIST
-
-
-class _Group(BaseModel):
-    # allow_inf_nan=False: ".inf" or ".nan" is never a sensible hyperparameter, and accepted it fails much later
-    # with a message that blames something else.
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -189,7 +178,7 @@ class OptimizerConfig(_Group):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Global gradient-norm clipping; null: off.")
 
 
-class OptimConfig(OptimizerConfig):
+class SupervisedStageConfig(OptimizerConfig):
     """A supervised training stage (SFT, RM): its optimiser plus data passes, batch shape and validation."""
 
     seed: int = Field(42, description="Seed of data order, dropout and sampling for this stage.")
@@ -216,7 +205,7 @@ class SamplingConfig(_Group):
     repetition_penalty: float = Field(1.1, ge=1, description="Repetition penalty (paper sec. 6.1: 1.1).")
 
 
-class SFTConfig(OptimConfig):
+class SFTConfig(SupervisedStageConfig):
     epochs: float = Field(10.0, gt=0, description="Passes over the SFT split.")
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward pass on one process.")
     gradient_accumulation_steps: int = Field(2, ge=1, description="Micro-batches per optimizer step.")
@@ -226,7 +215,7 @@ class SFTConfig(OptimConfig):
     )
 
 
-class RMConfig(OptimConfig):
+class RMConfig(SupervisedStageConfig):
     """Reward-model training (paper sec. 4.1, eq. 2). Consumed by the `rm` stage."""
 
     epochs: float = Field(2.0, gt=0, description="Passes over the RM split (paper: about 1; 2 suit the tiny model).")
@@ -270,63 +259,6 @@ class RMEvalConfig(_Group):
     histogram_bins: int = Field(40, ge=5, le=500, description="Bins of the score-gap histogram (paper fig. 2).")
 
 
-class Tricks(_Group):
-    """The resolved PPO-max switches (DESIGN.md trick table): a preset with ``ppo.tricks.*`` and ``ppo.kl_coef``
-    applied. The trainer reads ``if tricks.<name>:``; each switch calls one ``rlhf_core.algos`` function."""
-
-    reward_norm: bool = Field(description="Normalise scores with the running mean/std (eq. 18).")
-    reward_clip: bool = Field(description="Clip (normalised) scores to [-ppo.reward_clip, +] (eq. 18).")
-    reward_scaling: bool = Field(description="Divide scores by the running std without centring (MOSS's script).")
-    advantage_norm: bool = Field(description="Whiten advantages per minibatch, moments over every rank (sec. 5.3.1).")
-    advantage_clip: bool = Field(description="Clip advantages to [-ppo.advantage_clip, +].")
-    kl_penalty: bool = Field(description="Token-level KL penalty to the SFT policy in the rewards (sec. 5.3.2).")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field(description="Per-token KL estimator.")
-    kl_controller: Literal["fixed", "adaptive"] = Field(
-        description="Fixed coefficient or Ziegler's adaptive controller (ppo.kl_target, ppo.kl_horizon)."
-    )
-    entropy_bonus: bool = Field(description="Entropy bonus (sec. 5.3.2; not recommended).")
-    policy_loss_clip: bool = Field(description="Clipped surrogate policy loss (sec. 5.3).")
-    value_loss_clip: bool = Field(description="Clip values around the old values (sec. 5.3).")
-    critic_from_rm: bool = Field(
-        description="Initialise the critic from the reward model (else: SFT trunk, zero head)."
-    )
-    critic_warmup: bool = Field(
-        description="Train only the critic for ppo.critic_warmup_steps before policy updates (sec. 5.3.3)."
-    )
-    global_grad_clip: bool = Field(description="Clip gradient norms to ppo.*_optim.max_grad_norm (sec. 5.4).")
-    ptx: bool = Field(description="PPO-ptx: SFT loss on demonstrations mixed into the policy loss (sec. 5.4).")
-    kl_coef: float = Field(ge=0, description="KL penalty coefficient eta (set with ppo.kl_coef).")
-
-
-# ppo.tricks: every switch of Tricks but kl_coef (ppo.kl_coef), null by default = the preset's value.
-TricksConfig = create_model(
-    "TricksConfig",
-    __base__=_Group,
-    __doc__="PPO-max switches (DESIGN.md trick table). null takes the value of ``ppo.preset``; an explicit value wins.",
-    **{
-        name: (field.annotation | None, Field(None, description=field.description))
-        for name, field in Tricks.model_fields.items()
-        if name != "kl_coef"
-    },
-)
-
-
-_OFF = dict(reward_norm=False, reward_clip=False, reward_scaling=False, advantage_norm=False, advantage_clip=False,
-            kl_penalty=False, kl_estimator="k1", kl_controller="fixed", entropy_bonus=False, policy_loss_clip=True,
-            value_loss_clip=False, critic_from_rm=False, critic_warmup=False, global_grad_clip=False, ptx=False,
-            kl_coef=0.0)  # fmt: skip
-# `vanilla`: nothing but the clipped surrogate; `moss_released`: what the paper's released script runs (reward
-# scaling, policy and value clipping, critic from the RM, gradient clipping, KL 0.01); `ppo_max`: the paper's sec. 5.4.
-PRESETS: dict[str, Tricks] = {
-    "vanilla": Tricks(**_OFF),
-    "moss_released": Tricks(**{**_OFF, "reward_scaling": True, "kl_penalty": True, "value_loss_clip": True,
-                               "critic_from_rm": True, "global_grad_clip": True, "kl_coef": 0.01}),
-    "ppo_max": Tricks(**{**_OFF, "reward_norm": True, "reward_clip": True, "advantage_norm": True, "kl_penalty": True,
-                         "value_loss_clip": True, "critic_from_rm": True, "critic_warmup": True,
-                         "global_grad_clip": True, "ptx": True, "kl_coef": 0.05}),
-}  # fmt: skip
-
-
 class PolicyOptimizerConfig(OptimizerConfig):
     lr: float = Field(
         3e-5, gt=0, le=1, description="Policy learning rate (paper/code: 5e-7 for 7B; the tiny model needs more)."
@@ -368,7 +300,7 @@ class PPOConfig(_Group):
     preset: Literal["vanilla", "moss_released", "ppo_max"] = Field(
         "ppo_max", description="Trick preset; ppo.tricks.* and ppo.kl_coef override single switches."
     )
-    tricks: TricksConfig = Field(default_factory=TricksConfig, description="Per-trick overrides of the preset.")
+    tricks: TrickOverrides = Field(default_factory=TrickOverrides, description="Per-trick overrides of the preset.")
     steps: int = Field(150, ge=1, description="PPO iterations (rollout, then update), critic warm-up included.")
     rollout_size: int = Field(64, ge=1, description="Samples per experience buffer (paper: 128).")
     minibatch_size: int = Field(32, ge=1, description="Samples per PPO minibatch, one optimizer step (paper: 32).")
@@ -458,61 +390,6 @@ class PPOConfig(_Group):
         return self
 
 
-@dataclass(frozen=True)
-class PPOSizes:
-    """Sizes the PPO stage derives from ``ppo.*`` and the number of processes, computed once (``ppo_sizes``)."""
-
-    world_size: int
-    local_rollout: int  # rollouts sampled by each process per iteration
-    minibatches: int  # minibatches (optimizer steps of each model) per epoch over the buffer
-    local_minibatch: int  # each process's share of a minibatch
-    accumulation: int  # micro-batches accumulated into one optimizer step on each process
-    updates_per_iteration: int  # epochs x minibatches
-    warmup_iterations: int  # critic-only iterations at the start
-    policy_updates: int  # optimizer steps of the policy over the run
-    critic_updates: int  # optimizer steps of the critic over the run
-
-
-def _ppo_size_problem(ppo: PPOConfig, world_size: int) -> str | None:
-    if (
-        ppo.rollout_size % ppo.minibatch_size
-        or ppo.minibatch_size % world_size
-        or (ppo.minibatch_size // world_size) % ppo.micro_batch_size
-    ):
-        return (
-            f"ppo.rollout_size={ppo.rollout_size} must be a multiple of ppo.minibatch_size={ppo.minibatch_size}, "
-            f"which must split evenly over {world_size} process(es) into micro-batches of "
-            f"ppo.micro_batch_size={ppo.micro_batch_size}"
-        )
-    warmup = ppo.critic_warmup_steps if ppo.resolved_tricks().critic_warmup else 0
-    if warmup >= ppo.steps:
-        return f"ppo.critic_warmup_steps={warmup} leaves no policy update in ppo.steps={ppo.steps}"
-    return None
-
-
-def ppo_sizes(ppo: PPOConfig, world_size: int) -> PPOSizes:
-    """Rollout -> minibatches -> each process's micro-batches, by exact division, or a ConfigError saying what to
-    change (bench/check_recipe.py checks a recipe's sizes with it too)."""
-    problem = _ppo_size_problem(ppo, world_size)
-    if problem:
-        raise ConfigError(problem)
-    minibatches = ppo.rollout_size // ppo.minibatch_size
-    local_minibatch = ppo.minibatch_size // world_size
-    warmup = ppo.critic_warmup_steps if ppo.resolved_tricks().critic_warmup else 0
-    updates = ppo.epochs * minibatches
-    return PPOSizes(
-        world_size=world_size,
-        local_rollout=ppo.rollout_size // world_size,
-        minibatches=minibatches,
-        local_minibatch=local_minibatch,
-        accumulation=local_minibatch // ppo.micro_batch_size,
-        updates_per_iteration=updates,
-        warmup_iterations=warmup,
-        policy_updates=(ppo.steps - warmup) * updates,
-        critic_updates=ppo.steps * updates,
-    )
-
-
 class EvalConfig(_Group):
     """Win-rate evaluation (paper sec. 6). Consumed by the `eval` stage."""
 
@@ -594,31 +471,10 @@ class TrackingConfig(_Group):
 
 
 class _PathsBase(_Group):
-    """Where each stage commits its outputs. A relative path must stay inside the project (the working directory);
-    an absolute path is taken as the user's explicit choice. No two stages share a directory or nest."""
-
-    @model_validator(mode="after")
-    def _separate_and_inside_the_project(self) -> _PathsBase:
-        project = Path.cwd().resolve()
-        resolved = {}
-        for name, value in self.model_dump().items():
-            problem = _output_path_problem(value, project)
-            if problem:
-                raise ValueError(f"paths.{name}={value!r} {problem}")
-            resolved[name] = (project / value).resolve()
-        names = list(resolved)
-        for i, a in enumerate(names):
-            for b in names[i + 1 :]:
-                if (
-                    resolved[a] == resolved[b]
-                    or resolved[a] in resolved[b].parents
-                    or resolved[b] in resolved[a].parents
-                ):
-                    raise ValueError(
-                        f"paths.{a}={getattr(self, a)!r} and paths.{b}={getattr(self, b)!r} overlap: one stage would "
-                        "overwrite or delete the other's outputs; give each stage its own directory"
-                    )
-        return self
+    """Where each stage commits its outputs. A relative path is relative to the working directory and must stay
+    inside it; an absolute path is taken as the user's explicit choice. No two stages share a directory or nest
+    (checked before a stage works, by ``rlhf_core.preflight.check_output_paths``: the answer depends on where the
+    run starts)."""
 
 
 # One field per stage, from its declaration (rlhf_core/stages.py): a new stage gets its directory setting there.
@@ -630,60 +486,6 @@ PathsConfig = create_model(
         for stage in STAGE_LIST
     },
 )
-
-
-def describe_config(config: BaseModel, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, value as --set takes it, description) for every leaf of ``config``; ``ppo.tricks.*`` left
-    null show the preset's value they resolve to."""
-    rows: list[tuple[str, str, str]] = []
-    for name, field in type(config).model_fields.items():
-        value, key = getattr(config, name), f"{prefix}{name}"
-        if isinstance(value, BaseModel):
-            rows += describe_config(value, f"{key}.")
-            continue
-        shown = _as_set_value(value)
-        rows.append((key, shown, field.description or ""))
-    if isinstance(config, Config):
-        resolved = config.ppo.resolved_tricks()
-        rows = [_with_preset_value(row, resolved, config.ppo.preset) for row in rows]
-    return rows
-
-
-def _as_set_value(value: Any) -> str:
-    """``value`` as YAML writes it, so the printed value is what ``--set key=value`` takes."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
-
-
-def _with_preset_value(row: tuple[str, str, str], resolved: BaseModel, preset: str) -> tuple[str, str, str]:
-    key, shown, description = row
-    name = (
-        key.removeprefix("ppo.tricks.")
-        if key.startswith("ppo.tricks.")
-        else "kl_coef"
-        if key == "ppo.kl_coef"
-        else None
-    )
-    if shown != "null" or name is None or not hasattr(resolved, name):
-        return row
-    value = getattr(resolved, name)
-    return key, f"null ({preset}: {str(value).lower() if isinstance(value, bool) else value})", description
-
-
-def _output_path_problem(value: str, project: Path) -> str | None:
-    """Why ``value`` cannot be a stage's output directory, or None."""
-    if "\0" in value or any(ord(ch) < 32 for ch in value):
-        return "contains a control character"
-    if value.startswith("~"):
-        return "starts with '~', which no stage expands; write the full path"
-    path = Path(value)
-    target = (project / path).resolve()
-    if target == project or target in project.parents:
-        return "is the project directory or one of its parents: a stage replaces its directory's contents"
-    if target == Path.home().resolve() or target == Path(target.anchor):
-        return "is the home or root directory"
-    if not path.is_absolute() and project not in target.parents:
-        return "leaves the project directory; use an absolute path to write outside it on purpose"
-    return None
 
 
 class Config(_Group):
@@ -730,180 +532,3 @@ class Config(_Group):
                 f"model.max_position_embeddings={self.model.max_position_embeddings}"
             )
         return self
-
-
-# ----------------------------------------------------------------------------------------------- loading
-def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for depth, key in enumerate(keys[:-1]):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{source}: '{'.'.join(keys[: depth + 1])}' is a value, not a group")
-        node = child
-    node[keys[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``'sft.lr=3e-4'`` -> ``('sft.lr', 0.0003)``; the value is read as YAML (numbers, bools, null, lists)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected group.key=value, e.g. --set sft.lr=3e-4")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or "." not in key:
-        raise ConfigError(f"--set {text!r}: the key must name a group and a field, e.g. sft.lr")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
-    for key in path:
-        field = model.model_fields.get(key)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return sorted(model.model_fields)
-
-
-# Keys of earlier releases and where they live now: an old params file gets told where each one went.
-_BOTH_OPTIMIZERS = "ppo.policy_optim.{0} and ppo.critic_optim.{0}"
-MOVED_KEYS: dict[str, str] = {
-    "ppo.policy_lr": "ppo.policy_optim.lr",
-    "ppo.critic_lr": "ppo.critic_optim.lr",
-    "ppo.warmup_steps": _BOTH_OPTIMIZERS.format("warmup_ratio") + " (a fraction of the optimizer steps)",
-    **{f"ppo.{k}": _BOTH_OPTIMIZERS.format(k) for k in (
-        "lr_schedule", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm")},
-    **{f"{group}.{k}": f"{group}.sampling.{k}" for group in ("ppo", "eval")
-       for k in ("temperature", "top_p", "repetition_penalty")},
-    **{f"ppo.{k}": f"ppo.monitor.{k}" for k in (
-        "collapse_kl", "collapse_length_ratio", "collapse_ppl_ratio", "stop_on_collapse", "max_bad_steps",
-        "sample_every")},
-    "ppo.checkpoint_every": "ppo.checkpoint.every",
-    "ppo.resume": "ppo.checkpoint.resume",
-}  # fmt: skip
-
-
-def _format_validation_error(err: ValidationError, tree: dict, source: str) -> str:
-    lines = []
-    for item in err.errors():
-        loc = tuple(str(p) for p in item["loc"])
-        key = ".".join(loc) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            if key in MOVED_KEYS:
-                lines.append(f"{source}: '{key}' has moved: set {MOVED_KEYS[key]} instead")
-                continue
-            allowed = ", ".join(_allowed_keys(Config, loc[:-1]))
-            lines.append(f"{source}: unknown key '{key}'; allowed here: {allowed}")
-            continue
-        bad = item.get("input")
-        msg = item["msg"].removeprefix("Value error, ")
-        if isinstance(bad, dict):
-            lines.append(f"{source}: {key}: {msg}")
-        else:
-            lines.append(f"{source}: {key} = {bad!r}: {msg}")
-    return "\n".join(lines)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error: plain YAML keeps the last
-    one, so a second ``sft:`` group would silently replace the first with its few keys (and defaults)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise ConfigError(
-                    f"{self.name}:{key_node.start_mark.line + 1}: key '{key}' is given twice "
-                    f"(first on line {seen[key] + 1}); keep one"
-                )
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_params_file(path: Path) -> dict:
-    """The params file as a tree of groups, or one ConfigError line naming the file, the line and the problem."""
-    if not path.is_file():
-        raise ConfigError(f"params file not found: {path} (pass --params FILE)")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"
-        ) from None
-    try:
-        loader = _UniqueKeyLoader(text)  # the reader checks every character here (NUL and the like)
-        loader.name = str(path)
-        try:
-            tree = loader.get_single_data()
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
-    if tree is None:
-        raise ConfigError(f"{path}: the params file is empty; write the groups to change, or copy params.yaml")
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping of groups at the top level")
-    return tree
-
-
-def load_config(params_file: str | Path | None = "params.yaml", overrides: list[str] | tuple = ()) -> Config:
-    """Read ``params_file`` (None: the built-in defaults), apply ``group.key=value`` overrides, validate."""
-    tree: dict = {}
-    source = "defaults"
-    if params_file is not None:
-        tree = read_params_file(Path(params_file))
-        source = str(params_file)
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(tree, key, value, f"--set {text}")
-    if overrides:
-        source = f"{source} + --set"
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, tree, source)) from None
-
-
-def config_to_dict(config: Config) -> dict:
-    return config.model_dump(mode="json")
-
-
-def save_config(config: Config, path: str | Path) -> None:
-    from rlhf_core.io import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """``{'sft': {'lr': 1}}`` -> ``{'sft.lr': 1}`` (for MLflow params and comparisons)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def steps_for(num_examples: int, optim: OptimConfig, world_size: int) -> tuple[int, int]:
-    """(global batch size, optimizer steps) for a split: exact division, or a clear error."""
-    global_batch = optim.micro_batch_size * optim.gradient_accumulation_steps * world_size
-    if num_examples < global_batch:
-        raise ConfigError(
-            f"the split has {num_examples} examples but one optimizer step needs a global batch of "
-            f"{global_batch} (micro_batch_size {optim.micro_batch_size} x gradient_accumulation_steps "
-            f"{optim.gradient_accumulation_steps} x {world_size} processes); lower the batch or add data"
-        )
-    if optim.max_steps is not None:
-        return global_batch, optim.max_steps
-    return global_batch, max(1, math.floor(num_examples * optim.epochs / global_batch))
