@@ -47,7 +47,8 @@ def run(
     config = None
     try:
         config = load(params, set_)
-        from rlhf_core.pipeline import STAGES, check_before_work, run_pipeline, select_stages
+        from rlhf_core.pipeline import STAGES, run_pipeline, select_stages
+        from rlhf_core.preflight import check_before_work
 
         selected = select_stages([s.strip() for s in stages.split(",")] if stages else None)
         check_before_work(config, selected)

@@ -93,6 +93,9 @@ def _run_single(stage: str, params: Path, overrides: list[str] | None) -> None:
     config = None
     try:
         config = load(params, overrides)
+        from rlhf_core.preflight import check_before_work
+
+        check_before_work(config, [stage])  # before importing the trainers: a bad path is reported at once
         from rlhf_core.pipeline import run_stage
 
         artifacts = run_stage(stage, config).artifacts

@@ -54,7 +54,7 @@ def run_stage(
     is_main = int(os.environ.get("RANK", "0")) == 0
     if not declared.distributed and not is_main:
         return StageOutcome({})  # evaluation and data preparation run once, on rank 0
-    check_before_work(config, [stage])
+    preflight.check_before_work(config, [stage])
     if declared.distributed:
         distributed.setup(config.distributed)  # joins torchrun's process group before any rank touches files
     if is_main:
@@ -93,15 +93,6 @@ def run_stage(
             commit.commit(out, {**manifest, "outputs": commit.digests(staging)})
         distributed.barrier()
     return StageOutcome(artifacts, metrics, result.history)
-
-
-def check_before_work(config: Config, stages: list[str]) -> None:
-    """What the disk must allow for ``stages`` to run, checked before any stage reads, trains or deletes."""
-    preflight.check_output_paths(config)
-    preflight.check_tracking_store(config)
-    for stage in stages:
-        declared, out = STAGES[stage], STAGES[stage].output_dir(config)
-        preflight.check_stage_output(Path(out), stage, declared.entries, f"paths.{declared.path_key}={out}")
 
 
 def _write_and_log(config: Config, staging: Path, result, metrics: dict, logger: Logger) -> None:
@@ -193,7 +184,7 @@ def run_pipeline(
     runs one stage (the Prefect flow passes its tasks). Returns each stage's artifacts."""
     outputs: dict[str, dict[str, str]] = {}
     selected = select_stages(stages)
-    check_before_work(config, selected)
+    preflight.check_before_work(config, selected)
     with pipeline_run(config, name=pipeline_run_name(config)) as parent:
         for stage in selected:
             outputs[stage] = runner(stage, config, parent.run_id, not force)

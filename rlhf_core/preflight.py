@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rlhf_core import commit
 from rlhf_core.errors import ConfigError
+from rlhf_core.stages import STAGES
 
 # What any stage's directory may hold besides the stage's own entries (its declaration's): the scaffold's files
 # and DVC's .gitignore.
@@ -28,6 +29,16 @@ def check_stage_output(out: Path, stage: str, entries: set[str], where: str) -> 
         return
     _check_writable_tree(out, where)
     _check_only_stage_files(out, stage, entries, where)
+
+
+def check_before_work(config, stages: list[str]) -> None:
+    """What the disk must allow for ``stages`` to run, checked before any stage reads, trains or deletes. Cheap on
+    purpose (nothing here imports torch), so a mistake in the paths is reported in a blink."""
+    check_output_paths(config)
+    check_tracking_store(config)
+    for stage in stages:
+        declared, out = STAGES[stage], STAGES[stage].output_dir(config)
+        check_stage_output(Path(out), stage, declared.entries, f"paths.{declared.path_key}={out}")
 
 
 def check_output_paths(config) -> None:

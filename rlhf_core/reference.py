@@ -14,9 +14,9 @@ HEADER = """\
 # Configuration reference
 
 Every key of `params.yaml` (and of `--set group.key=value`) with its default and what it does, generated from the
-schema (`rlhf_core/config/schema.py`) by `make generated` (the same table as `rlhf config --markdown`); a test fails when
-this page differs, and another when `params.yaml` does not hold exactly these defaults. A `ppo.tricks.*` switch
-left `null` shows the value the default preset resolves it to.
+schema (`rlhf_core/config/schema.py`) by `make generated` (the same table as `rlhf config --markdown`); a test
+fails when this page differs, and another when `params.yaml` does not hold exactly these defaults. A
+`ppo.tricks.*` switch left `null` shows the value the default preset resolves it to.
 
 """
 

@@ -8,7 +8,8 @@ reward statistics stacked a CPU count onto GPU scores):
    ``make_frozen`` or ``apply_lora`` (whose result goes to an engine), or its line says ``# placed:`` why not;
 2. no literal CPU device (``torch.device("cpu")``, ``device="cpu"``);
 3. a tensor made from Python values (``torch.tensor``, ``zeros``, ``full``, ...) names its ``device=`` or its line
-   says ``# host`` (kept on the CPU on purpose: counters, histograms, bookkeeping moved to the CPU first).
+   says ``# host: <why>`` (kept on the CPU on purpose: counters, histograms, bookkeeping moved to the CPU first);
+   a marker without its reason does not count, so nothing is waved through by a bare comment.
 
 ``distributed.all_reduce_sum`` moves host tensors to the GPU for NCCL, so ``# host`` counters may be reduced.
 """
@@ -16,6 +17,7 @@ reward statistics stacked a CPU count onto GPU scores):
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -50,7 +52,9 @@ def _calls_with_ancestors(tree: ast.AST):
 
 
 def _marked(lines: list[str], node: ast.AST, marker: str) -> bool:
-    return any(marker in lines[i - 1] for i in range(node.lineno, node.end_lineno + 1))
+    """A ``marker: reason`` comment on one of the node's lines (the reason is required)."""
+    pattern = re.compile(re.escape(marker.rstrip(":")) + r":\s*\w")
+    return any(pattern.search(lines[i - 1]) for i in range(node.lineno, node.end_lineno + 1))
 
 
 def _problems(path: Path, root: Path = REPO) -> list[str]:
@@ -68,13 +72,13 @@ def _problems(path: Path, root: Path = REPO) -> list[str]:
                        and call.args[0].value == "cpu")  # fmt: skip
         literal_cpu |= any(k.arg == "device" and isinstance(k.value, ast.Constant) and k.value.value == "cpu"
                            for k in call.keywords)  # fmt: skip
-        if literal_cpu and not _marked(lines, call, "# host"):
+        if literal_cpu and not _marked(lines, call, "# host:"):
             problems.append(f"{where}:{call.lineno}: a literal CPU device")
         is_factory = (
             name in FACTORIES and isinstance(call.func, ast.Attribute) and getattr(call.func.value, "id", "") == "torch"
         )
-        if is_factory and not any(k.arg == "device" for k in call.keywords) and not _marked(lines, call, "# host"):
-            problems.append(f"{where}:{call.lineno}: torch.{name}(...) without device= (or a '# host' reason)")
+        if is_factory and not any(k.arg == "device" for k in call.keywords) and not _marked(lines, call, "# host:"):
+            problems.append(f"{where}:{call.lineno}: torch.{name}(...) without device= (or a '# host: why' comment)")
     return problems
 
 
@@ -91,6 +95,8 @@ def test_every_model_and_tensor_of_the_stages_is_placed_on_the_device():
         ("sample(m, t, q, mask, s, n, torch.device('cpu'))\n", "literal CPU device"),
         ("sums += torch.stack([s.sum(), torch.tensor(float(n))])\n", "without device="),
         ("sums = torch.zeros(3)  # host: a counter\n", None),
+        ("sums = torch.zeros(3)  # host\n", "without device="),
+        ("model = load_causal_lm(path)  # placed:\n", "never placed"),
         ("bad = torch.tensor(1.0, device=loss.device)\n", None),
     ],
 )

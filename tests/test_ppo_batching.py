@@ -145,7 +145,7 @@ def test_scoring_in_cuts_equals_the_full_width_forward(trained_tiny_rm, prepared
     equals one full-width forward over the whole buffer (float tolerance: other shapes, other summation order)."""
     from rlhf_core.models.causal_lm import response_logits
     from rlhf_core.models.critic import response_values
-    from rlhf_core.models.reward import generated_scores
+    from rlhf_core.models.reward import score_rollout
     from rlhf_core.trainers.ppo import batches
     from rlhf_core.trainers.ppo.rollout import sample_rollout, score
 
@@ -161,7 +161,7 @@ def test_scoring_in_cuts_equals_the_full_width_forward(trained_tiny_rm, prepared
     with torch.no_grad():
         logits = response_logits(run.models.policy.unwrapped(), ids, mask, qw, width)
         values = response_values(run.models.critic.unwrapped(), ids, mask, qw, width)
-        scores = generated_scores(run.models.reward_model, ids, mask)
+        scores = score_rollout(run.models.reward_model, ids, mask)
     keep = exp.response_mask.bool()
     t = ppo.sampling.temperature
     for name, direct in (("logprobs", algo.logprobs_from_logits(logits, exp.responses, t)),

@@ -8,7 +8,7 @@ import torch
 from rlhf_core.algos.rm import gather_last
 from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response, left_pad
 from rlhf_core.models.causal_lm import build_tiny_llama
-from rlhf_core.models.reward import load_reward_model, reward_scores
+from rlhf_core.models.reward import load_reward_model, score_padded
 from rlhf_core.models.tokenizer import load_tokenizer
 
 
@@ -32,9 +32,9 @@ def test_reward_model_round_trip_and_padding_invariance(prepared_tiny, tmp_path)
     left_ids, left_mask = left_pad(sequences, tokenizer.pad_token_id)
     right_ids, right_mask = _right_pad(sequences, tokenizer.pad_token_id)
     with torch.no_grad():
-        left = reward_scores(model, left_ids, left_mask)
-        right = reward_scores(model, right_ids, right_mask)
-        alone = torch.stack([reward_scores(model, torch.tensor([s]), torch.ones(1, len(s))) for s in sequences])
+        left = score_padded(model, left_ids, left_mask)
+        right = score_padded(model, right_ids, right_mask)
+        alone = torch.stack([score_padded(model, torch.tensor([s]), torch.ones(1, len(s))) for s in sequences])
         hidden = model.model(input_ids=right_ids, attention_mask=right_mask).last_hidden_state
         by_hand = gather_last(model.score(hidden), right_mask)
     torch.testing.assert_close(left, right, atol=1e-5, rtol=1e-5)
@@ -46,4 +46,4 @@ def test_reward_model_round_trip_and_padding_invariance(prepared_tiny, tmp_path)
     tokenizer.save_pretrained(saved)
     reloaded = AutoModelForSequenceClassification.from_pretrained(saved, num_labels=1).eval()
     with torch.no_grad():
-        torch.testing.assert_close(reward_scores(reloaded, right_ids, right_mask), right)
+        torch.testing.assert_close(score_padded(reloaded, right_ids, right_mask), right)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from rlhf_core.config import load_config
 from rlhf_core.errors import ConfigError, DataError
 from rlhf_core.io import atomic_write_jsonl
-from rlhf_core.models.reward import reward_model_for_training, reward_scores, save_reward_model
+from rlhf_core.models.reward import reward_model_for_training, save_reward_model, score_padded
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.pipeline import run_stage
 from rlhf_core.trainers.rm import collate_pairs, encode_pairs, mismatched_pairs
@@ -69,7 +69,7 @@ def test_saved_reward_model_scores_like_the_training_module(prepared_tiny, tmp_p
     batch = collate_pairs(encode_pairs(tokenizer, PAIRS), tokenizer.pad_token_id)
     with torch.no_grad():
         ours, _ = model(batch["input_ids"], batch["attention_mask"])
-        theirs = reward_scores(loaded, batch["input_ids"], batch["attention_mask"])
+        theirs = score_padded(loaded, batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
     assert not any(k.startswith("lm_head") for k in loaded.state_dict())
 

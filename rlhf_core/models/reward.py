@@ -4,6 +4,15 @@ The reward model starts from the SFT policy's weights (paper sec. 4.1) with a sc
 real token of ``query + response`` (the EOS). Saved with ``save_pretrained``, it loads with
 ``AutoModelForSequenceClassification.from_pretrained(dir)`` and scores identically, so reward models trained
 elsewhere in that format plug into PPO and ours can be used elsewhere.
+
+Scoring, by what the caller holds:
+
+- :func:`score_padded`: token ids right-padded by ``collate_sft`` (training and evaluation batches);
+- :func:`score_rollout`: left-padded queries followed by generated responses, with generation's position ids;
+- :func:`score_samples`: the output of ``models.generation.sample_responses``, in batches (``score_rollout``);
+- :func:`score_texts`: prompt and response strings, encoded as the stages encode them.
+
+(The PPO stage's ``rollout.score`` is a phase of its iteration: log-probs, values and these scores together.)
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response
 from rlhf_core.errors import ConfigError, RLHFError
 from rlhf_core.models.loading import from_pretrained
 
@@ -32,7 +42,7 @@ def load_reward_model(
     return model
 
 
-def reward_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def score_padded(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``(B,)`` scores at the last real token (transformers pools at the last non-pad token itself)."""
     return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)
 
@@ -114,9 +124,7 @@ def save_reward_model(state_dict: dict[str, torch.Tensor], template: RewardModel
         tokenizer.save_pretrained(tmp)
 
 
-def generated_scores(
-    model: torch.nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
+def score_rollout(model: torch.nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``(B,)`` float scores of left-padded queries followed by generated responses, with position ids that skip
     the left padding (so the reward model sees the positions generation used)."""
     from rlhf_core.data.tokenize import position_ids
@@ -133,5 +141,20 @@ def score_samples(reward_model: torch.nn.Module, samples: dict, batch_size: int 
     mask = torch.cat([samples["query_mask"], samples["response_mask"]], 1)
     step = batch_size or len(ids)
     return torch.cat(
-        [generated_scores(reward_model, ids[i : i + step], mask[i : i + step]) for i in range(0, len(ids), step)]
+        [score_rollout(reward_model, ids[i : i + step], mask[i : i + step]) for i in range(0, len(ids), step)]
     )
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int) -> torch.Tensor:
+    """``(N,)`` reward-model scores of ``prompt + response`` pairs, in input order."""
+    model.eval()
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        examples = [
+            (encode_query(tokenizer, p), encode_response(tokenizer, r))
+            for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size], strict=True)
+        ]
+        batch = {k: v.to(model.device) for k, v in collate_sft(examples, tokenizer.pad_token_id).items()}
+        scores.append(score_padded(model, batch["input_ids"], batch["attention_mask"]).float().cpu())
+    return torch.cat(scores)

@@ -35,5 +35,5 @@ def positions_per_token(micro_batches: list[torch.Tensor]) -> float:
     size over its ones (1.0: no padding at all)."""
     positions = sum(float(m.numel()) for m in micro_batches)
     real = sum(float(m.sum()) for m in micro_batches)
-    totals = distributed.all_reduce_sum(torch.tensor([positions, real], dtype=torch.float64))  # host
+    totals = distributed.all_reduce_sum(torch.tensor([positions, real], dtype=torch.float64))  # host: counts
     return float(totals[0] / totals[1])

@@ -31,7 +31,7 @@ from rlhf_core.errors import DataError
 from rlhf_core.io import atomic_write_json
 from rlhf_core.models.generation import sample
 from rlhf_core.models.lora import apply_lora, is_lora, merged
-from rlhf_core.models.reward import load_reward_model, reward_model_for_training, reward_scores, save_reward_model
+from rlhf_core.models.reward import load_reward_model, reward_model_for_training, save_reward_model, score_padded
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import write_curves
 from rlhf_core.tracking import Logger
@@ -79,7 +79,7 @@ def mismatched_pairs(rows: list[dict], fraction: float, seed: int) -> list[dict]
     if count == 0 or len(rows) < 2:
         return []
     generator = torch.Generator().manual_seed(seed)
-    own = torch.randint(len(rows), (count,), generator=generator).tolist()  # host
+    own = torch.randint(len(rows), (count,), generator=generator).tolist()  # host: data order
     shift = torch.randint(1, len(rows), (count,), generator=generator).tolist()  # host: never the row itself
     extra = []
     for i, k in zip(own, shift, strict=True):
@@ -106,7 +106,9 @@ def validate(engine, pairs: list[Pair], micro: int, pad_id: int, ctx) -> dict[st
             continue
         scores = scores.float()
         loss, stats = pairwise_loss(scores[:n], scores[n:])
-        sums += torch.tensor([float(loss) * n, float(stats["accuracy"]) * n, float(stats["score_gap"]) * n, n])  # host
+        sums += torch.tensor(  # host: metric sums
+            [float(loss) * n, float(stats["accuracy"]) * n, float(stats["score_gap"]) * n, n]
+        )
     engine.module.train()
     loss, correct, gap, count = distributed.all_reduce_sum(sums).tolist()
     return {"rm/val_loss": loss / count, "rm/val_accuracy": correct / count, "rm/val_score_gap": gap / count}
@@ -148,8 +150,9 @@ def reward_statistics(config: Config, rm_dir: Path, tokenizer, ctx) -> dict:
             output = torch.cat([input_ids, responses], dim=1)
             # Scored as PPO will: query + response as generated (left-padded; the head reads the last real token).
             full_mask = torch.cat([attention_mask, eos_response_mask(responses, tokenizer.eos_token_id)], 1)
-            scores = reward_scores(reward_model, output, full_mask).double().cpu()
-            sums += torch.stack([scores.sum(), scores.pow(2).sum(), torch.tensor(float(len(scores)))])  # host
+            scores = score_padded(reward_model, output, full_mask).double().cpu()
+            count = torch.tensor(float(len(scores)))  # host: score sums
+            sums += torch.stack([scores.sum(), scores.pow(2).sum(), count])
     total, total_sq, count = distributed.all_reduce_sum(sums).tolist()
     mean = total / count
     std = math.sqrt(max(total_sq / count - mean * mean, 0.0))
@@ -250,13 +253,13 @@ def _train_step(engine, pairs: list[Pair], opt, pad_id: int, ctx) -> dict[str, f
                            "rm.max_tokens_per_micro_batch", sequences=2)  # fmt: skip
     batches = [(len(g), _to_device(engine, [pairs[i] for i in g], pad_id)) for g in groups]
     local_tokens = sum(int((b["labels"][:n, 1:] != -100).sum()) for n, b in batches)
-    global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))  # host
+    global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))  # host: a count
     # As in SFT: after the engine divides by the accumulation and averages ranks, the LM term is the token mean
     # over the chosen responses of the whole global batch; the ranking terms, means over a micro-batch's pairs,
     # are weighted by its share of the pairs (exactly 1 for micro-batches of micro_batch_size pairs).
     accumulated = opt.gradient_accumulation_steps * ctx.world_size
     normaliser = global_tokens / accumulated
-    pairs_per_share = float(distributed.all_reduce_sum(torch.tensor(float(len(pairs))))) / accumulated  # host
+    pairs_per_share = float(distributed.all_reduce_sum(torch.tensor(float(len(pairs))))) / accumulated  # host: a count
     sums = torch.zeros(5, dtype=torch.float64)  # host: ranking loss, correct, gap, pairs, chosen nll
     for j, (n, batch) in enumerate(batches):
         engine.set_boundary(j == len(batches) - 1)  # the count follows the budget
@@ -278,7 +281,7 @@ def _train_step(engine, pairs: list[Pair], opt, pad_id: int, ctx) -> dict[str, f
             nll = float(lm_stats["nll_sum"])
         engine.backward(loss)
         engine.step()
-        sums += torch.tensor(  # host
+        sums += torch.tensor(  # host: metric sums
             [float(rank_loss.detach()) * n, float(stats["accuracy"]) * n, float(stats["score_gap"]) * n, n, nll]
         )
     rank_sum, correct, gap, count, nll_sum = distributed.all_reduce_sum(sums).tolist()

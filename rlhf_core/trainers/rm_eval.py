@@ -21,30 +21,14 @@ from rlhf_core import distributed
 from rlhf_core.algos.rm import reliability_bins
 from rlhf_core.config import Config
 from rlhf_core.data.rows import load_split
-from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response
 from rlhf_core.errors import DataError
 from rlhf_core.eval.stats import markdown_table, wilson_interval
 from rlhf_core.io import atomic_write_jsonl, atomic_write_text, read_json
-from rlhf_core.models.reward import load_reward_model, reward_scores
+from rlhf_core.models.reward import load_reward_model, score_texts
 from rlhf_core.models.tokenizer import load_tokenizer
 from rlhf_core.plots import save_figure
 from rlhf_core.tracking import Logger
 from rlhf_core.trainers.results import StageResult
-
-
-@torch.no_grad()
-def score_responses(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int) -> torch.Tensor:
-    """``(N,)`` reward-model scores of ``prompt + response`` pairs, in input order."""
-    model.eval()
-    scores = []
-    for start in range(0, len(prompts), batch_size):
-        examples = [
-            (encode_query(tokenizer, p), encode_response(tokenizer, r))
-            for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size], strict=True)
-        ]
-        batch = {k: v.to(model.device) for k, v in collate_sft(examples, tokenizer.pad_token_id).items()}
-        scores.append(reward_scores(model, batch["input_ids"], batch["attention_mask"]).float().cpu())
-    return torch.cat(scores)
 
 
 def _gold_scores(config: Config, rows: list[dict]) -> list[tuple[float, float]] | None:
@@ -78,11 +62,11 @@ def _plot_score_gaps(records: list[dict], bins: int, directory: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gaps = torch.tensor([r["score_gap"] for r in records], dtype=torch.float64)  # host
+    gaps = torch.tensor([r["score_gap"] for r in records], dtype=torch.float64)  # host: plot data
     lo, hi = float(gaps.min()), float(gaps.max())
     if lo == hi:
         lo, hi = lo - 0.5, hi + 0.5
-    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)  # host
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)  # host: plot data
     groups = {"all": records}
     if any("gold_prefers" in r for r in records):
         groups = {
@@ -90,9 +74,12 @@ def _plot_score_gaps(records: list[dict], bins: int, directory: Path) -> None:
             "gold prefers rejected": [r for r in records if r.get("gold_prefers") == "rejected"],
         }
     counts = {
-        name: torch.histogram(torch.tensor([r["score_gap"] for r in rows], dtype=torch.float64), bins=edges)[0]  # host
+        name: torch.histogram(
+            torch.tensor([r["score_gap"] for r in rows], dtype=torch.float64),  # host: plot data
+            bins=edges,
+        )[0]
         if rows
-        else torch.zeros(bins, dtype=torch.float64)  # host
+        else torch.zeros(bins, dtype=torch.float64)  # host: plot data
         for name, rows in groups.items()
     }
     centres = ((edges[:-1] + edges[1:]) / 2).tolist()
@@ -103,7 +90,7 @@ def _plot_score_gaps(records: list[dict], bins: int, directory: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     width = float(edges[1] - edges[0])
-    bottom = torch.zeros(bins, dtype=torch.float64)  # host
+    bottom = torch.zeros(bins, dtype=torch.float64)  # host: plot data
     for (name, c), colour in zip(counts.items(), ("tab:green", "tab:red"), strict=False):
         ax.bar(centres, c.tolist(), width=width, bottom=bottom.tolist(), label=name, color=colour, alpha=0.8)
         bottom += c
@@ -123,13 +110,14 @@ def _calibration(records: list[dict], num_bins: int, directory: Path) -> dict[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gaps = torch.tensor([r["score_gap"] for r in records], dtype=torch.float64)  # host
-    curves = {"annotator": reliability_bins(gaps, torch.ones(len(records), dtype=torch.bool), num_bins)}  # host
+    gaps = torch.tensor([r["score_gap"] for r in records], dtype=torch.float64)  # host: calibration bins
+    everyone = torch.ones(len(records), dtype=torch.bool)  # host: calibration bins
+    curves = {"annotator": reliability_bins(gaps, everyone, num_bins)}
     gold = [r for r in records if r.get("gold_prefers") in ("chosen", "rejected")]
     if gold:
         curves["gold"] = reliability_bins(
-            torch.tensor([r["score_gap"] for r in gold], dtype=torch.float64),  # host
-            torch.tensor([r["gold_prefers"] == "chosen" for r in gold]),  # host
+            torch.tensor([r["score_gap"] for r in gold], dtype=torch.float64),  # host: calibration bins
+            torch.tensor([r["gold_prefers"] == "chosen" for r in gold]),  # host: calibration bins
             num_bins,
         )
     header = ["bin_lower", "bin_upper"] + [
@@ -213,8 +201,8 @@ def evaluate_reward_model(config: Config, out: Path, logger: Logger) -> StageRes
     model = distributed.place(load_reward_model(model_dir, tokenizer.pad_token_id))
     batch = config.rm_eval.batch_size
     prompts = [r["prompt"] for r in rows]
-    chosen = score_responses(model, tokenizer, prompts, [r["chosen"] for r in rows], batch)
-    rejected = score_responses(model, tokenizer, prompts, [r["rejected"] for r in rows], batch)
+    chosen = score_texts(model, tokenizer, prompts, [r["chosen"] for r in rows], batch)
+    rejected = score_texts(model, tokenizer, prompts, [r["rejected"] for r in rows], batch)
     gold = _gold_scores(config, rows)
 
     records = []

@@ -53,8 +53,8 @@ def _labelled_logits(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
 def evaluate_loss(engine, examples, micro_batch_size: int, pad_id: int, ctx) -> float:
     """Token-mean response NLL over ``examples`` (sharded over ranks, summed globally)."""
     engine.module.eval()
-    nll_sum = torch.zeros((), dtype=torch.float64)  # host
-    tokens = torch.zeros((), dtype=torch.float64)  # host
+    nll_sum = torch.zeros((), dtype=torch.float64)  # host: metric sums
+    tokens = torch.zeros((), dtype=torch.float64)  # host: metric sums
     for chunk, is_filler in rank_batches(examples, micro_batch_size, ctx.rank, ctx.world_size):
         batch = {k: v.to(engine.device) for k, v in collate_sft(chunk, pad_id).items()}
         logits, labels = _labelled_logits(engine, batch)
@@ -122,11 +122,11 @@ def _train_step(engine, examples: list[tuple[list[int], list[int]]], opt, pad_id
                            "sft.max_tokens_per_micro_batch")  # fmt: skip
     micro_batches = [collate_sft([examples[i] for i in g], pad_id) for g in groups]
     local_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
-    global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))  # host
+    global_tokens = float(distributed.all_reduce_sum(torch.tensor(float(local_tokens))))  # host: a count
     # Scaled so that after the engine divides by the accumulation and averages over ranks, the gradient is that of
     # the token mean over the whole global batch.
     normaliser = global_tokens / (opt.gradient_accumulation_steps * ctx.world_size)
-    nll_sum = torch.zeros(())  # host
+    nll_sum = torch.zeros(())  # host: metric sums
     for j, mb in enumerate(micro_batches):
         mb = {k: v.to(engine.device) for k, v in mb.items()}
         engine.set_boundary(j == len(micro_batches) - 1)  # the count follows the budget
@@ -181,7 +181,7 @@ def train_sft(config: Config, out: Path, logger: Logger) -> StageResult:
             val_record = {
                 "step": step + 1,
                 "sft/val_loss": val_loss,
-                "sft/ppl": float(torch.exp(torch.tensor(val_loss))),  # host
+                "sft/ppl": float(torch.exp(torch.tensor(val_loss))),  # host: a number
             }
             val_history.append(val_record)
             logger.log_metrics({k: v for k, v in val_record.items() if k != "step"}, step=step + 1)

@@ -12,7 +12,7 @@ from rlhf_core.data.batching import Cut
 from rlhf_core.models.causal_lm import response_logits
 from rlhf_core.models.critic import response_values
 from rlhf_core.models.generation import sample_responses
-from rlhf_core.models.reward import generated_scores
+from rlhf_core.models.reward import score_rollout
 from rlhf_core.trainers.ppo import batches
 from rlhf_core.trainers.ppo.experience import Experience
 from rlhf_core.trainers.ppo.models import PPOModels
@@ -98,8 +98,8 @@ def score(models: PPOModels, exp: Experience, ppo: PPOConfig, sizes: PPOSizes, i
 def _reward(models: PPOModels, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The reward model's scores, or with ``ppo.reward_ensemble`` the ensemble's conservative score."""
     if not models.reward_members:
-        return generated_scores(models.reward_model, ids, mask)
-    scores = torch.stack([generated_scores(model, ids, mask) for model, _, _ in models.reward_members])
+        return score_rollout(models.reward_model, ids, mask)
+    scores = torch.stack([score_rollout(model, ids, mask) for model, _, _ in models.reward_members])
     means = torch.tensor([m for _, m, _ in models.reward_members], device=scores.device)
     stds = torch.tensor([s for _, _, s in models.reward_members], device=scores.device)
     return algo.ensemble_scores(scores, means, stds, models.ensemble_penalty)

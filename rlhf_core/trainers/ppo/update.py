@@ -226,5 +226,5 @@ def _backward_and_step(engine: distributed.Engine, loss: torch.Tensor) -> bool:
 
 def _finite_everywhere(loss: torch.Tensor) -> bool:
     """True when the loss is finite on every rank (ranks must agree to skip, or collectives would hang)."""
-    bad = torch.tensor(0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0)  # host
+    bad = torch.tensor(0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0)  # host: a flag
     return float(distributed.all_reduce_sum(bad)) == 0.0
