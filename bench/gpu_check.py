@@ -149,9 +149,9 @@ def write(results: dict, path: Path) -> None:
 
 
 def stage_config(root: Path, overrides: list[str]):
-    from rlhf_core.config import load_config
+    from rlhf_core.config import PathsConfig, load_config
 
-    paths = [f"paths.{p}={root / p}" for p in ("data", "sft", "rm", "rm_eval", "ppo", "eval")]
+    paths = [f"paths.{p}={root / p}" for p in PathsConfig.model_fields]
     return load_config(REPO / "params.yaml", [*overrides, *paths, "tracking.enabled=false"])
 
 

@@ -29,6 +29,8 @@ SPLITS = {"sft_train": 300, "sft_val": 30, "rm_train": 1700, "rm_test": 189, "pp
 
 
 def overrides(hh: Path, out: Path) -> list[str]:
+    from rlhf_core.config import PathsConfig
+
     return [
         "data.source=hh_rlhf",
         f"data.path={hh}",
@@ -43,7 +45,7 @@ def overrides(hh: Path, out: Path) -> list[str]:
         "sft.num_sample_generations=8",
         "rm.reward_stats_prompts=40",
         "tracking.enabled=false",
-        *(f"paths.{name}={out / name}" for name in ("data", "sft", "rm", "rm_eval", "ppo", "eval")),
+        *(f"paths.{name}={out / name}" for name in PathsConfig.model_fields),
     ]
 
 

@@ -68,7 +68,9 @@ TINY = [
 
 def tiny_overrides(root: Path, tracking: bool = False) -> list[str]:
     """TINY plus output paths under ``root`` and (optionally) an MLflow SQLite store there."""
-    paths = [f"paths.{name}={root / name}" for name in ("data", "sft", "rm", "rm_eval", "ppo", "eval")]
+    from rlhf_core.stages import STAGE_LIST
+
+    paths = [f"paths.{stage.path_key}={root / stage.path_key}" for stage in STAGE_LIST]  # every stage's, declared
     track = [f"tracking.enabled={str(tracking).lower()}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}"]
     return [*TINY, *paths, *track]
 

@@ -32,7 +32,7 @@ CONFIG, DATA = 2, 1  # exit statuses of a configuration error and of every other
 def template_project(trained_tiny_rm, prepared_tiny, tmp_path_factory) -> Path:
     """A project directory as a user has it after `rlhf prepare`, `rlhf sft` and `rlhf rm` (tiny sizes): relative
     output paths under ``outputs/`` and a ``params.yaml`` holding the tiny settings, tracking off."""
-    from rlhf_core.config import config_to_dict, load_config
+    from rlhf_core.config import PathsConfig, config_to_dict, load_config
 
     rm_root, _ = trained_tiny_rm
     prepared_root, _ = prepared_tiny
@@ -41,7 +41,7 @@ def template_project(trained_tiny_rm, prepared_tiny, tmp_path_factory) -> Path:
     for stage in ("sft", "rm"):
         shutil.copytree(rm_root / stage, project / "outputs" / stage)
     tree = config_to_dict(load_config(None, [*TINY, "tracking.enabled=false"]))
-    tree["paths"] = {k: f"outputs/{k}" for k in ("data", "sft", "rm", "rm_eval", "ppo", "eval")}
+    tree["paths"] = {k: f"outputs/{k}" for k in PathsConfig.model_fields}
     (project / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
     _with_ppo_checkpoints(project)
     return project

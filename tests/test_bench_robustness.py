@@ -9,14 +9,24 @@ import pytest
 import yaml
 
 
-@pytest.mark.slow
-def test_robustness_runs_draws_resumes_and_summarises(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def base_runs(tmp_path_factory):
+    """Two tiny draws, vanilla and ppo_max each: (runs directory, results file, the study's arguments, results).
+    The variant test adds its runs beside these, as a user adds a variant to a finished study."""
     from bench import robustness
 
-    out, results_file = tmp_path / "runs", tmp_path / "robustness.json"
+    root = tmp_path_factory.mktemp("robustness")
+    out, results_file = root / "runs", root / "robustness.json"
     args = ["--tiny", "--draws", "1", "2", "--presets", "vanilla", "ppo_max", "--out", str(out),
             "--results", str(results_file)]  # fmt: skip
-    first = robustness.main(args)
+    return out, results_file, args, robustness.main(args)
+
+
+@pytest.mark.slow
+def test_robustness_runs_draws_resumes_and_summarises(base_runs, monkeypatch):
+    from bench import robustness
+
+    out, results_file, args, first = base_runs
 
     assert [(r["draw"], r["preset"]) for r in first] == [(1, "vanilla"), (1, "ppo_max"), (2, "vanilla"), (2, "ppo_max")]
     splits = [(out / f"draw{d}" / "data" / "splits" / "ppo.jsonl").read_text() for d in (1, 2)]
@@ -45,13 +55,12 @@ def test_robustness_runs_draws_resumes_and_summarises(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_variant_reruns_only_the_stages_it_changes_and_sits_beside_the_baseline(tmp_path, monkeypatch):
+def test_a_variant_reruns_only_the_stages_it_changes_and_sits_beside_the_baseline(base_runs, tmp_path, monkeypatch):
     import rlhf_core.pipeline
     from bench import robustness
 
-    out, base_file, variant_file = tmp_path / "runs", tmp_path / "base.json", tmp_path / "variant.json"
+    out, variant_file = base_runs[0], tmp_path / "variant.json"
     common = ["--tiny", "--draws", "1", "--out", str(out)]
-    robustness.main([*common, "--presets", "vanilla", "ppo_max", "--results", str(base_file)])
     stamps = {d: (out / "draw1" / d / "stage.json").read_text() for d in ("data", "sft", "rm", "rm_eval")}
 
     ran: list[str] = []

@@ -89,7 +89,7 @@ def test_summary_lists_each_stage_outputs_once_on_one_line(tmp_path, capsys, mon
     from rlhf_core.config import load_config
     from rlhf_core.stages import STAGES, output_dir
 
-    config = load_config(None, [f"paths.{p}={tmp_path / p}" for p in ("data", "sft", "rm", "rm_eval", "ppo", "eval")])
+    config = load_config(None, [f"paths.{s.path_key}={tmp_path / s.path_key}" for s in STAGES.values()])
     outputs = {}
     for stage in STAGES:
         where = Path(output_dir(config, stage))
