@@ -66,11 +66,12 @@ format: $(STAMP_DEV)
 docs: $(STAMP_DEV)
 	$(BIN)/mkdocs build --strict --quiet
 
-# The files generated from the code (tests fail when they differ): dvc.yaml from the stage declarations, and the
-# configuration reference from the schema.
+# The files generated from the code (tests fail when they differ): dvc.yaml from the stage declarations, the
+# configuration reference from the schema, and any schema key params.yaml lacks (added; what is there is kept).
 generated: $(STAMP_BASE)
 	$(BIN)/rlhf dvc-yaml --write
 	$(BIN)/python -m rlhf_core.reference
+	$(BIN)/python -m rlhf_core.params_file
 
 clean:
 	rm -rf outputs mlruns mlflow.db .prefect

@@ -16,12 +16,28 @@ def test_params_yaml_is_exactly_the_defaults():
 
 def test_params_yaml_lists_every_key_of_the_schema():
     """The defaults live in the schema; params.yaml, the file users read and edit, shows every one of them (with a
-    comment where the paper or its code fixes the value). A new field fails here, naming the line to add."""
-    from rlhf_core.config import config_to_dict
+    comment where the paper or its code fixes the value). `make generated` adds a key the file lacks."""
+    from rlhf_core import params_file
 
-    listed = set(flatten(yaml.safe_load((REPO / "params.yaml").read_text())))
-    missing = {k: v for k, v in flatten(config_to_dict(Config())).items() if k not in listed}
-    assert not missing, f"params.yaml lacks {missing}: add each under its group with its default"
+    assert params_file.render() == (REPO / "params.yaml").read_text(), "params.yaml lacks keys: run make generated"
+
+
+def test_a_missing_key_or_group_is_added_where_it_belongs_and_nothing_else_moves(tmp_path):
+    from rlhf_core import params_file
+
+    text = (REPO / "params.yaml").read_text()
+    cut = text.replace("  ptx_coef: 0.5", "#  ptx_coef (removed)", 1)
+    start = cut.index("\ntracking:")
+    cut = cut[:start] + cut[cut.index("\npaths:") :]  # the whole tracking group
+    repaired = params_file.render(cut)
+    added = [line for line in repaired.splitlines() if line not in cut.splitlines()]
+    assert added[0].startswith("  ptx_coef: 0.5  # ") and added[1] == "tracking:  # MLflow tracking."
+    assert [line.split(":")[0].strip() for line in added[2:]] == list(type(Config().tracking).model_fields)
+    assert all(line in repaired.splitlines() for line in cut.splitlines()), "every existing line is kept"
+    path = tmp_path / "params.yaml"
+    path.write_text(repaired)
+    assert load_config(path) == Config()
+    assert params_file.render(repaired) == repaired
 
 
 def test_params_yaml_groups_are_the_documented_ones():
