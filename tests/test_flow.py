@@ -185,3 +185,20 @@ def test_one_ctrl_c_stops_rlhf_run_under_prefect_within_seconds(prepared_tiny, t
     with sqlite3.connect(tmp_path / ".prefect" / "prefect.db") as db:
         states = [row[0] for row in db.execute("select state_type from flow_run")]
     assert states == ["CRASHED"], states
+    assert not _servers_started_in(tmp_path), "the temporary Prefect server outlived the run"
+
+
+def _servers_started_in(directory) -> list[int]:
+    """Pids of Prefect API servers (uvicorn running Prefect's app) whose working directory is ``directory``."""
+    import os
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            if b"prefect.server.api.server:create_app" in command and os.readlink(proc / "cwd") == str(directory):
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found

@@ -106,7 +106,7 @@ class CodeRun:
 def recorded(tmp_path_factory):
     """Every stage run once on the tiny configuration: stage -> (config keys read, project files run)."""
     root = tmp_path_factory.mktemp("reads")
-    config = load_config(None, [*tiny_overrides(root), "ppo.steps=2"])
+    config = load_config(None, [*tiny_overrides(root), "ppo.steps=2", "sft.max_steps=4", "rm.max_steps=3"])
     readings = {}
     for name in stages.STAGES:
         with ConfigReads(config) as reads, CodeRun() as code:
