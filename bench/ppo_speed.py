@@ -130,6 +130,7 @@ def ours_overrides(base: Path, ppo_dir: Path, steps: int, extra: list[str]) -> l
 
 def workload(config, steps: int) -> tuple[list[list[list[int]]], dict]:
     """Our trainer's prompt batches (token ids, in its order) and the settings the TRL side copies."""
+    from rlhf_core.data.limits import response_token_limit
     from rlhf_core.data.order import global_order
     from rlhf_core.data.rows import load_split
     from rlhf_core.data.tokenize import encode_query
@@ -151,7 +152,7 @@ def workload(config, steps: int) -> tuple[list[list[list[int]]], dict]:
         "micro_batch_size": ppo.micro_batch_size,
         "forward_batch_size": ppo.forward_batch_size,
         "epochs": ppo.epochs,
-        "max_new_tokens": config.data.max_response_tokens,
+        "max_new_tokens": response_token_limit(config),
         **ppo.sampling.model_dump(),
         "kl_coef": tricks.kl_coef,
         "kl_estimator": tricks.kl_estimator,

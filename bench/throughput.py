@@ -337,6 +337,7 @@ def main() -> None:
     from rich.table import Table
 
     from rlhf_core.config import load_config
+    from rlhf_core.data.limits import response_token_limit
     from rlhf_core.data.rows import load_split
     from rlhf_core.data.tokenize import encode_query, left_pad
     from rlhf_core.io import atomic_write_json
@@ -344,7 +345,8 @@ def main() -> None:
     from rlhf_core.models.generation import sample
     from rlhf_core.models.tokenizer import load_tokenizer
 
-    config = load_config(REPO / "params.yaml")
+    config = load_config(REPO / "params.yaml", [f"paths.data={args.outputs / 'data'}"])
+    max_new_tokens = response_token_limit(config)
     tokenizer = load_tokenizer(args.outputs / "data" / "tokenizer")
     prompts = [r["prompt"] for r in load_split(args.outputs / "data", "ppo", config.data)][: config.ppo.rollout_size]
     query_ids, query_mask = left_pad([encode_query(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
@@ -352,18 +354,16 @@ def main() -> None:
 
     peak = matmul_peak()
     generation = bench_generation(
-        model, tokenizer, query_ids, query_mask, config.ppo.sampling, config.data.max_response_tokens, args.repeats
+        model, tokenizer, query_ids, query_mask, config.ppo.sampling, max_new_tokens, args.repeats
     )
     # One rollout (seed 0, before any weight changes) for the training and logits benchmarks.
     with torch.no_grad():
         torch.manual_seed(0)
-        responses = sample(
-            model, tokenizer, query_ids, query_mask, config.ppo.sampling, config.data.max_response_tokens
-        )
+        responses = sample(model, tokenizer, query_ids, query_mask, config.ppo.sampling, max_new_tokens)
     training = bench_training(model, tokenizer, query_ids, query_mask, responses, config, args.repeats)
     training["share_of_peak"] = training["achieved_flops_per_second"] / peak
     generate_logits = bench_generate_logits(
-        model, tokenizer, query_ids, query_mask, config.ppo.sampling, config.data.max_response_tokens
+        model, tokenizer, query_ids, query_mask, config.ppo.sampling, max_new_tokens
     )
     token_draw = bench_token_draw(query_ids.shape[0], model.config.vocab_size)
     response_logits = bench_response_logits(

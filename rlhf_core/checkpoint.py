@@ -6,14 +6,17 @@ Layout: ``<root>/step-000010/{policy/, critic/, trainer-rank0.json, ..., manifes
 
 - A checkpoint is written into ``.step-000010.tmp`` and renamed into place only when every rank has finished, so
   a run killed (or interrupted twice) mid-save leaves the previous checkpoint as the latest complete one.
-- ``manifest.json`` is written last, by rank 0: the step, the configuration's fingerprint, the number of
-  processes, and every file's size and SHA-256. Only directories with a manifest are offered, and nothing is read
-  from one before every file matches it: a truncated, missing, changed or extra file is reported in one line.
+- ``manifest.json`` is written last, by rank 0: the step, the configuration's fingerprint and the configuration
+  itself, the number of processes, and every file's size and SHA-256. Only directories with a manifest are
+  offered, and nothing is read from one before every file matches it: a truncated, missing, changed or extra file
+  is reported in one line.
 - Nothing is unpickled: the trainer state is JSON (RNG states as lists of ints and base64), the plain-torch
   engines' ``engine.pt`` is read with ``torch.load(weights_only=True)``, and DeepSpeed's files are checked by the
   same weights-only unpickler before DeepSpeed reads them (``distributed.DeepSpeedEngine.load_state``). The
   manifest guards against damage, not against someone who can write the directory (they can rewrite it too);
   refusing to run pickled code is what guards against that.
+- Checkpoints of another configuration are moved aside (``previous-<fingerprint>/``, one such set kept, see
+  :func:`set_aside_others`) rather than deleted: a run with one value changed does not take the previous run's.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from rlhf_core.errors import RLHFError
 from rlhf_core.io import atomic_write_json, atomic_write_text, file_sha256
 
 MANIFEST = "manifest.json"
+ASIDE = "previous-"  # + the fingerprint: the one set of another configuration's checkpoints kept
 FORMAT = 2  # 1: pickled trainer-rank*.pt and fingerprint.txt, no manifest
 _STEP_DIR = re.compile(r"^step-(\d{6})$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -108,13 +112,21 @@ def to_plain(value, where: str = "state"):
 
 # ------------------------------------------------------------------------------------------- saving
 def save_checkpoint(
-    root: Path, step: int, engines: dict, trainer_state: dict, ctx, fingerprint: str, keep: int = 2
+    root: Path,
+    step: int,
+    engines: dict,
+    trainer_state: dict,
+    ctx,
+    fingerprint: str,
+    keep: int = 2,
+    config: dict | None = None,
 ) -> Path:
     """Write ``engines`` ({name: engine}) and this rank's ``trainer_state`` for ``step``; keep the newest ``keep``.
 
     ``trainer_state`` is plain data; its ``rng`` (from :func:`rng_state`) is taken now unless it has one.
     ``fingerprint`` identifies the configuration; only a run of the same configuration resumes the checkpoint.
-    Every rank must call this."""
+    ``config`` (JSON data: what the fingerprint hashes) goes into the manifest, so that a run of another
+    configuration can say which settings differ. Every rank must call this."""
     root = Path(root)
     final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
     if ctx.is_main:
@@ -128,7 +140,7 @@ def save_checkpoint(
     state = to_plain({"rng": rng_state(), **trainer_state})
     atomic_write_text(tmp / f"trainer-rank{ctx.rank}.json", json.dumps(state))
     distributed.barrier()  # every rank's files are complete: now they can be listed and hashed
-    _write_manifest(tmp, step, fingerprint, ctx)
+    _write_manifest(tmp, step, fingerprint, ctx, config)
     if ctx.is_main:
         _publish(tmp, final)
         # Prune only behind this step: a newer checkpoint here is a damaged one this run resumed past, reported
@@ -140,14 +152,14 @@ def save_checkpoint(
     return final
 
 
-def _write_manifest(directory: Path, step: int, fingerprint: str, ctx) -> None:
+def _write_manifest(directory: Path, step: int, fingerprint: str, ctx, config: dict | None) -> None:
     """Hash every file of ``directory`` (the ranks share the work); rank 0 writes the manifest."""
     names = _files_in(directory)
     hashed = _sizes_and_hashes(directory, names, ctx)
     if ctx.is_main:
         files = {name: {"size": size, "sha256": sha} for name, (size, sha) in zip(names, hashed, strict=True)}
         manifest = {"format": FORMAT, "step": step, "fingerprint": fingerprint, "world_size": ctx.world_size,
-                    "files": files}  # fmt: skip
+                    "files": files, **({"config": config} if config is not None else {})}  # fmt: skip
         atomic_write_json(directory / MANIFEST, manifest)
 
 
@@ -374,6 +386,87 @@ def resume_latest(
     if not problems:
         return None
     raise CheckpointError(f"none of the {len(problems)} checkpoint(s) in {root} can be resumed (newest: {problems[0]})")
+
+
+# ------------------------------------------------------------------------------------------- other configurations
+def set_aside_others(root: Path, fingerprint: str, config: dict, report: Callable[[str], None]) -> None:
+    """Move the checkpoints in ``root`` written by another configuration into ``root/previous-<its fingerprint>/``
+    and say so through ``report``, in one line naming the settings that differ (``config`` is this run's); bring
+    this configuration's set-aside checkpoints back when ``root`` holds none of its own. One set is kept aside: a
+    new one replaces it, so disk use stays bounded. Every move is one rename, so a kill leaves each checkpoint
+    whole, in one place or the other. Run it on the main process only."""
+    root = Path(root)
+    for leftover in root.glob(f".{ASIDE}*.old"):  # a deletion that was interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
+    others = [p for p in _step_dirs(root) if _owner(p) not in (fingerprint, None)]
+    mine, own = root / f"{ASIDE}{fingerprint}", candidates(root, fingerprint)
+    comes_back = mine.is_dir() and not own
+    kept, fresh = None, not comes_back and not own
+    if others:
+        newest = others[-1]
+        kept = root / f"{ASIDE}{_owner(newest)}"
+        earlier = [p for p in root.glob(f"{ASIDE}*") if p not in (kept, mine)]
+        for path in earlier:  # first: killed after this, the next run moves the rest and no third set is left
+            _remove(path)
+        kept.mkdir(exist_ok=True)
+        for path in others:
+            if (kept / path.name).exists():
+                _remove(kept / path.name)
+            os.replace(path, kept / path.name)
+        recorded = (_manifest_or_none(kept / newest.name) or {}).get("config")
+        changes = config_changes(recorded, config) if isinstance(recorded, dict) else None
+        replaced = f", replacing {', '.join(p.name for p in earlier)}" if earlier else ""
+        report(
+            f"ppo: the checkpoints in {root} (up to step {_step_of(newest)}) are of another configuration "
+            f"({_changes_text(changes, kept.name.removeprefix(ASIDE), fingerprint)}); moved them to {kept}, the one "
+            f"set kept aside{replaced}; a run of that configuration resumes them"
+            + ("; this run starts afresh" if fresh else "")
+        )
+    if comes_back:
+        for path in _step_dirs(mine):
+            os.replace(path, root / path.name)
+        _remove(mine)
+        report(f"ppo: this configuration's checkpoints, set aside by a run of another one, are back from {mine}")
+    elif mine.is_dir() and kept is not None:
+        _remove(mine)  # this configuration resumes its own newer checkpoints: only the set just moved stays aside
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every setting that differs between two configuration dumps, dotted keys sorted."""
+    before, after = _flatten(old), _flatten(new)
+    absent = object()
+    rows = []
+    for key in sorted(before.keys() | after.keys()):
+        a, b = before.get(key, absent), after.get(key, absent)
+        if a != b:
+            rows.append(f"{key}: {_shown(a, absent)} -> {_shown(b, absent)}")
+    return rows
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _shown(value, absent) -> str:
+    """A value as the params file and ``--set`` write it."""
+    if value is absent:
+        return "(not set)"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _changes_text(changes: list[str] | None, old: str | None, new: str, shown: int = 4) -> str:
+    if changes is None:
+        return f"written before checkpoints recorded their configuration; fingerprint {old}, this run's {new}"
+    if not changes:
+        return f"fingerprint {old}, this run's {new}"
+    more = f" and {len(changes) - shown} more" if len(changes) > shown else ""
+    return "; ".join(changes[:shown]) + more
 
 
 def config_fingerprint(config_dump: dict) -> str:

@@ -136,6 +136,7 @@ def _print_artifacts(stage: str, artifacts: dict[str, str], config) -> None:
             f"  MLflow: {config.tracking.uri} (mlflow ui --backend-store-uri {config.tracking.uri} --host 127.0.0.1)",
             highlight=False,
         )
+        _print_runs_link(config)
 
 
 def _stage_command(stage) -> None:
@@ -262,9 +263,23 @@ def print_summary(config, outputs: dict, seconds: float, prefect: bool) -> None:
         table.add_row(f"{stage} outputs", _outputs_cell(Path(STAGES[stage].output_dir(config)), artifacts))
     if config.tracking.enabled:
         table.add_row("MLflow", f"mlflow ui --backend-store-uri {config.tracking.uri} --host 127.0.0.1")
+        from rlhf_core.tracking import experiment_ui_url
+
+        url = experiment_ui_url(config)
+        if url:
+            table.add_row("MLflow runs", url)
     if prefect:
         table.add_row("Prefect", "flow 'rlhf' (docs/pipeline.md: prefect server start --host 127.0.0.1)")
     Console().print(table)
+
+
+def _print_runs_link(config) -> None:
+    """MLflow 3.17's UI opens an experiment on its GenAI overview unless the link asks for the runs."""
+    from rlhf_core.tracking import experiment_ui_url
+
+    url = experiment_ui_url(config)
+    if url:
+        console.print(f"  runs: {url}", highlight=False)
 
 
 def _outputs_cell(where: Path, artifacts: dict[str, str]) -> str:

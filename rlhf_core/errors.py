@@ -11,3 +11,8 @@ class ConfigError(RLHFError):
 
 class DataError(RLHFError):
     """Invalid data: names the file and line (``file:line: what is wrong``) or the split."""
+
+
+class BadRow(ValueError):
+    """One data row is malformed; the message says what is wrong (the reader adds ``file:line`` or ``file row N``
+    and applies ``data.on_bad_rows``)."""

@@ -4,7 +4,8 @@ What depends on where the run starts and on the disk is checked here, not in the
 output directories (``paths.*``, relative to the working directory) stay inside the project unless absolute, and
 no two stages share or nest theirs; each directory is a directory, it and everything in it can be written (a
 read-only ``outputs/ppo`` would otherwise lose its checkpoints to a fresh run and then fail), and it holds nothing
-the stage did not write (``paths.ppo`` pointed at a folder of the user's would have its ``model/`` replaced).
+the stage did not write (``paths.ppo`` pointed at a folder of the user's would have its ``model/`` replaced). A hub
+model name that could be neither loaded from the cache nor downloaded is reported here too.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ def check_before_work(config, stages: list[str]) -> None:
     for stage in stages:
         declared, out = STAGES[stage], STAGES[stage].output_dir(config)
         check_stage_output(Path(out), stage, declared.entries, f"paths.{declared.path_key}={out}")
+    check_model_source(config, stages)
+
+
+def check_model_source(config, stages: list[str]) -> None:
+    """A hub name in ``model.name_or_path``, for stages that load it, is in the Hugging Face cache or the hub can
+    be reached (one short request); otherwise one line at once, not a minute of the hub client's retries."""
+    name = config.model.name_or_path
+    reads = lambda params: any(p in ("model", "model.name_or_path") for p in params)  # noqa: E731
+    if name and any(reads(STAGES[stage].params) for stage in stages):
+        from rlhf_core.models.store import check_hub_model
+
+        check_hub_model(name, config.model.store)
 
 
 def check_output_paths(config) -> None:
@@ -83,6 +96,10 @@ def check_tracking_store(config) -> None:
     """The local SQLite file an ``sqlite:///`` tracking URI names must be creatable (MLflow's own error for a path
     under a file is a traceback)."""
     uri = config.tracking.uri
+    if config.tracking.enabled:
+        from rlhf_core.tracking import check_tracking_uri
+
+        check_tracking_uri(uri)
     if not config.tracking.enabled or not uri.startswith("sqlite:///"):
         return
     database = Path(uri.removeprefix("sqlite:///"))

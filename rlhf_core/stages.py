@@ -64,7 +64,7 @@ class Stage:
     function: str  # ... and its name: (config, staging directory, logger) -> StageResult
     path_key: str  # the `paths` field holding its output directory (default outputs/<path_key>)
     params: tuple[str, ...]  # the config keys (or groups) its outputs depend on; its fingerprint and DVC params
-    inputs: tuple[str, ...] = ()  # "<stage>/<path>": what it reads of earlier stages' outputs
+    inputs: tuple[str, ...] = ()  # "<stage>/<path>": what it reads of earlier stages' outputs (or metrics file)
     outputs: tuple[Output, ...] = ()  # what it writes besides config.yaml and its metrics file
     plots: tuple[Plot, ...] = ()
     scratch: tuple[str, ...] = ()  # what it may leave in its directory that DVC does not track
@@ -116,7 +116,7 @@ STAGE_LIST = (
         module="rlhf_core.trainers.prepare",
         function="prepare_data",
         path_key="data",
-        params=("data", "model.vocab_size", "model.name_or_path"),
+        params=("data", "model.vocab_size", "model.name_or_path", "model.max_position_embeddings"),
         outputs=(Output("splits", cached=True), Output("tokenizer", cached=True)),
         metrics_file="stats.json",
         summary=summary.prepare_rows,
@@ -128,7 +128,12 @@ STAGE_LIST = (
         function="train_sft",
         path_key="sft",
         params=("model", "sft", "distributed", "generation", "data.source", "data.seed", "data.max_response_tokens"),
-        inputs=("prepare/splits/sft_train.jsonl", "prepare/splits/sft_val.jsonl", "prepare/tokenizer"),
+        inputs=(
+            "prepare/splits/sft_train.jsonl",
+            "prepare/splits/sft_val.jsonl",
+            "prepare/tokenizer",
+            "prepare/stats.json",  # the split sizes its model card names
+        ),
         outputs=(
             Output("model", cached=True),
             Output("samples.jsonl"),
@@ -157,7 +162,13 @@ STAGE_LIST = (
             "data.max_response_tokens",
             "ppo.sampling",
         ),  # fmt: skip
-        inputs=("prepare/splits/rm_train.jsonl", "prepare/splits/ppo.jsonl", "prepare/tokenizer", "sft/model"),
+        inputs=(
+            "prepare/splits/rm_train.jsonl",
+            "prepare/splits/ppo.jsonl",
+            "prepare/tokenizer",
+            "prepare/stats.json",
+            "sft/model",
+        ),
         outputs=(
             Output("model", cached=True),
             Output("checkpoints.json"),
@@ -235,6 +246,7 @@ STAGE_LIST = (
             "prepare/splits/ppo.jsonl",
             "prepare/splits/sft_train.jsonl",
             "prepare/tokenizer",
+            "prepare/stats.json",
             "sft/model",
             "rm/model",
         ),  # fmt: skip

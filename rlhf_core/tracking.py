@@ -21,12 +21,21 @@ from pathlib import Path
 from typing import Protocol
 
 from rlhf_core.config import Config, config_to_dict, flatten
+from rlhf_core.errors import ConfigError
 
 PARENT_RUN_ENV = "RLHF_MLFLOW_PARENT_RUN_ID"
-# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, empty here); the tag's value makes it
-# open as classic model-training runs (read from MLflow 3.17's UI code: "mlflow.experimentKind").
+# Which view MLflow 3's UI opens an experiment in. Earlier MLflow 3 UIs read the experiment's tag
+# "mlflow.experimentKind" (useNavigateToExperimentPageTab -> getExperimentKindFromTags): we set it, so those open on
+# the runs. The UI of MLflow 3.17 ignores the tag (workflow-based navigation is always on): `useExperimentKind`
+# (ExperimentKindUtils.ts) takes the kind from the browser's workflow type (WorkflowTypeContext.tsx: the URL's
+# `workflowType` parameter, else localStorage "mlflow.workflowType_v1", else "genai"), so a fresh browser lands on
+# the GenAI overview of traces. There only a URL carrying `workflowType=machine_learning` opens on the runs:
+# `experiment_ui_url` builds it for the CLI to print.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 CLASSIC_ML_EXPERIMENT = {EXPERIMENT_KIND_TAG: "custom_model_development"}
+ML_WORKFLOW_QUERY = "workflowType=machine_learning"
+# Where `mlflow ui` (the command the CLI prints for a local store) serves the UI.
+LOCAL_UI = "http://127.0.0.1:5000"
 # What `dvc exp run` puts in each stage command's environment (dvc/env.py): the experiment's name and baseline.
 DVC_EXP_NAME_ENV, DVC_EXP_BASELINE_ENV = "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"
 # Run tags copied onto every model version the PPO stage registers, so versions filter by preset and data.
@@ -192,7 +201,52 @@ class _StopSafeClient:
         return call
 
 
+# Tracking URI schemes accepted without asking MLflow (which means importing it: seconds, before any work).
+_PLAIN_SCHEMES = {"", "file", "sqlite", "http", "https", "databricks"}
+_UNITY_CATALOG = {"databricks-uc", "uc"}  # model registries only: MLflow keeps no runs there
+_ACCEPTED_URIS = "a local path or file:///PATH, sqlite:///FILE.db, http(s)://HOST:PORT (an MLflow server), databricks"
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Raise a ConfigError naming ``tracking.uri`` unless MLflow has a tracking store for the URI's scheme.
+    MLflow's own error is a traceback from the first MLflow call (``UnsupportedModelRegistryStoreURIException``),
+    naming no key. Schemes other than the plain ones (database URLs, plugins) are asked of MLflow's registries."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    scheme = uri if uri in _UNITY_CATALOG | {"databricks"} else parts.scheme.lower()  # as MLflow reads them,
+    if len(scheme) == 1:  # and a Windows drive letter as a local path
+        scheme = ""
+    if scheme in ("http", "https") and not parts.hostname:
+        raise ConfigError(f"tracking.uri={uri!r} names no host; write {scheme}://HOST:PORT of an MLflow server")
+    if scheme in _PLAIN_SCHEMES or (scheme not in _UNITY_CATALOG and _mlflow_has_store_for(uri)):
+        return
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+
+    databases = ", ".join(f"{engine}://..." for engine in DATABASE_ENGINES if engine != "sqlite")
+    raise ConfigError(
+        f"tracking.uri={uri!r}: MLflow has no tracking store for the scheme {scheme!r}; use {_ACCEPTED_URIS}, "
+        f"or a database URL ({databases})"
+    )
+
+
+def _mlflow_has_store_for(uri: str) -> bool:
+    """Whether both MLflow's tracking store and its model registry (the client opens both) accept ``uri``."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._model_registry.utils import _get_store_registry
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    try:
+        for registry in (_tracking_store_registry, _get_store_registry()):
+            registry.get_store_builder(uri)  # the builder only: nothing is created or connected to
+    except MlflowException:
+        return False
+    return True
+
+
 def _client(config: Config):
+    check_tracking_uri(config.tracking.uri)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
 
@@ -205,6 +259,47 @@ def _client(config: Config):
         if EXPERIMENT_KIND_TAG not in experiment.tags:  # an experiment made elsewhere keeps its owner's choice
             client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, CLASSIC_ML_EXPERIMENT[EXPERIMENT_KIND_TAG])
     return client, experiment_id
+
+
+def experiment_ui_url(config: Config, experiment_id: str | None = None) -> str | None:
+    """The runs list of the experiment in the MLflow UI, as a browser that never opened the UI shows it (see
+    ``ML_WORKFLOW_QUERY``): on the tracking server for an http(s) URI, else on ``mlflow ui``'s default address.
+    ``experiment_id`` defaults to the configured experiment's. None when tracking is off, for Databricks (its own
+    UI), or while the store or the experiment does not exist yet (nothing is created to find out)."""
+    from urllib.parse import urlsplit
+
+    uri = config.tracking.uri
+    if not config.tracking.enabled or uri.lower().startswith(("databricks", "uc:")):
+        return None
+    if experiment_id is None:
+        experiment_id = _existing_experiment_id(config)
+        if experiment_id is None:
+            return None
+    base = uri.rstrip("/") if urlsplit(uri).scheme.lower() in ("http", "https") else LOCAL_UI
+    return f"{base}/#/experiments/{experiment_id}/runs?{ML_WORKFLOW_QUERY}"
+
+
+def _existing_experiment_id(config: Config) -> str | None:
+    from urllib.parse import urlsplit
+
+    uri = config.tracking.uri
+    check_tracking_uri(uri)
+    parts = urlsplit(uri)
+    if uri.startswith("sqlite:///"):
+        local = Path(uri.removeprefix("sqlite:///"))
+    elif parts.scheme.lower() == "file":
+        local = Path(parts.path)
+    elif len(parts.scheme) <= 1:  # a plain path (or a Windows drive)
+        local = Path(uri)
+    else:
+        local = None
+    if local is not None and not local.exists():
+        return None  # opening the store would create it
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(config.tracking.experiment)
+    return experiment.experiment_id if experiment is not None else None
 
 
 def data_version(config: Config) -> str:

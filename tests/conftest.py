@@ -148,6 +148,31 @@ def trained_tiny_rm(prepared_tiny, tmp_path_factory):
     return out, config
 
 
+@pytest.fixture(scope="session")
+def tiny_eval(trained_tiny_rm, prepared_tiny, tmp_path_factory):
+    """A 4-iteration PPO run from the tiny RM's (untrained) policy, then the eval stage: (root, config, eval's
+    outcome), with ``ppo/`` and ``eval/`` under root."""
+    from rlhf_core.config import load_config
+    from rlhf_core.pipeline import run_stage
+
+    out, _ = trained_tiny_rm
+    root = tmp_path_factory.mktemp("eval_stage")
+    config = load_config(
+        None,
+        [
+            *tiny_overrides(prepared_tiny[0]),
+            f"paths.sft={out / 'sft'}",
+            f"paths.rm={out / 'rm'}",
+            f"paths.ppo={root / 'ppo'}",
+            f"paths.eval={root / 'eval'}",
+            "eval.bootstrap_samples=200",
+            "eval.num_examples=5",
+        ],
+    )
+    run_stage("ppo", config)
+    return root, config, run_stage("eval", config)
+
+
 class PicklePayload:
     """Unpickles into a call that writes ``marker``: what a planted checkpoint file would run on an unsafe load."""
 

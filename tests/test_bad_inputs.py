@@ -198,6 +198,8 @@ CONFIG_CASES = [
     Case("set-group-to-value", sets("data.sim=3"), "prepare", CONFIG, ("data.sim",)),
     Case("hh-without-path", sets("data.source=hh_rlhf", "data.path=null"), "prepare", CONFIG, ("data.path",)),
     Case("jsonl-without-files", sets("data.source=jsonl"), "prepare", CONFIG, ("data.sft_file",)),
+    Case("mlflow-uri-unknown-scheme", sets("tracking.enabled=true", "tracking.uri=bogus://nowhere"), "prepare", CONFIG,
+         ("tracking.uri='bogus://nowhere'", "sqlite:///", "http(s)://")),
     Case("unknown-source", sets("data.source=csv"), "prepare", CONFIG, ("data.source = 'csv'",)),
     Case("heads-do-not-divide", sets("model.num_heads=3"), "sft", CONFIG, ("model.num_heads=3",)),
     Case("ppo-sizes-do-not-divide", sets("ppo.rollout_size=10", "ppo.minibatch_size=4"), "ppo", CONFIG,
@@ -309,6 +311,43 @@ def _truncated_hh(project: Path) -> list[str]:
     return overrides
 
 
+HH_OTHER_DIALOGUE = {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Bye?\n\nAssistant: No."}
+USER_HI, USER_BYE = {"role": "user", "content": "Hi?"}, {"role": "user", "content": "Bye?"}
+ANSWER_A = {"role": "assistant", "content": "A."}
+SAME_ANSWERS = {"prompt": "Hi?", "chosen": "A.", "rejected": "A."}
+
+
+def _write(project: Path, name: str, payload: bytes, setting: str = "ppo") -> str:
+    """``inputs/<name>`` with ``payload``; the override that points ``data.<setting>_file`` at it."""
+    (project / "inputs" / name).write_bytes(payload)
+    return f"data.{setting}_file=inputs/{name}"
+
+
+def _table_source(which: str, file_format: str, bad_row: dict) -> Callable[[Path], list[str]]:
+    """Good files, and ``which`` as parquet or a saved dataset with ``bad_row`` at row 2."""
+
+    def setup(project: Path) -> list[str]:
+        import datasets
+
+        good = {"sft": GOOD_SFT, "rm": GOOD_RM}[which]
+        table = datasets.Dataset.from_list([*good[:2], bad_row, *good[2:]])
+        if file_format == "parquet":
+            table.to_parquet(project / "inputs" / f"{which}.parquet")
+            return [*jsonl_source(project), f"data.{which}_file=inputs/{which}.parquet"]
+        table.save_to_disk(str(project / "inputs" / which))
+        return [*jsonl_source(project), f"data.{which}_file=inputs/{which}"]
+
+    return setup
+
+
+def _dataset_dict(project: Path) -> list[str]:
+    import datasets
+
+    rows = datasets.Dataset.from_list(GOOD_RM)
+    datasets.DatasetDict({"train": rows, "test": rows}).save_to_disk(str(project / "inputs" / "rm"))
+    return [*jsonl_source(project), "data.rm_file=inputs/rm"]
+
+
 HH_BROKEN = {"chosen": "no turns at all", "rejected": "\n\nHuman: Hi?\n\nAssistant: No."}
 HH_NUL = {"chosen": "\n\nHuman: Hi\x00?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\x00?\n\nAssistant: No."}
 
@@ -331,7 +370,7 @@ DATA_CASES = [
     Case("missing-field", with_sft_rows({"prompt": "Hi?"}), "prepare", DATA,
          ("inputs/sft.jsonl:3", "missing field 'response'")),
     Case("number-field", with_sft_rows({"prompt": "Hi?", "response": 42}), "prepare", DATA,
-         ("inputs/sft.jsonl:3", "must be a string")),
+         ("inputs/sft.jsonl:3", "must be text or a list of {role, content} messages, got number")),
     Case("empty-field", with_sft_rows({"prompt": "   ", "response": "Hello."}), "prepare", DATA,
          ("inputs/sft.jsonl:3", "empty field 'prompt'")),
     Case("over-long-field", with_sft_rows({"prompt": "Hi?", "response": "x" * 5000}), "prepare", DATA,
@@ -349,6 +388,27 @@ DATA_CASES = [
     Case("hh-bad-byte", lambda p: _hh_file(p, b'{"chosen": "\xff"}\n'), "prepare", DATA, ("hh.jsonl:1", "not UTF-8")),
     Case("hh-missing", lambda p: ["data.source=hh_rlhf", "data.path=nowhere.jsonl"], "prepare", DATA,
          ("nowhere.jsonl",)),
+    Case("hh-every-history-differs", lambda p: _hh_file(p, jsonl([HH_OTHER_DIALOGUE] * 30)), "prepare", DATA,
+         ("hh.jsonl", "30 pairs dropped because their transcripts continue different dialogues", "lines 1, 2, 3")),
+    # the formats of TRL, OpenRLHF and verl: the row named by its index in a table
+    Case("parquet-null-field", _table_source("sft", "parquet", {"prompt": "Hi?", "response": None}), "prepare", DATA,
+         ("inputs/sft.parquet row 2", "field 'response' must be text", "got null")),
+    Case("saved-dataset-bad-pair", _table_source("rm", "hf_dataset", SAME_ANSWERS), "prepare", DATA,
+         ("inputs/rm row 2", "identical chosen and rejected")),
+    Case("saved-dataset-two-splits", _dataset_dict, "prepare", DATA,
+         ("inputs/rm holds the splits", "inputs/rm/")),
+    Case("json-array-broken", lambda p: [*jsonl_source(p), _write(p, "ppo.json", b'[{"prompt": "a?"},\n{"prompt": ')],
+         "prepare", DATA, ("inputs/ppo.json:2", "bad JSON")),
+    Case("empty-file", lambda p: [*jsonl_source(p), _write(p, "sft.jsonl", b"", "sft")], "prepare", DATA,
+         ("inputs/sft.jsonl is empty (0 bytes)",)),
+    Case("empty-gz-file", lambda p: [*jsonl_source(p), _write(p, "rm.jsonl.gz", b"", "rm")], "prepare", DATA,
+         ("inputs/rm.jsonl.gz is empty (0 bytes)",)),
+    Case("unknown-suffix", lambda p: [*jsonl_source(p), _write(p, "ppo.txt", jsonl(GOOD_PPO))], "prepare", DATA,
+         ("inputs/ppo.txt", "cannot tell the format", "data.file_format")),
+    Case("implicit-pair-differs", with_rm_rows({"chosen": [USER_HI, ANSWER_A], "rejected": [USER_BYE, ANSWER_A]}),
+         "prepare", DATA, ("inputs/rm.jsonl:3", "prompts differ", "message 0")),
+    Case("message-role", with_sft_rows({"messages": [USER_HI, {"role": "tool", "content": "42"}]}), "prepare", DATA,
+         ("inputs/sft.jsonl:3", "role 'tool' is not one of system, user, assistant")),
 ]  # fmt: skip
 
 

@@ -340,6 +340,55 @@ def test_resume_never_deletes_them_and_starts_afresh(runs, resumer, trained_tiny
     assert not root.exists()
 
 
+def test_auto_moves_another_configurations_checkpoints_aside_naming_what_changed(
+    runs, resumer, trained_tiny_rm, prepared_tiny, tmp_path, capsys
+):
+    """`resume: auto` after one value changed keeps the previous run's checkpoints: moved aside (one rename each)
+    in one line naming the key, old -> new; a run of that configuration brings them back and resumes; one set
+    stays aside, so a third configuration replaces the set kept before."""
+    from rlhf_core.trainers.ppo.stage import _resume, _resume_config, _resume_fingerprint
+
+    root = _copy(runs, tmp_path)
+    said = lambda: [line for line in capsys.readouterr().err.splitlines() if line.startswith("ppo: ")]  # noqa: E731
+
+    def run_of(*extra):
+        config = _config(trained_tiny_rm, prepared_tiny[0], runs.root / "interrupted", *extra)
+        return replace(resumer.run, config=config), _resume_fingerprint(config)
+
+    changed, fingerprint = run_of("ppo.policy_optim.lr=5e-05")
+    assert _resume(changed, root, fingerprint) == (0, [], [], None)
+    aside = root / f"{checkpoint.ASIDE}{resumer.fingerprint}"
+    [line] = said()
+    for text in (f"the checkpoints in {root} (up to step 3) are of another configuration",
+                 "(ppo.policy_optim.lr: 0.0001 -> 5e-05)", f"moved them to {aside}, the one set kept aside",
+                 "a run of that configuration resumes them", "this run starts afresh"):  # fmt: skip
+        assert text in line, line
+    assert sorted(p.name for p in root.iterdir()) == [aside.name]
+    for step in ("step-000002", "step-000003"):
+        for file in (runs.pristine / step).rglob("*"):
+            moved = aside / step / file.relative_to(runs.pristine / step)
+            assert file.is_dir() or moved.read_bytes() == file.read_bytes(), moved
+
+    # The changed run checkpointed step 2 (made here from the original's files, with its own manifest).
+    shutil.copytree(runs.pristine / "step-000002", root / "step-000002")
+    manifest = json.loads((root / "step-000002" / "manifest.json").read_text())
+    manifest.update(fingerprint=fingerprint, config=_resume_config(changed.config))
+    (root / "step-000002" / "manifest.json").write_text(json.dumps(manifest))
+    start, history, _, path = _resume(resumer.run, root, resumer.fingerprint)  # the original configuration again
+    assert (start, len(history), path) == (3, 3, root / "step-000003")
+    moved, back = said()[:2]
+    assert "(ppo.policy_optim.lr: 5e-05 -> 0.0001)" in moved and "starts afresh" not in moved
+    assert back == f"ppo: this configuration's checkpoints, set aside by a run of another one, are back from {aside}"
+    assert sorted(p.name for p in root.iterdir()) == [f"{checkpoint.ASIDE}{fingerprint}", "step-000002", "step-000003"]
+
+    third, _ = run_of("ppo.kl_coef=0.3", "ppo.seed=5")
+    assert _resume(third, root, _resume_fingerprint(third.config)) == (0, [], [], None)
+    [line] = said()
+    assert "(ppo.kl_coef: null -> 0.3; ppo.seed: 42 -> 5)" in line, line
+    assert f"replacing {checkpoint.ASIDE}{fingerprint}" in line, line
+    assert sorted(p.name for p in root.iterdir()) == [aside.name], "one set kept aside"
+
+
 # ------------------------------------------------------------------------------------------- DeepSpeed
 def test_deepspeed_state_is_checked_by_the_weights_only_unpickler_first(tmp_path):
     """DeepSpeed unpickles its files fully; load_state refuses a file the weights-only unpickler (allowing the

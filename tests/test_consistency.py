@@ -75,7 +75,7 @@ def test_a_stage_reads_only_what_earlier_stages_declare_they_write():
         assert all(order.index(u) < order.index(name) for u in stage.upstream), name
         for item in stage.inputs:
             source, path = item.split("/", 1)
-            written = [o.path for o in STAGES[source].outputs]
+            written = [o.path for o in STAGES[source].outputs] + [STAGES[source].metrics_file]
             assert any(path == w or path.startswith(w + "/") for w in written), f"{name} reads {item}, never written"
 
 

@@ -42,30 +42,6 @@ def test_bootstrap_intervals_bracket_the_estimate_and_are_reproducible():
     assert bootstrap_intervals(["win"] * 5, 200, seed=0)["win_rate"] == (1.0, 1.0)
 
 
-@pytest.fixture(scope="module")
-def tiny_eval(trained_tiny_rm, prepared_tiny, tmp_path_factory):
-    from rlhf_core.config import load_config
-    from rlhf_core.pipeline import run_stage
-    from tests.conftest import tiny_overrides
-
-    out, _ = trained_tiny_rm
-    root = tmp_path_factory.mktemp("eval_stage")
-    config = load_config(
-        None,
-        [
-            *tiny_overrides(prepared_tiny[0]),
-            f"paths.sft={out / 'sft'}",
-            f"paths.rm={out / 'rm'}",
-            f"paths.ppo={root / 'ppo'}",
-            f"paths.eval={root / 'eval'}",
-            "eval.bootstrap_samples=200",
-            "eval.num_examples=5",
-        ],
-    )
-    run_stage("ppo", config)
-    return root, config, run_stage("eval", config)
-
-
 def test_eval_outputs_are_consistent_with_the_pairs(tiny_eval):
     root, config, result = tiny_eval
     metrics = result.metrics

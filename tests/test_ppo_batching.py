@@ -123,11 +123,13 @@ def test_bf16_logits_are_promoted_a_chunk_at_a_time():
 
 
 def test_a_budget_below_the_longest_row_is_refused_at_load():
+    limits = ["data.max_prompt_tokens=96", "data.max_response_tokens=80"]  # set: known at load (null: at the stage)
     with pytest.raises(ConfigError, match=r"ppo.max_tokens_per_micro_batch=100 cannot hold .* 176"):
-        load_config(None, ["ppo.max_tokens_per_micro_batch=100"])
+        load_config(None, [*limits, "ppo.max_tokens_per_micro_batch=100"])
     with pytest.raises(ConfigError, match=r"ppo.max_tokens_per_forward=175"):
-        load_config(None, ["ppo.max_tokens_per_forward=175"])
-    assert load_config(None, ["ppo.max_tokens_per_forward=null"]).ppo.max_tokens_per_forward is None
+        load_config(None, [*limits, "ppo.max_tokens_per_forward=175"])
+    assert load_config(None, [*limits, "ppo.max_tokens_per_forward=null"]).ppo.max_tokens_per_forward is None
+    assert load_config(None, ["ppo.max_tokens_per_micro_batch=100"]).data.max_prompt_tokens is None
 
 
 def _run(trained_tiny_rm, prepared_tiny, tmp_path, overrides: list[str]):

@@ -21,6 +21,8 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # 15 lines: 12 pairs, transcripts whose histories differ on lines 6 and 10, line 8 blank
 HH_SMALL = FIXTURES / "hh_small.jsonl"
 HH_SHARED = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
+SFT_NEEDS = "an sft row needs prompt and response or completion, or messages"
+TEXT_OR_MESSAGES = "text or a list of {role, content} messages"
 HINT = " (fix the row, or set data.on_bad_rows=skip to drop such rows)"
 
 CFG = DataConfig(max_prompt_chars=10, max_response_chars=20)
@@ -41,23 +43,24 @@ BAD_ROWS = [
     ("sft", "not json", "bad JSON: Expecting value at column 1"),
     ("sft", '["Hi", "Hello."]', "expected a JSON object, got list"),
     ("sft", '"Hi"', "expected a JSON object, got str"),
-    ("sft", '{"prompt": "Hi"}', "missing field 'response' (a sft row needs prompt, response)"),
+    ("sft", '{"prompt": "Hi"}', f"missing field 'response' or 'completion' ({SFT_NEEDS})"),
     ("sft", '{"prompt": "   ", "response": "Hello."}', "empty field 'prompt'"),
     ("sft", '{"prompt": "Hi", "response": " \\t\\n "}', "empty field 'response'"),
-    ("sft", '{"prompt": 5, "response": "Hello."}', "field 'prompt' must be a string, got int"),
-    ("sft", '{"prompt": "Hi", "response": 2.5}', "field 'response' must be a string, got float"),
-    ("sft", '{"prompt": "Hi", "response": null}', "field 'response' must be a string, got NoneType"),
+    ("sft", '{"prompt": 5, "response": "Hello."}', f"field 'prompt' must be {TEXT_OR_MESSAGES}, got number"),
+    ("sft", '{"prompt": "Hi", "response": 2.5}', f"field 'response' must be {TEXT_OR_MESSAGES}, got number"),
+    ("sft", '{"prompt": "Hi", "response": null}', f"field 'response' must be {TEXT_OR_MESSAGES}, got null"),
     ("sft", '{"prompt": "12345678901", "response": "Hello."}',
      "over-long field 'prompt': 11 characters > data.max_prompt_chars=10"),
     ("sft", '{"prompt": "Hi", "response": "123456789012345678901"}',
      "over-long field 'response': 21 characters > data.max_response_chars=20"),
     ("rm", '{"prompt": "Hi", "chosen": "Hello."}',
-     "missing field 'rejected' (a rm row needs prompt, chosen, rejected)"),
+     "missing field 'rejected' (an rm row needs chosen and rejected, with prompt or the prompt inside both)"),
     ("rm", '{"prompt": "Hi", "chosen": "Hello.", "rejected": "  Hello. "}',
      "identical chosen and rejected responses"),
     ("rm", '{"prompt": "Hi", "chosen": "Hello.", "rejected": "123456789012345678901"}',
      "over-long field 'rejected': 21 characters > data.max_response_chars=20"),
-    ("prompt", '{"text": "Hi"}', "missing field 'prompt' (a prompt row needs prompt)"),
+    ("prompt", '{"text": "Hi"}',
+     "missing field 'prompt' (a prompt row needs prompt, or messages ending with a user turn)"),
 ]  # fmt: skip
 GOOD = {
     "sft": {"prompt": "Hi", "response": "Hello."},
@@ -86,7 +89,7 @@ def test_validate_row_raises_badrow_with_the_reason(kind, line, reason):
 
 def test_validate_row_accepts_limits_exactly_and_keeps_extra_keys():
     row = {"prompt": "1234567890", "response": "12345678901234567890", "category": "x", "n": 3}
-    assert validate_row(row, "sft", CFG) is row
+    assert validate_row(row, "sft", CFG) == row
     assert validate_row({"prompt": "Hi", "chosen": "Yes.", "rejected": "yes."}, "rm", CFG)  # case differs: ok
 
 
@@ -95,8 +98,8 @@ def test_good_rows_keep_their_line_numbers_across_blank_lines(tmp_path):
         {"prompt": "Bye", "response": "Goodbye.", "category": "farewell"})])  # fmt: skip
     rows = read_rows(path, "sft", CFG, BadRowLog("error"))
     assert rows == [
-        {"prompt": "Hi", "response": "Hello.", "_src": f"{path}:2"},
-        {"prompt": "Bye", "response": "Goodbye.", "category": "farewell", "_src": f"{path}:5"},
+        {"prompt": "Hi", "response": "Hello.", "_src": f"{path}:2", "_file": str(path)},
+        {"prompt": "Bye", "response": "Goodbye.", "category": "farewell", "_src": f"{path}:5", "_file": str(path)},
     ]
 
 
@@ -119,27 +122,29 @@ SKIP_FILE = [
 
 def _skip_expectations(path):
     rows = [
-        {"prompt": "Hi", "response": "Hello.", "category": "greeting", "_src": f"{path}:1"},
-        {"prompt": "Bye", "response": "Goodbye.", "_src": f"{path}:10"},
-        {"prompt": "Why?", "response": "Because.", "_src": f"{path}:13"},
+        {"prompt": "Hi", "response": "Hello.", "category": "greeting", "_src": f"{path}:1", "_file": str(path)},
+        {"prompt": "Bye", "response": "Goodbye.", "_src": f"{path}:10", "_file": str(path)},
+        {"prompt": "Why?", "response": "Because.", "_src": f"{path}:13", "_file": str(path)},
     ]
+    reasons = {
+        "bad JSON": 2,
+        "expected a JSON object, got list": 1,
+        f"missing field 'response' or 'completion' ({SFT_NEEDS})": 1,
+        "empty field 'prompt'": 1,
+        f"field 'prompt' must be {TEXT_OR_MESSAGES}, got number": 1,
+        "over-long field 'prompt'": 1,
+        "over-long field 'response'": 1,
+    }
     stats = {
         "total": 8,
-        "by_reason": {
-            "bad JSON": 2,
-            "expected a JSON object, got list": 1,
-            "missing field 'response' (a sft row needs prompt, response)": 1,
-            "empty field 'prompt'": 1,
-            "field 'prompt' must be a string, got int": 1,
-            "over-long field 'prompt'": 1,
-            "over-long field 'response'": 1,
-        },
+        "by_reason": reasons,
+        "by_file": {str(path): reasons},
         "examples": [
             f"{path}:3: bad JSON: Expecting value at column 1",
             f"{path}:4: expected a JSON object, got list",
-            f"{path}:5: missing field 'response' (a sft row needs prompt, response)",
+            f"{path}:5: missing field 'response' or 'completion' ({SFT_NEEDS})",
             f"{path}:6: empty field 'prompt'",
-            f"{path}:7: field 'prompt' must be a string, got int",
+            f"{path}:7: field 'prompt' must be {TEXT_OR_MESSAGES}, got number",
             f"{path}:8: over-long field 'prompt': 11 characters > data.max_prompt_chars=10",
             f"{path}:9: over-long field 'response': 21 characters > data.max_response_chars=20",
             f"{path}:12: bad JSON: Expecting value at column 12",
@@ -240,8 +245,13 @@ def test_load_split_reads_prepared_splits_and_fails_clearly(tmp_path):
         load_split(tmp_path, "rm_test", DataConfig())
     write_rows(splits / "eval.jsonl", [{"prompt": "A?"}, {"prompt": "B?", "category": "facts"}])
     assert load_split(tmp_path, "eval", DataConfig()) == [
-        {"prompt": "A?", "_src": f"{splits / 'eval.jsonl'}:1"},
-        {"prompt": "B?", "category": "facts", "_src": f"{splits / 'eval.jsonl'}:2"},
+        {"prompt": "A?", "_src": f"{splits / 'eval.jsonl'}:1", "_file": str(splits / "eval.jsonl")},
+        {
+            "prompt": "B?",
+            "category": "facts",
+            "_src": f"{splits / 'eval.jsonl'}:2",
+            "_file": str(splits / "eval.jsonl"),
+        },
     ]
 
 
@@ -290,19 +300,24 @@ def test_read_hh_rlhf_fixture(tmp_path):
     shutil.copy(HH_SMALL, path)
     cfg = DataConfig(source="hh_rlhf", path=str(path))
     pairs, stats = read_hh_rlhf(cfg, BadRowLog("error"))
-    assert stats == {"pairs_read": 12, "history_mismatch_dropped": 2, "history_mismatch_lines": [6, 10]}
+    assert stats == {
+        "path": str(path), "pairs_read": 12, "history_mismatch_dropped": 2,
+        "history_mismatch_rows": [f"{path}:6", f"{path}:10"],
+    }  # fmt: skip
     assert [p["_src"] for p in pairs] == [f"{path}:{n}" for n in FIXTURE_LINES]
     assert pairs[0] == {
         "prompt": "Human: How do I boil an egg?",
         "chosen": "Put it in boiling water for nine minutes.",
         "rejected": "Eggs are round.",
         "_src": f"{path}:1",
+        "_file": str(path),
     }
     assert pairs[5] == {
         "prompt": "Human: Hi there.\n\nAssistant: Hello! How can I help?\n\nHuman: What is 2 + 2?",
         "chosen": "2 + 2 = 4.",
         "rejected": "2 + 2 = 5.",
         "_src": f"{path}:7",
+        "_file": str(path),
     }
     assert pairs[-1]["chosen"] == "Joyful." and pairs[-1]["rejected"] == "Sad."
     assert all(p["prompt"].startswith("Human: ") for p in pairs)
@@ -311,9 +326,9 @@ def test_read_hh_rlhf_fixture(tmp_path):
     with gzip.open(gz, "wb") as handle:
         handle.write(HH_SMALL.read_bytes())
     pairs_gz, stats_gz = read_hh_rlhf(DataConfig(source="hh_rlhf", path=str(gz)), BadRowLog("error"))
-    assert stats_gz == stats
-    strip = [{k: v for k, v in p.items() if k != "_src"} for p in pairs]
-    assert [{k: v for k, v in p.items() if k != "_src"} for p in pairs_gz] == strip
+    assert stats_gz == {**stats, "path": str(gz), "history_mismatch_rows": [f"{gz}:6", f"{gz}:10"]}
+    strip = [{k: v for k, v in p.items() if not k.startswith("_")} for p in pairs]
+    assert [{k: v for k, v in p.items() if not k.startswith("_")} for p in pairs_gz] == strip
     assert pairs_gz[0]["_src"] == f"{gz}:1"
 
 
@@ -343,7 +358,9 @@ def test_read_hh_rlhf_bad_rows(tmp_path):
     bad = BadRowLog("skip")
     pairs, stats = read_hh_rlhf(cfg, bad)
     assert [p["_src"] for p in pairs] == [f"{path}:1", f"{path}:9"]
-    assert stats == {"pairs_read": 2, "history_mismatch_dropped": 1, "history_mismatch_lines": [8]}
+    assert stats == {
+        "path": str(path), "pairs_read": 2, "history_mismatch_dropped": 1, "history_mismatch_rows": [f"{path}:8"]
+    }  # fmt: skip
     assert bad.as_stats()["by_reason"] == {
         "missing or non-string field 'rejected' (HH-RLHF rows need chosen, rejected)": 1,
         "not an HH-RLHF transcript": 1,
@@ -525,20 +542,21 @@ def test_prepare_jsonl_end_to_end(tmp_path):
 
     stats = json.loads((data / "stats.json").read_text())
     assert {f"data/counts.{k}": v for k, v in stats["counts"].items()}.items() <= result.metrics.items()
-    assert stats["source"] == "jsonl"
+    assert stats["source"] == "files"
     assert stats["counts"] == SIZES
     assert stats["categories"] == {"sft_train": {"math": 4}, "sft_val": {"math": 2}}
-    assert stats["bad_rows"] == {"total": 0, "by_reason": {}, "examples": []}
+    assert stats["bad_rows"] == {"total": 0, "by_reason": {}, "by_file": {}, "examples": []}
     assert stats["scaled_splits"] == {}
     assert stats["cross_split_prompt_overlap"] == {}
-    assert stats["token_lengths"]["prompt"]["max"] <= config.data.max_prompt_tokens
+    assert stats["token_lengths"]["prompt"]["max"] == stats["token_limits"]["max_prompt_tokens"]  # derived
 
     tokenizer = load_tokenizer(data / "tokenizer")
     assert stats["tokenizer"] == {"vocab_size": len(tokenizer), "trained": True}
     assert tokenizer.padding_side == "left"
     assert len({tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}) == 3
+    rm_train = data / "splits" / "rm_train.jsonl"
     assert load_split(data, "rm_train", config.data) == [
-        {**row, "_src": f"{data / 'splits' / 'rm_train.jsonl'}:{i}"} for i, row in enumerate(written["rm_train"], 1)
+        {**row, "_src": f"{rm_train}:{i}", "_file": str(rm_train)} for i, row in enumerate(written["rm_train"], 1)
     ]
 
 
@@ -651,7 +669,7 @@ def test_prepare_hh_rlhf_fixture(tmp_path):
     assert stats["source"] == "hh_rlhf"
     assert stats["pairs_read"] == 12
     assert stats["history_mismatch_dropped"] == 2
-    assert stats["history_mismatch_lines"] == [6, 10]
+    assert stats["history_mismatch_rows"] == [f"{HH_SMALL}:6", f"{HH_SMALL}:10"]
     assert stats["scaled_splits"] == {"requested": sizes, "scale": 0.5}
     assert stats["bad_rows"]["total"] == 0
 

@@ -193,3 +193,79 @@ def test_prepare_and_sft_start_from_a_gguf_file(tiny_gguf, tmp_path):
     assert converted.chat_template == CHAT_TEMPLATE
     outcome = run_stage("sft", config)
     assert outcome.history[0]["sft/loss"] > 0 and (tmp_path / "sft" / "model" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------- hub names
+HUB_NAME = "SomeOrg/Model-0.5B-Instruct"  # a dot in the name: still a hub name, not a path
+
+
+def test_a_hub_name_the_cache_lacks_fails_at_once_when_offline(tmp_path):
+    """`rlhf prepare` with a hub name and HF_HUB_OFFLINE set (conftest sets it): one line at once, exit status 2,
+    nothing written; before, the hub's client retried for 71 s (30 lines) first."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    command = [sys.executable, "-m", "rlhf_core.cli", "prepare", "--set", f"model.name_or_path={HUB_NAME}",
+               "--set", f"paths.data={tmp_path / 'data'}", "--set", "tracking.enabled=false"]  # fmt: skip
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for text in (f"model.name_or_path={HUB_NAME} is not in the model store", "nor in the Hugging Face cache",
+                 "the hub cannot be reached (HF_HUB_OFFLINE=1 is set)", "`rlhf models pull smollm2-135m-instruct`",
+                 "a local model directory or .gguf file", "network access"):  # fmt: skip
+        assert text in lines[0], lines[0]
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_unreachable_hub_is_asked_once_and_only_for_the_stages_that_load_the_model(tmp_path, monkeypatch):
+    from rlhf_core.config import load_config
+    from rlhf_core.preflight import check_before_work
+    from tests.conftest import tiny_overrides
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    asked = []
+
+    def probe(endpoint):  # stands for the one HEAD request (3 s timeout): no test waits on the network
+        asked.append(endpoint)
+        return f"{endpoint}: [Errno -2] Name or service not known"
+
+    monkeypatch.setattr(store, "_probe", probe)
+    config = load_config(None, [*tiny_overrides(tmp_path), f"model.name_or_path={HUB_NAME}"])
+    check_before_work(config, ["rm", "ppo", "eval"])  # they load the SFT and RM outputs, never the hub name
+    assert asked == []
+    with pytest.raises(ConfigError, match=r"the hub cannot be reached \(https://.*Name or service not known\)"):
+        check_before_work(config, ["prepare"])
+    assert len(asked) == 1
+    local = load_config(None, [*tiny_overrides(tmp_path), f"model.name_or_path={tmp_path}"])
+    check_before_work(local, ["prepare", "sft"])  # a directory here is no hub name, whatever its form
+    assert len(asked) == 1
+
+
+def test_a_cached_hub_model_loads_from_the_cache_when_the_hub_cannot_be_reached(tmp_path, monkeypatch):
+    """A hub name the Hugging Face cache holds passes the preflight and resolves to its cached snapshot while the
+    hub cannot be reached (no request for the hub's client to retry); online it stays the hub name."""
+    from huggingface_hub import constants
+
+    from rlhf_core.models.loading import _is_local_path
+    from rlhf_core.models.tokenizer import load_pretrained_tokenizer
+
+    model, tokenizer = _tiny_model_and_tokenizer()
+    repo = tmp_path / "hub" / f"models--{HUB_NAME.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    model.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    store.check_hub_model(HUB_NAME, tmp_path / "models")  # HF_HUB_OFFLINE is set: no error, it is cached
+    assert store.resolve(HUB_NAME, tmp_path / "models") == str(snapshot)
+    assert load_pretrained_tokenizer(store.resolve(HUB_NAME, tmp_path / "models")).eos_token_id is not None
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(store, "_probe", lambda endpoint: None)  # the hub answers
+    assert store.resolve(HUB_NAME, tmp_path / "models") == HUB_NAME
+    assert not _is_local_path(HUB_NAME) and _is_local_path("./Model-0.5B") and _is_local_path("a/b/c")

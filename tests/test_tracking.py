@@ -1,9 +1,13 @@
-"""Run tags: the data version names the data settings and, for file sources, the files' contents."""
+"""Run tags: the data version names the data settings and, for file sources, the files' contents; a tracking URI
+MLflow has no store for is one configuration error naming the key."""
 
 from __future__ import annotations
 
+import pytest
+
 from rlhf_core.config import load_config
-from rlhf_core.tracking import data_version
+from rlhf_core.errors import ConfigError
+from rlhf_core.tracking import check_tracking_uri, data_version
 
 
 def test_data_version_follows_settings_and_file_contents(tmp_path):
@@ -48,3 +52,45 @@ def test_stages_of_one_dvc_experiment_nest_under_one_parent_with_their_metrics(p
     assert len(stages) == 3 and len(nested) == 2
     assert parent.data.metrics["sft/steps"] == 4  # the newest stage's numbers, on the experiment's row
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["sqlite:///mlflow.db", "sqlite:////abs/mlflow.db", "mlruns", "/abs/mlruns", "file:///abs/mlruns", "C:\\mlruns",
+     "http://127.0.0.1:5000", "https://mlflow.example.com/prefix", "databricks", "databricks://profile",
+     "postgresql://user@host/db", "mysql+pymysql://user@host/db"],
+)  # fmt: skip
+def test_tracking_uris_mlflow_has_a_store_for_pass(uri):
+    check_tracking_uri(uri)
+
+
+@pytest.mark.parametrize(
+    ("uri", "words"),
+    [
+        ("bogus://nowhere", ("scheme 'bogus'", "sqlite:///", "http(s)://", "databricks", "postgresql://")),
+        ("postgresqlx://host/db", ("scheme 'postgresqlx'",)),
+        ("databricks-uc", ("scheme 'databricks-uc'",)),  # a model registry, no runs
+        ("uc:http://localhost:8080", ("scheme 'uc'",)),
+        ("http://", ("names no host", "http://HOST:PORT")),
+    ],
+)
+def test_a_tracking_uri_mlflow_cannot_open_is_one_config_error_naming_the_key(uri, words):
+    with pytest.raises(ConfigError) as error:
+        check_tracking_uri(uri)
+    message = str(error.value)
+    assert message.startswith(f"tracking.uri={uri!r}") and "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_a_stage_with_a_bogus_tracking_uri_stops_before_writing_anything(tmp_path, monkeypatch):
+    """What `rlhf prepare --set tracking.enabled=true --set tracking.uri=bogus://nowhere` runs: a ConfigError (the
+    CLI prints its line and exits 2) instead of MLflow's traceback, and no output, staging directory or store."""
+    from rlhf_core.pipeline import run_stage
+    from tests.conftest import tiny_overrides
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, [*tiny_overrides(tmp_path / "outputs", tracking=True), "tracking.uri=bogus://nowhere"])
+    with pytest.raises(ConfigError, match=r"^tracking\.uri='bogus://nowhere'"):
+        run_stage("prepare", config)
+    assert list(tmp_path.iterdir()) == []

@@ -26,6 +26,7 @@ from rlhf_core.config.schema import (
     CheckpointConfig,
     Config,
     CriticOptimizerConfig,
+    DataColumns,
     DataConfig,
     DistributedConfig,
     EvalConfig,
@@ -53,6 +54,7 @@ from rlhf_core.errors import ConfigError
 
 __all__ = [
     "MOVED_KEYS", "PRESETS", "CategoryWeights", "CheckpointConfig", "Config", "ConfigError", "CriticOptimizerConfig",
+    "DataColumns",
     "DataConfig", "DistributedConfig", "EvalConfig", "FlawWeights", "GenerationEngineConfig", "LoraConfig",
     "ModelConfig", "MonitorConfig", "OptimizerConfig", "PPOConfig", "PPOSizes", "PathsConfig",
     "PolicyOptimizerConfig", "RMConfig", "RMEvalConfig", "SFTConfig", "SamplingConfig", "SimConfig", "SplitSizes",

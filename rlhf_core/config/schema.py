@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, create_model, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from rlhf_core.config.base import _Group
 from rlhf_core.config.sizes import _ppo_size_problem
@@ -81,15 +81,42 @@ class SimConfig(_Group):
         return self
 
 
+class DataColumns(_Group):
+    """Column names in the user's data files (OpenRLHF's input_key / output_key / chosen_key / rejected_key)."""
+
+    prompt: str = Field("prompt", min_length=1, description="The prompt: text or a list of {role, content} messages.")
+    response: str | None = Field(
+        None, description="SFT: the answer (text or one assistant message); null: 'response' or 'completion'."
+    )
+    chosen: str = Field("chosen", min_length=1, description="RM: the preferred answer (or whole conversation).")
+    rejected: str = Field("rejected", min_length=1, description="RM: the other answer (or whole conversation).")
+    messages: str = Field(
+        "messages",
+        min_length=1,
+        description="A whole conversation: SFT ends with the answer, prompts with a user turn.",
+    )
+
+
 class DataConfig(_Group):
-    source: Literal["sim", "hh_rlhf", "jsonl"] = Field(
-        "sim", description="sim: built-in simulated assistant domain; hh_rlhf: Anthropic HH-RLHF file; jsonl."
+    source: Literal["sim", "hh_rlhf", "files"] = Field(
+        "sim",
+        description="sim: built-in simulated assistant domain; hh_rlhf: Anthropic HH-RLHF file; files: your own "
+        "SFT, RM and PPO files (formerly 'jsonl', still accepted).",
     )
     seed: int = Field(1234, description="Seed of the generator and of every split shuffle.")
-    path: str | None = Field(None, description="hh_rlhf: one .jsonl or .jsonl.gz file of chosen/rejected pairs.")
-    sft_file: str | None = Field(None, description="jsonl: rows {prompt, response} for SFT (train+val).")
-    rm_file: str | None = Field(None, description="jsonl: rows {prompt, chosen, rejected} for RM (train+test).")
-    ppo_file: str | None = Field(None, description="jsonl: rows {prompt} for PPO and evaluation prompts.")
+    path: str | None = Field(None, description="hh_rlhf: one file of chosen/rejected transcripts (any file_format).")
+    sft_file: str | None = Field(
+        None, description="files: demonstrations {prompt, response|completion} or {messages} (train+val)."
+    )
+    rm_file: str | None = Field(
+        None, description="files: preference pairs {prompt, chosen, rejected} or {chosen, rejected} (train+test)."
+    )
+    ppo_file: str | None = Field(None, description="files: prompts {prompt} or {messages} for PPO and evaluation.")
+    file_format: Literal["auto", "jsonl", "json", "parquet", "hf_dataset"] = Field(
+        "auto",
+        description="auto: from the name (.jsonl[.gz], .json[.gz], .parquet; a directory: datasets' save_to_disk).",
+    )
+    columns: DataColumns = Field(default_factory=DataColumns, description="Column names in the data files.")
     splits: SplitSizes = Field(
         default_factory=SplitSizes,
         description="Split sizes; for file sources an upper bound, scaled down together when rows run short.",
@@ -99,20 +126,31 @@ class DataConfig(_Group):
     )
     max_prompt_chars: int = Field(4000, ge=1, description="Rows with a longer prompt are malformed.")
     max_response_chars: int = Field(2000, ge=1, description="Rows with a longer response are malformed.")
-    max_prompt_tokens: int = Field(96, ge=4, description="Rows whose prompt tokenises longer are malformed.")
-    max_response_tokens: int = Field(
-        80,
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=4,
+        description="Rows whose prompt tokenises longer are malformed; null: the longest prompt in the data, within "
+        "the model's positions (recorded in stats.json).",
+    )
+    max_response_tokens: int | None = Field(
+        None,
         ge=2,
-        description="Rows whose response (+EOS) tokenises longer are malformed; also generation cap.",
+        description="Rows whose response (+EOS) tokenises longer are malformed; also the generation cap; null: the "
+        "longest response in the data, within the model's positions.",
     )
     sim: SimConfig = Field(default_factory=SimConfig, description="The simulated assistant domain.")
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _old_source_name(cls, value):
+        return "files" if value == "jsonl" else value  # the name before parquet and saved datasets were read
 
     @model_validator(mode="after")
     def _source_files(self) -> DataConfig:
         if self.source == "hh_rlhf" and not self.path:
-            raise ValueError("data.source=hh_rlhf needs data.path (a .jsonl or .jsonl.gz file)")
-        if self.source == "jsonl" and not (self.sft_file and self.rm_file and self.ppo_file):
-            raise ValueError("data.source=jsonl needs data.sft_file, data.rm_file and data.ppo_file")
+            raise ValueError("data.source=hh_rlhf needs data.path (a .jsonl, .jsonl.gz, .parquet or saved dataset)")
+        if self.source == "files" and not (self.sft_file and self.rm_file and self.ppo_file):
+            raise ValueError("data.source=files needs data.sft_file, data.rm_file and data.ppo_file")
         return self
 
 
@@ -509,6 +547,9 @@ class Config(_Group):
 
     @model_validator(mode="after")
     def _budgets_hold_the_longest_row(self) -> Config:
+        # Derived limits (null) are known once `rlhf prepare` has read the data; each stage checks them then.
+        if self.data.max_prompt_tokens is None or self.data.max_response_tokens is None:
+            return self
         longest = self.data.max_prompt_tokens + self.data.max_response_tokens
         budgets = [("ppo", "max_tokens_per_micro_batch", 1), ("ppo", "max_tokens_per_forward", 1),
                    ("sft", "max_tokens_per_micro_batch", 1), ("rm", "max_tokens_per_micro_batch", 2)]  # fmt: skip
@@ -525,6 +566,8 @@ class Config(_Group):
     @model_validator(mode="after")
     def _sequences_fit_the_tiny_model(self) -> Config:
         # A pretrained model's positions are known once it is loaded (`rlhf prepare` checks them); the tiny one's now.
+        if self.data.max_prompt_tokens is None or self.data.max_response_tokens is None:
+            return self  # derived within the positions
         total = self.data.max_prompt_tokens + self.data.max_response_tokens
         if self.model.name_or_path is None and total > self.model.max_position_embeddings:
             raise ValueError(

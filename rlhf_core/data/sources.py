@@ -1,4 +1,4 @@
-"""Data sources: the simulated domain, Anthropic HH-RLHF files and plain JSONL files -> the six splits.
+"""Data sources: the simulated domain, Anthropic HH-RLHF files and the user's own files -> the six splits.
 
 Every source returns ``(splits, stats)`` where ``splits`` maps each split name of ``SPLIT_KINDS`` to rows and
 prompts never occur in two splits (disjointness is by exact prompt text).
@@ -11,10 +11,12 @@ from collections import Counter, defaultdict
 from statistics import mean
 
 from rlhf_core.config import DataConfig
+from rlhf_core.data.files import iter_records
 from rlhf_core.data.judge import GoldJudge, annotator_prefers_first
-from rlhf_core.data.rows import SPLIT_KINDS, BadRow, BadRowLog, iter_json_lines, read_rows, validate_row
+from rlhf_core.data.rows import SPLIT_KINDS, BadRowLog, prompt_key, read_rows, validate_row
 from rlhf_core.data.sim import CATEGORIES, Demonstrator, World
-from rlhf_core.errors import DataError
+from rlhf_core.data.transcripts import split_transcript
+from rlhf_core.errors import BadRow, DataError
 
 SPLITS = tuple(SPLIT_KINDS)
 
@@ -102,47 +104,34 @@ def generate_sim(cfg: DataConfig) -> tuple[dict[str, list[dict]], dict]:
 
 
 # ------------------------------------------------------------------------------------- file sources
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-
-
-def split_transcript(text: str) -> tuple[str, str]:
-    """HH-RLHF transcript -> (dialogue history ending with the last human turn, final assistant response)."""
-    text = text if text.startswith("\n\n") else "\n\n" + text.lstrip()
-    cut = text.rfind(ASSISTANT)
-    if cut < 0 or HUMAN not in text[:cut]:
-        raise BadRow("not an HH-RLHF transcript: needs '\\n\\nHuman:' then '\\n\\nAssistant:' turns")
-    if HUMAN in text[cut:]:
-        raise BadRow("the transcript ends with a human turn, not an assistant response")
-    history, response = text[:cut].strip(), text[cut + len(ASSISTANT) :].strip()
-    if not response:
-        raise BadRow("empty final assistant response")
-    return history, response
-
-
 def read_hh_rlhf(cfg: DataConfig, bad: BadRowLog) -> tuple[list[dict], dict]:
+    """Pairs of HH-RLHF transcripts (columns ``data.columns.chosen`` / ``rejected``) split into the shared dialogue
+    history and the two final answers. A pair whose histories differ is not a pair: dropped and counted, with
+    where it was, in the stats (the real harmless test file has 5 of 2,312)."""
     pairs, mismatched = [], []
-    for lineno, obj in iter_json_lines(cfg.path, bad):
-        where = f"{cfg.path}:{lineno}"
+    names = (cfg.columns.chosen, cfg.columns.rejected)
+    for where, obj in iter_records(cfg.path, cfg.file_format, bad.report):
         try:
             if not isinstance(obj, dict):
                 raise BadRow(f"expected a JSON object, got {type(obj).__name__}")
-            for name in ("chosen", "rejected"):
+            for name in names:
                 if not isinstance(obj.get(name), str):
-                    raise BadRow(f"missing or non-string field '{name}' (HH-RLHF rows need chosen, rejected)")
-            prompt_c, chosen = split_transcript(obj["chosen"])
-            prompt_r, rejected = split_transcript(obj["rejected"])
+                    raise BadRow(f"missing or non-string field '{name}' (HH-RLHF rows need {', '.join(names)})")
+            prompt_c, chosen = split_transcript(obj[names[0]])
+            prompt_r, rejected = split_transcript(obj[names[1]])
             if prompt_c != prompt_r:
-                mismatched.append(lineno)  # reported and dropped: not a malformed row, just not a pair
+                mismatched.append(where)  # reported and dropped: not a malformed row, just not a pair
                 continue
             row = validate_row({"prompt": prompt_c, "chosen": chosen, "rejected": rejected}, "rm", cfg)
         except BadRow as exc:
-            bad.report(where, str(exc))
+            bad.report(where, str(exc), file=str(cfg.path))
             continue
-        pairs.append({**row, "_src": where})
+        pairs.append({**row, "_src": where, "_file": str(cfg.path)})
     stats = {
+        "path": str(cfg.path),
         "pairs_read": len(pairs),
         "history_mismatch_dropped": len(mismatched),
-        "history_mismatch_lines": mismatched[:50],
+        "history_mismatch_rows": mismatched[:50],
     }
     return pairs, stats
 
@@ -155,7 +144,7 @@ def partition(rows: list[dict], sizes: dict[str, int], rng: random.Random) -> tu
     """
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
-        groups[row["prompt"]].append(row)
+        groups[prompt_key(row["prompt"])].append(row)
     order = list(groups)
     rng.shuffle(order)
     requested = sum(sizes.values())
@@ -178,10 +167,15 @@ def partition(rows: list[dict], sizes: dict[str, int], rng: random.Random) -> tu
 
 
 def _as_kind(rows: list[dict], kind: str) -> list[dict]:
+    """Preference pairs as rows of ``kind``: SFT demonstrates the chosen answers, PPO and eval take the prompts."""
+
+    def where(row: dict) -> dict:
+        return {k: v for k, v in row.items() if k.startswith("_")}
+
     if kind == "sft":
-        return [{"prompt": r["prompt"], "response": r["chosen"], "_src": r["_src"]} for r in rows]
+        return [{"prompt": r["prompt"], "response": r["chosen"], **where(r)} for r in rows]
     if kind == "prompt":
-        return [{"prompt": r["prompt"], "_src": r["_src"]} for r in rows]
+        return [{"prompt": r["prompt"], **where(r)} for r in rows]
     return rows
 
 
@@ -195,7 +189,8 @@ def load_hh_rlhf(cfg: DataConfig, bad: BadRowLog) -> tuple[dict[str, list[dict]]
     return splits, stats
 
 
-def load_jsonl(cfg: DataConfig, bad: BadRowLog) -> tuple[dict[str, list[dict]], dict]:
+def load_files(cfg: DataConfig, bad: BadRowLog) -> tuple[dict[str, list[dict]], dict]:
+    """``data.sft_file``, ``rm_file`` and ``ppo_file`` (each in any format of ``data.files``) -> the six splits."""
     rng = random.Random(f"{cfg.seed}-splits")
     sizes = cfg.splits.model_dump()
     pools = {
@@ -211,7 +206,7 @@ def load_jsonl(cfg: DataConfig, bad: BadRowLog) -> tuple[dict[str, list[dict]], 
         splits.update(parts)
         if scaling:
             stats["scaled_splits"][kind] = scaling
-    prompts = {name: {r["prompt"] for r in rows} for name, rows in splits.items()}
+    prompts = {name: {prompt_key(r["prompt"]) for r in rows} for name, rows in splits.items()}
     overlap = {
         f"{a}-{b}": len(prompts[a] & prompts[b])  # "&" is not allowed in an MLflow metric name
         for i, a in enumerate(SPLITS)

@@ -1,20 +1,22 @@
 """Prompt formatting, tokenisation and collation for causal-LM training.
 
-A prompt is either one human turn (``"What is 7 + 5?"``) or a whole HH-RLHF dialogue history starting with
-``"Human:"``. Two formats, the same in every stage (SFT, RM pairs, PPO queries, evaluation):
+A prompt is one human turn (``"What is 7 + 5?"``), a whole HH-RLHF dialogue history starting with ``"Human:"``,
+or a list of ``{role, content}`` messages (a system message, a multi-turn history; ``data.conversations``). Two
+formats, the same in every stage (SFT, RM pairs, PPO queries, evaluation):
 
 - a tokenizer with a chat template of its own (a pretrained instruct model, e.g. SmolLM2's ChatML) renders the
   prompt as chat messages with the assistant's generation prompt, and the response is its text followed by EOS,
   the model's end-of-turn token;
 - otherwise (the built-in tokenizer, or a model without a template) the HH-RLHF text format:
-  ``<bos>\n\nHuman: ...\n\nAssistant:`` followed by `` response<eos>``, which ``HH_CHAT_TEMPLATE`` renders.
+  ``<bos>\n\nHuman: ...\n\nAssistant:`` followed by `` response<eos>``, which ``HH_CHAT_TEMPLATE`` renders;
+  a system message is a first ``System:`` turn.
 """
 
 from __future__ import annotations
 
-import re
-
 import torch
+
+from rlhf_core.data.transcripts import history_messages
 
 IGNORE_INDEX = -100
 
@@ -22,40 +24,52 @@ IGNORE_INDEX = -100
 HH_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '\\n\\nHuman: ' + message['content'] }}"
+    "{% if message['role'] == 'system' %}{{ '\\n\\nSystem: ' + message['content'] }}"
+    "{% elif message['role'] == 'user' %}{{ '\\n\\nHuman: ' + message['content'] }}"
     "{% elif message['role'] == 'assistant' %}{{ '\\n\\nAssistant: ' + message['content'] }}"
     "{% if loop.last %}{{ eos_token }}{% endif %}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"
 )
-_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+# Tokenizers saved before system turns were rendered carry this one; they are in the text format all the same.
+_HH_TEMPLATES = (
+    HH_CHAT_TEMPLATE,
+    HH_CHAT_TEMPLATE.replace(
+        "{% if message['role'] == 'system' %}{{ '\\n\\nSystem: ' + message['content'] }}{% elif", "{% if"
+    ),
+)
+_SPEAKERS = {"system": "System", "user": "Human", "assistant": "Assistant"}
 
 
 def uses_own_template(tokenizer) -> bool:
     """True when the tokenizer brings a chat template of its own, not the HH-RLHF format."""
-    return bool(tokenizer.chat_template) and tokenizer.chat_template != HH_CHAT_TEMPLATE
+    return bool(tokenizer.chat_template) and tokenizer.chat_template not in _HH_TEMPLATES
 
 
-def format_query(prompt: str) -> str:
+def format_query(prompt) -> str:
+    """The prompt in the HH-RLHF text format, up to the ``Assistant:`` that the answer follows."""
+    if isinstance(prompt, list):
+        turns = "".join(f"\n\n{_SPEAKERS[m['role']]}: {m['content'].strip()}" for m in prompt)
+        return f"{turns}\n\nAssistant:"
     prompt = prompt.strip()
     if prompt.startswith("Human:"):
         return f"\n\n{prompt}\n\nAssistant:"
     return f"\n\nHuman: {prompt}\n\nAssistant:"
 
 
-def to_messages(prompt: str) -> list[dict[str, str]]:
-    """A prompt as chat messages: one user turn, or an HH-RLHF history (``Human: a\\n\\nAssistant: b\\n\\nHuman:
-    c``) split into its alternating turns."""
+def to_messages(prompt) -> list[dict[str, str]]:
+    """A prompt as chat messages: the messages it is, one user turn, or an HH-RLHF history (``Human:
+    a\\n\\nAssistant: b\\n\\nHuman: c``) split into its alternating turns."""
+    if isinstance(prompt, list):
+        return [{"role": m["role"], "content": m["content"].strip()} for m in prompt]
     prompt = prompt.strip()
     if not prompt.startswith("Human:"):
         return [{"role": "user", "content": prompt}]
-    parts = _TURN.split(prompt)[1:]  # speaker, text, speaker, text, ...
-    roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[who], "content": text.strip()} for who, text in zip(parts[::2], parts[1::2], strict=True)]
+    return history_messages(prompt)
 
 
-def encode_query(tokenizer, prompt: str) -> list[int]:
+def encode_query(tokenizer, prompt) -> list[int]:
     """Token ids of the prompt up to where the assistant's answer starts (see the module docstring)."""
     if uses_own_template(tokenizer):
         text = tokenizer.apply_chat_template(to_messages(prompt), add_generation_prompt=True, tokenize=False)

@@ -34,8 +34,10 @@ def from_pretrained(auto_class, name_or_path: str | Path, what: str, role: str |
 
 
 def _is_local_path(name: str) -> bool:
-    """A path rather than a hub id ("org/model"): absolute, explicitly relative, or with more than one '/'."""
-    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or Path(name).suffix != ""
+    """A path rather than a hub name (``owner/name``, dots allowed: "Qwen/Qwen2.5-0.5B" is a hub name)."""
+    from rlhf_core.models.store import is_hub_name
+
+    return not is_hub_name(name)
 
 
 def _written_by(path: Path) -> str:

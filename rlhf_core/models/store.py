@@ -6,11 +6,19 @@ dependencies are not needed), checks the file's SHA-256 against the one pinned h
 float32 Hugging Face directory (safetensors, config, tokenizer with its chat template) and writes it atomically
 into ``<model.store>/<NAME>/`` with ``source.json`` recording where it came from. ``model.name_or_path`` then takes
 that name, a local Hugging Face directory, or a ``.gguf`` file (converted into the store on first use).
+
+Any other ``owner/name`` is a hub name: loaded from the Hugging Face cache or the hub. When the hub cannot be
+reached (``HF_HUB_OFFLINE`` set, or no answer within :data:`HUB_TIMEOUT_S`), a name the cache holds is loaded from
+its cached snapshot, and one it does not hold is an error at once (``check_hub_model``, run by the preflight)
+rather than a minute of retries by the hub's client.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,6 +30,9 @@ from rlhf_core.errors import ConfigError, DataError, RLHFError
 from rlhf_core.io import atomic_directory, file_sha256
 
 SOURCE_FILE = "source.json"
+HUB_TIMEOUT_S = 3.0  # for the one request that tells whether the hub can be reached
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # what the hub's client and transformers obey
+_HUB_NAME = re.compile(r"[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*")  # owner/name (what the hub's repo ids allow)
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,8 @@ def pull(name: str, store: str | Path) -> Path:
 
 def resolve(name_or_path: str, store: str | Path) -> str:
     """What to load for ``model.name_or_path``: a pulled model's directory, a ``.gguf`` file's converted
-    directory (converted on first use), or the path or hub name itself."""
+    directory (converted on first use), a hub name's cached snapshot when the hub cannot be reached (a ConfigError
+    at once when the cache lacks it), or the path or hub name itself."""
     if name_or_path in SOURCES:
         target = Path(store) / name_or_path
         if not (target / SOURCE_FILE).is_file():
@@ -87,7 +99,71 @@ def resolve(name_or_path: str, store: str | Path) -> str:
         if not (target / SOURCE_FILE).is_file():
             convert_gguf(path, target, {"name": path.stem, "file": str(path.resolve())})
         return str(target)
+    if is_hub_name(name_or_path):
+        check_hub_model(name_or_path, store)
+        cached = _hub_cache_snapshot(name_or_path)
+        if cached is not None and hub_unreachable() is not None:
+            return str(cached)  # offline: the cached files, with no request the hub's client would retry
     return name_or_path
+
+
+def is_hub_name(name_or_path: str) -> bool:
+    """Whether only the Hugging Face cache or hub can provide ``name_or_path``: an ``owner/name`` that is no
+    model of the store, no ``.gguf`` file and no file or directory here."""
+    return (name_or_path not in SOURCES and _HUB_NAME.fullmatch(name_or_path) is not None
+            and not name_or_path.endswith(".gguf") and not Path(name_or_path).exists())  # fmt: skip
+
+
+def check_hub_model(name_or_path: str, store: str | Path) -> None:
+    """A ConfigError at once when ``name_or_path`` is a hub name the cache lacks and the hub cannot be reached
+    (the hub's client would retry for over a minute before failing)."""
+    if not is_hub_name(name_or_path) or _hub_cache_snapshot(name_or_path) is not None:
+        return
+    problem = hub_unreachable()
+    if problem is None:
+        return
+    from huggingface_hub import constants
+
+    pulls = ", ".join(f"`rlhf models pull {name}`" for name in sorted(SOURCES))
+    raise ConfigError(
+        f"model.name_or_path={name_or_path} is not in the model store ({store}) nor in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}), and the hub cannot be reached ({problem}). Use a model the store knows "
+        f"({pulls}, then --set model.name_or_path=NAME), a local model directory or .gguf file, or run it once "
+        "with network access (the cache then serves it offline)"
+    )
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now, in a few words, or None: offline mode set in the
+    environment, else one HEAD request to the hub's endpoint (``HF_ENDPOINT``, proxies honoured) that fails or
+    takes over :data:`HUB_TIMEOUT_S`."""
+    for variable in _OFFLINE_VARIABLES:
+        if os.environ.get(variable, "").upper() in {"1", "ON", "YES", "TRUE"}:
+            return f"{variable}={os.environ[variable]} is set"
+    from huggingface_hub import constants
+
+    return _probe(constants.ENDPOINT)
+
+
+@functools.cache
+def _probe(endpoint: str) -> str | None:
+    """One request per process: the preflight asks, then ``resolve``."""
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - any failure to get an answer means the same: unreachable
+        return f"{endpoint}: {' '.join(str(exc).split())[:160] or type(exc).__name__}"
+    return None
+
+
+def _hub_cache_snapshot(name: str) -> Path | None:
+    """The cached snapshot directory of the hub model ``name`` (its ``main`` revision), or None when the cache
+    holds no config.json of it."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def convert_gguf(gguf_file: Path, target: Path, provenance: dict) -> None:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from rlhf_core import distributed
 from rlhf_core.config import Config
+from rlhf_core.data.limits import response_token_limit
 from rlhf_core.data.rows import load_split
 from rlhf_core.errors import DataError
 from rlhf_core.eval.refusal import refuses_or_redirects
@@ -151,7 +152,7 @@ def _answers(config: Config, prompts: list[str]) -> tuple[dict[str, list[str]], 
     answers, rm_scores = {}, {}
     for name, path in models.items():
         policy = distributed.place(load_causal_lm(path, tokenizer))
-        got = sample_responses(policy, tokenizer, prompts, config.eval.sampling, config.data.max_response_tokens,
+        got = sample_responses(policy, tokenizer, prompts, config.eval.sampling, response_token_limit(config),
                                config.eval.seed, distributed.local_device(), config.eval.batch_size,
                                progress=f"eval: {name} answers", engine=config.generation)  # fmt: skip
         answers[name] = got["texts"]

@@ -1,10 +1,11 @@
 """The `rm` stage: reward-model training on preference pairs (paper sec. 4.1, eq. 2).
 
 Outputs (committed to ``paths.rm`` by the stage scaffold, which adds ``metrics.json`` and ``config.yaml``):
-``model/`` (the best checkpoint as a Hugging Face sequence-classification directory, ``num_labels=1``, with
-``reward_stats.json``: the mean and std of its scores on SFT-policy samples for PPO prompts), ``checkpoints.json``
-(validation metrics of every evaluation and which were saved) and ``plots/``. The best checkpoint is written into
-the stage's uncommitted directory while training, so an interrupted run never leaves a half-trained model behind.
+``model/`` (the best checkpoint as a Hugging Face sequence-classification directory, ``num_labels=1``, with its
+model card and ``reward_stats.json``: the mean and std of its scores on SFT-policy samples for PPO prompts),
+``checkpoints.json`` (validation metrics of every evaluation and which were saved) and ``plots/``. The best
+checkpoint is written into the stage's uncommitted directory while training, so an interrupted run never leaves a
+half-trained model behind.
 
 Loss per global batch of pairs: ``mean(-log sigmoid(r_c - r_r - margin)) + center_coef * mean(r^2)
 + beta_rm * (token-mean NLL of the chosen responses)``. The data-parallel contract is the SFT stage's: every
@@ -24,11 +25,13 @@ from rlhf_core import distributed
 from rlhf_core.algos.rm import pairwise_loss
 from rlhf_core.algos.sft import first_labelled_logit, sft_loss
 from rlhf_core.config import Config, steps_for
+from rlhf_core.data.limits import response_token_limit
 from rlhf_core.data.order import global_order, rank_batches
 from rlhf_core.data.rows import load_split
 from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response, eos_response_mask, left_pad
 from rlhf_core.errors import DataError
 from rlhf_core.io import atomic_write_json
+from rlhf_core.model_card import write_model_card
 from rlhf_core.models.generation import sample
 from rlhf_core.models.lora import apply_lora, is_lora, merged
 from rlhf_core.models.reward import load_reward_model, reward_model_for_training, save_reward_model, score_padded
@@ -144,7 +147,7 @@ def reward_statistics(config: Config, rm_dir: Path, tokenizer, ctx) -> dict:
                 input_ids,
                 attention_mask,
                 config.ppo.sampling,
-                config.data.max_response_tokens,
+                response_token_limit(config),
                 engine=config.generation,
             )
             output = torch.cat([input_ids, responses], dim=1)
@@ -162,7 +165,7 @@ def reward_statistics(config: Config, rm_dir: Path, tokenizer, ctx) -> dict:
         "count": int(count),
         "policy": str(Path(config.paths.sft) / "model"),
         "prompts": "ppo split, first rm.reward_stats_prompts",
-        "sampling": {**config.ppo.sampling.model_dump(), "max_new_tokens": config.data.max_response_tokens},
+        "sampling": {**config.ppo.sampling.model_dump(), "max_new_tokens": response_token_limit(config)},
     }
 
 
@@ -219,6 +222,7 @@ def train_reward_model(config: Config, out: Path, logger: Logger) -> StageResult
         sizes = {"rm/steps": total_steps, "rm/global_batch": global_batch, "rm/train_pairs": len(train),
                  "rm/val_pairs": len(val)}  # fmt: skip
         metrics = _summary(history, checkpoints, reward_stats, sizes)
+        write_model_card(model_dir, config, "rm", metrics)
         atomic_write_json(out / "checkpoints.json", checkpoints)
         write_curves(out / "plots", "rm", history, checkpoints, [("rm/loss", "rm/val_loss", "ranking loss (nats/pair)"),
                      ("rm/accuracy", "rm/val_accuracy", "pairwise accuracy")])  # fmt: skip

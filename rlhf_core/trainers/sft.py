@@ -1,8 +1,8 @@
 """The `sft` stage: supervised fine-tuning of the policy on demonstrations (loss on response tokens only).
 
 Outputs (committed to ``paths.sft`` by the stage scaffold, which adds ``metrics.json`` and ``config.yaml``):
-``model/`` (a Hugging Face directory ``AutoModelForCausalLM`` loads), ``plots/`` (loss curves as CSV for DVC
-and a PNG) and ``samples.jsonl`` (greedy answers to validation prompts).
+``model/`` (a Hugging Face directory ``AutoModelForCausalLM`` loads, with its model card), ``plots/`` (loss curves
+as CSV for DVC and a PNG) and ``samples.jsonl`` (greedy answers to validation prompts).
 
 Data-parallel contract: every rank draws the same shuffled order; one optimizer step consumes a global batch of
 ``micro_batch_size x gradient_accumulation_steps x world_size`` examples, and rank r takes its own
@@ -20,10 +20,12 @@ from tqdm import tqdm
 from rlhf_core import distributed
 from rlhf_core.algos.sft import first_labelled_logit, sft_loss
 from rlhf_core.config import Config, steps_for
+from rlhf_core.data.limits import response_token_limit
 from rlhf_core.data.order import global_order, rank_batches
 from rlhf_core.data.rows import load_split
 from rlhf_core.data.tokenize import collate_sft, encode_query, encode_response, left_pad
 from rlhf_core.io import atomic_write_jsonl
+from rlhf_core.model_card import write_model_card
 from rlhf_core.models.causal_lm import initial_policy, load_causal_lm
 from rlhf_core.models.generation import sample
 from rlhf_core.models.lora import apply_lora, is_lora, save_causal_lm
@@ -87,7 +89,7 @@ def _sample_generations(config: Config, model_dir: Path, tokenizer, val_rows: li
     if not rows:
         return [], {}
     model = distributed.place(load_causal_lm(model_dir))
-    responses = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], config.data.max_response_tokens,
+    responses = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], response_token_limit(config),
                                 engine=config.generation)  # fmt: skip
     samples = [
         {
@@ -203,6 +205,7 @@ def train_sft(config: Config, out: Path, logger: Logger) -> StageResult:
             "sft/train_examples": len(train),
             **sample_metrics,
         }
+        write_model_card(out / "model", config, "sft", metrics)
         atomic_write_jsonl(out / "samples.jsonl", samples)
         write_curves(out / "plots", "sft", history, val_history, [("sft/loss", "sft/val_loss", "loss (nats/token)")])
     distributed.barrier()

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from rlhf_core.config import Config
+from rlhf_core.data.limits import response_token_limit
 from rlhf_core.data.rows import load_split
 from rlhf_core.eval.stats import mean_interval
 from rlhf_core.models.generation import sample_responses
@@ -56,7 +57,7 @@ def compare_on_eval_prompts(config: Config, models, tokenizer, judge) -> dict:
     gold: dict[str, list[float]] = {}
     for name in ("sft", "policy"):
         with models.reference() if name == "sft" else contextlib.nullcontext(models.policy.unwrapped()) as model:
-            got = sample_responses(model, tokenizer, prompts, config.eval.sampling, config.data.max_response_tokens,
+            got = sample_responses(model, tokenizer, prompts, config.eval.sampling, response_token_limit(config),
                                    config.eval.seed, models.device, synced_gpus=models.synced_gpus,
                                    engine=config.generation)  # fmt: skip
         out.update(_with_interval(f"ppo/eval_rm_score_{name}", score_samples(models.reward_model, got).tolist()))

@@ -15,6 +15,7 @@ from pathlib import Path
 from rlhf_core import distributed
 from rlhf_core.algos import ppo as algo
 from rlhf_core.config import Config, PPOSizes, Tricks, ppo_sizes
+from rlhf_core.data.limits import response_token_limit
 from rlhf_core.data.order import global_order
 from rlhf_core.data.rows import load_split
 from rlhf_core.data.tokenize import encode_query, encode_response
@@ -107,7 +108,7 @@ def ppo_iteration(run: PPORun, iteration: int) -> tuple[dict, Experience]:
     ppo, tricks, timer = run.config.ppo, run.tricks, PhaseTimer()
     with timer("generation"):  # 1. rollout
         exp = sample_rollout(run.models, run.tokenizer, run.prompts_for(iteration), ppo.sampling,
-                             run.config.data.max_response_tokens, ppo.generation_batch_size,
+                             response_token_limit(run.config), ppo.generation_batch_size,
                              run.config.generation)  # fmt: skip
     with timer("scoring"):
         exp = score(run.models, exp, ppo, run.sizes, iteration)  # 2. score

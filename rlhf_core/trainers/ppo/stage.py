@@ -6,9 +6,9 @@ checkpoints, watches for collapse, keeps a sample table, and at the end saves th
 the SFT policy on held-out prompts.
 
 Outputs (in the directory the stage scaffold gives it, committed to ``paths.ppo``): ``model/`` (the final
-policy, a Hugging Face causal-LM directory), ``tricks.json`` (the resolved switches), ``samples.jsonl`` (a sample
-table every ``ppo.monitor.sample_every`` iterations) and ``plots/`` (CSV for DVC and the PNG of the paper's
-collapse signals); the scaffold adds ``metrics.json`` and ``config.yaml``. Checkpoints live in
+policy, a Hugging Face causal-LM directory with its model card), ``tricks.json`` (the resolved switches),
+``samples.jsonl`` (a sample table every ``ppo.monitor.sample_every`` iterations) and ``plots/`` (CSV for DVC and the
+PNG of the paper's collapse signals); the scaffold adds ``metrics.json`` and ``config.yaml``. Checkpoints live in
 ``paths.ppo/checkpoints/`` (work in progress, not a committed output).
 """
 
@@ -29,10 +29,12 @@ from rlhf_core.checkpoint import (
     resume_latest,
     rng_state,
     save_checkpoint,
+    set_aside_others,
 )
 from rlhf_core.config import Config
 from rlhf_core.errors import RLHFError
 from rlhf_core.io import atomic_write_json, atomic_write_jsonl
+from rlhf_core.model_card import write_model_card
 from rlhf_core.models.lora import is_lora, save_causal_lm
 from rlhf_core.tracking import Logger
 from rlhf_core.trainers.ppo.evaluation import compare_on_eval_prompts, final_metrics, write_plots
@@ -78,7 +80,8 @@ def train_ppo(config: Config, out: Path, logger: Logger) -> StageResult:
                 break
             if (step + 1) % ppo.checkpoint.every == 0 and step + 1 < ppo.steps:
                 state = done.state(history, samples)
-                latest = save_checkpoint(checkpoint_root, step + 1, run.models.engines, state, ctx, fingerprint)
+                latest = save_checkpoint(checkpoint_root, step + 1, run.models.engines, state, ctx, fingerprint,
+                                         config=_resume_config(config))  # fmt: skip
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as the CLI raises it
         if ctx.world_size == 1:  # with several processes the others may be anywhere: no collective save
             _checkpoint_interrupted(run, done, latest, history, samples, checkpoint_root, fingerprint)
@@ -88,25 +91,39 @@ def train_ppo(config: Config, out: Path, logger: Logger) -> StageResult:
     return _finish(run, out, history, samples, stopped_early, logger)
 
 
+# Everything that shapes the run except where it logs, how long it runs and when it stops.
+_NOT_RESUMED_BY = {"tracking": True, "ppo": {"steps": True, "checkpoint": {"resume"}, "monitor": {"stop_on_collapse"}}}
+
+
 def _resume_fingerprint(config: Config) -> str:
-    """Everything that shapes the run except where it logs, how long it runs and when it stops: a checkpoint is
-    resumed only by the configuration that wrote it."""
-    ppo_excluded = {"steps": True, "checkpoint": {"resume"}, "monitor": {"stop_on_collapse"}}
-    return config_fingerprint(config.model_dump(exclude={"tracking": True, "ppo": ppo_excluded}))
+    """A checkpoint is resumed only by the configuration that wrote it: this is its fingerprint."""
+    return config_fingerprint(config.model_dump(exclude=_NOT_RESUMED_BY))
+
+
+def _resume_config(config: Config) -> dict:
+    """What the fingerprint hashes, as JSON data: checkpoints record it, so a run of another configuration can
+    name the settings that differ."""
+    return config.model_dump(mode="json", exclude=_NOT_RESUMED_BY)
 
 
 def _resume(run: PPORun, root: Path, fingerprint: str) -> tuple[int, list[dict], list[dict], Path | None]:
     """(first iteration, history, samples, checkpoint resumed from): from the newest intact checkpoint of this
-    configuration when ``ppo.checkpoint.resume`` is auto, else a fresh start that clears stale checkpoints."""
+    configuration when ``ppo.checkpoint.resume`` is auto (another configuration's are moved aside, not deleted),
+    else a fresh start that deletes every checkpoint, those set aside included."""
     if run.config.ppo.checkpoint.resume == "auto":
+        if run.ctx.is_main:
+            set_aside_others(root, fingerprint, _resume_config(run.config), _warn)
+        distributed.barrier()
         found = _resume_newest(run, root, fingerprint)
-        if found is not None:
-            return found
+        return found if found is not None else (0, [], [], None)
     if run.ctx.is_main and root.exists():
-        # resume=never, or only other configurations' checkpoints: they must not be resumed later.
-        shutil.rmtree(root)
+        shutil.rmtree(root)  # resume=never: nothing of them may be resumed later
     distributed.barrier()
     return 0, [], [], None
+
+
+def _warn(line: str) -> None:
+    tqdm.write(line, file=sys.stderr)
 
 
 def _resume_newest(run: PPORun, root: Path, fingerprint: str) -> tuple[int, list[dict], list[dict], Path] | None:
@@ -206,7 +223,8 @@ def _checkpoint_interrupted(
     elif done.step > saved:
         try:
             state = done.state(history, samples)
-            latest = save_checkpoint(root, done.step, run.models.engines, state, run.ctx, fingerprint)
+            latest = save_checkpoint(root, done.step, run.models.engines, state, run.ctx, fingerprint,
+                                     config=_resume_config(run.config))  # fmt: skip
             saved = done.step
         except Exception as exc:  # a full disk must not turn a clean stop into a traceback
             head += f", not checkpointed ({type(exc).__name__}: {''.join(str(exc).splitlines()[:1])})"
@@ -260,6 +278,7 @@ def _finish(
             "first_collapse_warning": run.monitor.first,
         }
         atomic_write_json(out / "tricks.json", tricks)
+        write_model_card(out / "model", run.config, "ppo", metrics, tricks)
         atomic_write_jsonl(out / "samples.jsonl", samples)
         warmup = run.config.ppo.critic_warmup_steps if run.tricks.critic_warmup else 0
         write_plots(out / "plots", history, run.config.ppo.preset, warmup)
