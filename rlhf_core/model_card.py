@@ -9,9 +9,9 @@ model, into the stage's staging directory, so it is committed with the model; me
 about the model (rm-eval, eval) are not in it.
 
 ``base_model`` holds a hub model id or nothing: a hub rejects a card whose ``base_model`` is a local path or a
-name it does not know. A model of the local store names its hub id when its provenance (``source.json``) records
-one (``hub_id``, or the table of sources knows it); a directory, a GGUF file and the tiny model built from scratch have none, and the markdown says
-what they are instead.
+name it does not know. A model of the local store names the hub id its provenance (``source.json``) records, or
+the one the store's table of sources knows; a directory, a GGUF file and the tiny model built from scratch have
+none, and the markdown says what they are instead.
 
 No date: a rerun by the same command at the same commit with the same weights writes the same card, so DVC, which
 hashes the whole ``model/`` directory, still sees an unchanged model. A different command or commit does change

@@ -254,6 +254,7 @@ def test_prepare_says_what_it_dropped_per_file_and_which_prompts_splits_share(tm
     stats = json.loads((out / "stats.json").read_text())
     dropped = [line for line in err.splitlines() if "dropped" in line]
     assert any(line.startswith(f"prepare: {sft}: dropped 2 of 14 rows (data.on_bad_rows=skip): ") for line in dropped)
+    assert not any(line.startswith(f"prepare: {rm}:") for line in dropped), "nothing dropped: no line"
     assert "1 field 'response' must be text or a list of {role, content} messages, got null" in err
     assert stats["bad_rows"]["by_file"][str(sft)]["empty field 'prompt'"] == 1
     assert "prompts shared between splits" in err and stats["cross_split_prompt_overlap"]

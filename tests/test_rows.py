@@ -299,7 +299,9 @@ def test_read_hh_rlhf_fixture(tmp_path):
     path = tmp_path / "hh.jsonl"
     shutil.copy(HH_SMALL, path)
     cfg = DataConfig(source="hh_rlhf", path=str(path))
-    pairs, stats = read_hh_rlhf(cfg, BadRowLog("error"))
+    log = BadRowLog("error")
+    pairs, stats = read_hh_rlhf(cfg, log)
+    assert log.rows_read == {str(path): 14}  # 15 lines, one blank: 12 pairs and 2 that are no pairs
     assert stats == {
         "path": str(path), "pairs_read": 12, "history_mismatch_dropped": 2,
         "history_mismatch_rows": [f"{path}:6", f"{path}:10"],

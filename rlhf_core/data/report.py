@@ -29,11 +29,11 @@ class PrepareReport:
         room = f"; the model has {positions} positions" if positions else ""
         self.say(f"{values} derived from the data (the longest as the model's tokenizer encodes it{room})")
 
-    def dropped_rows(self, bad: BadRowLog, rows_before: dict[str, int], source_stats: dict) -> None:
+    def dropped_rows(self, bad: BadRowLog, source_stats: dict) -> None:
         """One line per file: how many of its rows were dropped and the reasons, most frequent first."""
         for file, counts in bad.by_file.items():
             dropped = sum(counts.values())
-            total = rows_before.get(file, 0)
+            total = bad.rows_read[file]
             reasons = ", ".join(f"{n:,} {reason}" for reason, n in counts.most_common())
             self.say(f"{file}: dropped {dropped:,} of {total:,} rows (data.on_bad_rows=skip): {reasons}")
         mismatched = source_stats.get("history_mismatch_dropped", 0)

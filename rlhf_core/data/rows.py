@@ -72,6 +72,21 @@ class BadRowLog:
     counts: Counter = field(default_factory=Counter)
     by_file: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     examples: list[str] = field(default_factory=list)
+    rows_read: Counter = field(default_factory=Counter)  # per file: every row, good or bad
+
+    def reader(self, path) -> tuple:
+        """``(report, count)`` for reading ``path``: ``report`` files a row error under it, ``count()`` is how
+        many rows the file held once it is read (call ``count(n)`` with the records it yielded)."""
+        file, errors = str(path), [0]
+
+        def report(where: str, reason: str) -> None:
+            errors[0] += 1
+            self.report(where, reason, file=file)
+
+        def count(records: int) -> None:
+            self.rows_read[file] += records + errors[0]
+
+        return report, count
 
     def report(self, where: str, reason: str, file: str | None = None) -> None:
         if self.mode == "error":
@@ -231,15 +246,17 @@ def read_rows(path: str | Path, kind: str, cfg: DataConfig, bad: BadRowLog, prep
     ``file:line`` or ``file row N``; ``_file``). A user's file is read in ``data.file_format`` with
     ``data.columns``; a ``prepared`` split is JSON lines with the kept column names."""
     columns = None if prepared else cfg.columns
-    rows = []
-    records = iter_records(path, "jsonl" if prepared else cfg.file_format, bad.report, empty_ok=prepared)
-    for where, obj in records:
+    report, count = bad.reader(path)
+    rows, records = [], 0
+    for where, obj in iter_records(path, "jsonl" if prepared else cfg.file_format, report, empty_ok=prepared):
+        records += 1
         try:
             row = validate_row(obj, kind, cfg, columns)
         except BadRow as exc:
             bad.report(where, str(exc), file=str(path))
             continue
         rows.append({**row, "_src": where, "_file": str(path)})
+    count(records)
     return rows
 
 

@@ -110,7 +110,10 @@ def read_hh_rlhf(cfg: DataConfig, bad: BadRowLog) -> tuple[list[dict], dict]:
     where it was, in the stats (the real harmless test file has 5 of 2,312)."""
     pairs, mismatched = [], []
     names = (cfg.columns.chosen, cfg.columns.rejected)
-    for where, obj in iter_records(cfg.path, cfg.file_format, bad.report):
+    report, count = bad.reader(cfg.path)
+    records = 0
+    for where, obj in iter_records(cfg.path, cfg.file_format, report):
+        records += 1
         try:
             if not isinstance(obj, dict):
                 raise BadRow(f"expected a JSON object, got {type(obj).__name__}")
@@ -127,6 +130,7 @@ def read_hh_rlhf(cfg: DataConfig, bad: BadRowLog) -> tuple[list[dict], dict]:
             bad.report(where, str(exc), file=str(cfg.path))
             continue
         pairs.append({**row, "_src": where, "_file": str(cfg.path)})
+    count(records)
     stats = {
         "path": str(cfg.path),
         "pairs_read": len(pairs),

@@ -127,7 +127,6 @@ def prepare_data(config: Config, out: Path, logger: Logger) -> StageResult:
     bad = BadRowLog(cfg.on_bad_rows)
     splits, source_stats = _read_source(config, bad)
     _check_splits_filled(splits, bad, source_stats)
-    read_counts = _rows_per_file(splits, bad)
     tokenizer, model_path = _load_tokenizer(config, splits)
     lengths = _token_lengths(splits, tokenizer)
     positions = _model_positions(config, model_path)
@@ -137,7 +136,7 @@ def prepare_data(config: Config, out: Path, logger: Logger) -> StageResult:
     token_lengths = _enforce_token_limits(splits, lengths, limits, bad)
     report = PrepareReport()
     report.token_limits(limits, positions)
-    report.dropped_rows(bad, read_counts, source_stats)
+    report.dropped_rows(bad, source_stats)
     report.shared_prompts(source_stats.get("cross_split_prompt_overlap", {}))
 
     _check_splits_filled(splits, bad, source_stats)
@@ -185,14 +184,6 @@ def _check_splits_filled(splits: dict[str, list[dict]], bad: BadRowLog, source_s
                 f"split '{split}' is empty after reading and validation ({dropped_summary(bad, source_stats)})"
                 f"; provide more rows or raise data.splits.{split}"
             )
-
-
-def _rows_per_file(splits: dict[str, list[dict]], bad: BadRowLog) -> Counter:
-    """How many rows each file holds: the good ones read and the ones dropped so far."""
-    counts = Counter(row["_file"] for rows in splits.values() for row in rows if "_file" in row)
-    for file, dropped in bad.by_file.items():
-        counts[file] += sum(dropped.values())
-    return counts
 
 
 def _model_named(config: Config) -> str:
