@@ -371,3 +371,52 @@ def test_the_old_source_name_still_reads_files(tmp_path):
     splits, _ = load_files(cfg, BadRowLog("error"))
     assert splits["rm_train"] and all(r in RM for r in kept(splits["rm_train"] + splits["rm_test"]))
     assert splits["ppo"] and all(r in PPO for r in kept(splits["ppo"] + splits["eval"]))
+
+
+# ------------------------------------------------------------------------------------------- token limits
+@pytest.mark.parametrize(
+    ("set_limits", "longest", "positions", "expected"),
+    [
+        ((None, None), (44, 73), 256, (44, 73, ["max_prompt_tokens", "max_response_tokens"])),  # fits: the longest
+        ((None, None), (880, 373), 1024, (719, 305, ["max_prompt_tokens", "max_response_tokens"])),  # 1024*880//1253
+        ((None, 80), (300, 50), 256, (176, 80, ["max_prompt_tokens"])),  # the set one kept, the rest to the other
+        ((96, None), (40, 300), 256, (96, 160, ["max_response_tokens"])),
+        ((96, 80), (400, 400), 256, (96, 80, [])),  # set values are kept as they are
+        ((None, None), (500, 600), None, (500, 600, ["max_prompt_tokens", "max_response_tokens"])),  # no bound known
+        ((None, None), (1, 1), 256, (4, 2, ["max_prompt_tokens", "max_response_tokens"])),  # the schema's minimums
+    ],
+)
+def test_derived_token_limits_by_hand(set_limits, longest, positions, expected):
+    from rlhf_core.data.limits import derive_limits
+
+    got = derive_limits(*set_limits, longest, positions)
+    assert (got["max_prompt_tokens"], got["max_response_tokens"], got["derived"]) == expected
+
+
+def test_a_set_limit_that_leaves_no_room_for_the_derived_one_is_refused():
+    from rlhf_core.data.limits import derive_limits
+    from rlhf_core.errors import ConfigError
+
+    assert derive_limits(254, None, (300, 40), 256)["max_response_tokens"] == 2
+    with pytest.raises(ConfigError, match="cannot fit the model's 256 positions"):
+        derive_limits(255, None, (300, 40), 256)
+
+
+def test_later_stages_take_the_limits_the_data_was_prepared_with(tmp_path, capsys):
+    from rlhf_core.data.limits import response_token_limit
+
+    files = {k: write(tmp_path / k, "jsonl", rows) for k, rows in (("sft", SFT), ("rm", RM), ("ppo", PPO))}
+    out = _prepare(tmp_path, "data", files, ["model.max_position_embeddings=32"])
+    stats = json.loads((out / "stats.json").read_text())
+    limits, lengths = stats["token_limits"], stats["token_lengths"]
+    assert limits["positions"] == 32 and limits["max_prompt_tokens"] + limits["max_response_tokens"] <= 32
+    assert (limits["max_prompt_tokens"], limits["max_response_tokens"]) == (lengths["prompt"]["max"],
+                                                                           lengths["response"]["max"])  # fmt: skip
+    config = load_config(None, [f"paths.data={out}"])
+    assert response_token_limit(config) == limits["max_response_tokens"]
+    assert response_token_limit(load_config(None, [f"paths.data={out}", "data.max_response_tokens=9"])) == 9
+    with pytest.raises(DataError, match="run `rlhf prepare` first"):
+        response_token_limit(load_config(None, [f"paths.data={tmp_path / 'nowhere'}"]))
+    # error mode: a row the shared positions cannot hold names the derived limit and what to set
+    with pytest.raises(DataError, match="derived to share the model's 16 positions: set data.max_prompt_tokens"):
+        _prepare(tmp_path, "data-16", files, ["model.max_position_embeddings=16"])

@@ -55,11 +55,20 @@ def _longest(prompt_lens: dict, response_lens: dict) -> tuple[int, int]:
     )
 
 
+def _limit_notes(limits: dict, longest: tuple[int, int]) -> dict[str, str]:
+    """What an over-long row's error adds after each limit: the longest lengths, and for a derived limit (which
+    cuts rows only where the model's positions cannot hold the longest prompt and response) what to set."""
+    fits = f"(the longest with this tokenizer: prompt {longest[0]}, response {longest[1]} tokens)"
+    derived = (f"{fits[:-1]}; derived to share the model's {limits['positions']} positions: set "
+               "data.max_prompt_tokens and data.max_response_tokens, or data.on_bad_rows=skip)")  # fmt: skip
+    names = ("max_prompt_tokens", "max_response_tokens")
+    return {name: derived if name in limits["derived"] else fits for name in names}
+
+
 def _enforce_token_limits(splits, lengths: tuple[dict, dict], limits: dict, bad: BadRowLog) -> dict[str, dict]:
     """Drop (or stop at) rows longer than the token limits; return length percentiles per field kind."""
     prompt_lens, response_lens = lengths
-    longest_prompt, longest_response = _longest(prompt_lens, response_lens)
-    fits = f"(the longest with this tokenizer: prompt {longest_prompt}, response {longest_response} tokens)"
+    note = _limit_notes(limits, _longest(prompt_lens, response_lens))
     max_prompt, max_response = limits["max_prompt_tokens"], limits["max_response_tokens"]
     kept_lengths: dict[str, list[int]] = {"prompt": [], "response": []}
     for split, rows in splits.items():
@@ -68,14 +77,14 @@ def _enforce_token_limits(splits, lengths: tuple[dict, dict], limits: dict, bad:
             where, file = row.get("_src", f"{split} row {i + 1}"), row.get("_file", split)
             n_prompt = prompt_lens[split][i]
             if n_prompt > max_prompt:
-                bad.report(where, f"over-long prompt: {n_prompt} tokens > data.max_prompt_tokens={max_prompt} {fits}",
-                           file=file)  # fmt: skip
+                bad.report(where, f"over-long prompt: {n_prompt} tokens > data.max_prompt_tokens={max_prompt} "
+                                  f"{note['max_prompt_tokens']}", file=file)  # fmt: skip
                 continue
             too_long = [name for name, lens in response_lens[split].items() if lens[i] > max_response]
             if too_long:
                 n = response_lens[split][too_long[0]][i]
                 bad.report(where, f"over-long {too_long[0]}: {n} tokens (with EOS) > data.max_response_tokens="
-                                  f"{max_response} {fits}", file=file)  # fmt: skip
+                                  f"{max_response} {note['max_response_tokens']}", file=file)  # fmt: skip
                 continue
             kept_lengths["prompt"].append(n_prompt)
             kept_lengths["response"].extend(lens[i] for lens in response_lens[split].values())
@@ -131,6 +140,7 @@ def prepare_data(config: Config, out: Path, logger: Logger) -> StageResult:
     lengths = _token_lengths(splits, tokenizer)
     positions = _model_positions(config, model_path)
     limits = derive_limits(cfg.max_prompt_tokens, cfg.max_response_tokens, _longest(*lengths), positions)
+    limits["positions"] = positions
     if not limits["derived"]:
         _check_positions(config, positions)
     token_lengths = _enforce_token_limits(splits, lengths, limits, bad)
@@ -150,7 +160,7 @@ def prepare_data(config: Config, out: Path, logger: Logger) -> StageResult:
             if rows and "category" in rows[0]
         },
         "token_lengths": token_lengths,
-        "token_limits": {**limits, "model_positions": positions},
+        "token_limits": limits,
         "tokenizer": {"vocab_size": len(tokenizer), "trained": config.model.name_or_path is None},
         "bad_rows": bad.as_stats(),
         **source_stats,
