@@ -51,7 +51,7 @@ def test_dvc_dependencies_exist_or_come_from_an_earlier_stage():
         for dep in spec.get("deps", []):
             from_stage = any(Path(dep).is_relative_to(out) for out in earlier_outputs)
             assert from_stage or (REPO / dep).exists(), f"{stage}: dependency {dep} is neither code nor an output"
-        earlier_outputs += _paths(spec.get("outs"))
+        earlier_outputs += _paths(spec.get("outs")) + _paths(spec.get("metrics"))  # DVC keeps metrics files apart
 
 
 def test_dvc_params_name_real_config_fields():
