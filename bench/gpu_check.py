@@ -191,6 +191,8 @@ def part_zero(args, work: Path) -> dict:
     SFT policy and reward model (SFT writes elsewhere, so PPO starts from the same policy every time)."""
     steps = (8, 2) if args.tiny else (args.zero_sft_steps, args.zero_ppo_steps)
     short = [f"sft.max_steps={steps[0]}", f"ppo.steps={steps[1]}", "ppo.critic_warmup_steps=1"]  # policy updates too
+    if args.tiny:  # short answers: under ZeRO-3 each generated token gathers every layer, slow on a CPU
+        short.append("data.max_response_tokens=16")
     engines = {
         "torch": ["distributed.engine=torch"],
         "zero2": ["distributed.engine=deepspeed", "distributed.zero_stage=2"],

@@ -32,7 +32,8 @@ from tests.conftest import PicklePayload, tiny_overrides
 def _overrides(stack, prepared_root: Path, ppo_dir: Path, *extra) -> list[str]:
     out, _ = stack
     paths = [f"paths.sft={out / 'sft'}", f"paths.rm={out / 'rm'}", f"paths.ppo={ppo_dir}"]
-    return [*tiny_overrides(prepared_root), *paths, *extra]  # 4 iterations, checkpoint every 2
+    short = "data.max_response_tokens=16"  # what is checkpointed and resumed, not how long the answers are
+    return [*tiny_overrides(prepared_root), short, *paths, *extra]  # 4 iterations, checkpoint every 2
 
 
 def _config(stack, prepared_root: Path, ppo_dir: Path, *extra):

@@ -14,7 +14,7 @@ import pytest
 from rlhf_core import commit
 from rlhf_core.config import load_config
 from rlhf_core.pipeline import STAGES, run_stage
-from rlhf_core.stages import output_dir
+from rlhf_core.stages import STAGE_LIST, output_dir
 from tests.conftest import REPO, tiny_overrides
 
 
@@ -122,30 +122,83 @@ def test_a_failing_stage_leaves_its_previous_outputs(tmp_path):
 
 # ------------------------------------------------------------------------------------ real stages, real SIGKILL
 KILLER = """
-import json, os, signal, sys
+import importlib, json, os, signal, sys, traceback
 from rlhf_core import commit
 from rlhf_core.config import load_config
 from rlhf_core.pipeline import run_stage
 
-stage, kill_at, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-if kill_at == "rm-best-checkpoint":  # inside the work: right after the first best model is written
-    import rlhf_core.trainers.rm as rm
-    real_save = rm.save_reward_model
-    def save(*args, **kwargs):
-        real_save(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGKILL)
-    rm.save_reward_model = save
-else:  # during the commit: right after its n-th move
-    real_rename, calls = commit._rename, []
-    def rename(source, target):
-        real_rename(source, target)
-        calls.append(source)
-        if len(calls) == int(kill_at):
+def run_until_killed(stage, kill_at, overrides):
+    if kill_at == "rm-best-checkpoint":  # inside the work: right after the first best model is written
+        import rlhf_core.trainers.rm as rm
+        real_save = rm.save_reward_model
+        def save(*args, **kwargs):
+            real_save(*args, **kwargs)
             os.kill(os.getpid(), signal.SIGKILL)
-    commit._rename = rename
-run_stage(stage, load_config(None, overrides))
-sys.exit(3)
+        rm.save_reward_model = save
+    else:  # during the commit: right after its n-th move
+        real_rename, calls = commit._rename, []
+        def rename(source, target):
+            real_rename(source, target)
+            calls.append(source)
+            if len(calls) == int(kill_at):
+                os.kill(os.getpid(), signal.SIGKILL)
+        commit._rename = rename
+    run_stage(stage, load_config(None, overrides))
+
+# Each kill runs in a fork of this process: a process of its own that SIGKILL ends for real, which finds the
+# modules named on the command line imported already instead of spending a fresh interpreter's seconds on them.
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+for line in sys.stdin:  # one kill a line, [stage, kill_at, overrides, log file]; answers with its exit code
+    stage, kill_at, overrides, log = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(out, 1), os.dup2(out, 2)
+        signal.alarm(300)  # a stage that hangs ends by SIGALRM, not killed where the test wants it
+        try:
+            run_until_killed(stage, kill_at, overrides)
+        except BaseException:
+            traceback.print_exc()
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(3)  # the stage ran to its end: not killed
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """
+
+
+# What the stages import as they run (the trainers lazily, transformers' save reaches DeepSpeed): the killer of
+# several stages imports them once, beside the test's own stage runs.
+WARM = (*(stage.module for stage in STAGE_LIST), "deepspeed", "mlflow", "matplotlib.pyplot", "peft")
+
+
+class Killer:
+    """A process that imports ``warm`` once (``KILLER``), then runs each kill in a fork of itself."""
+
+    def __init__(self, logs: Path, warm: tuple[str, ...] = ()):
+        logs.mkdir(exist_ok=True)
+        self.logs, self.log = logs, logs / "killer.log"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-c", KILLER, *warm], cwd=REPO, env=env, stderr=log, **pipes)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+        self.proc.wait(timeout=60)
+
+    def kill(self, stage: str, kill_at: str, overrides: list[str]) -> None:
+        log = self.logs / f"{stage}-{kill_at}.log"
+        self.proc.stdin.write(json.dumps([stage, kill_at, overrides, str(log)]) + "\n")
+        self.proc.stdin.flush()
+        code = self.proc.stdout.readline()
+        assert code, f"the killer stopped: {self.log.read_text()[-2000:]}"
+        assert int(code) == -9, f"{stage} was not killed at {kill_at}: {log.read_text()[-2000:]}"
+
+
 # stage -> an override of one of its own params: the killed run differs from the committed one.
 CHANGED = {
     "eval": "eval.seed=8",
@@ -156,13 +209,6 @@ CHANGED = {
     "prepare": "data.sim.annotator_temperature=2.5",
 }
 KILL_AFTER_MOVES = 3  # mid-commit: the first entries are in place, the rest and the manifest are not
-
-
-def _kill(stage: str, kill_at: str, overrides: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", KILLER, stage, kill_at, json.dumps(overrides)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == -9, f"{stage} was not killed at {kill_at}: {proc.stderr[-2000:]}"
 
 
 def _consistent(config, stage: str) -> dict:
@@ -180,19 +226,20 @@ def test_every_stage_killed_mid_commit_then_run_again_keeps_or_rebuilds_never_mi
     old seed must then rebuild SFT, not skip it with the seed-43 model under the old record."""
     base = [*tiny_overrides(tmp_path), "ppo.steps=2"]
     config = load_config(None, base)
-    for stage in STAGES:
-        run_stage(stage, config, skip_unchanged=True)
-    first = {stage: _consistent(config, stage)["fingerprint"] for stage in STAGES}
-    for stage, change in CHANGED.items():  # downstream first: an upstream commit changes their inputs
-        changed = load_config(None, [*base, change])
-        _kill(stage, str(KILL_AFTER_MOVES), [*base, change])
-        outcome = run_stage(stage, changed, skip_unchanged=True)
-        assert outcome.artifacts.get("skipped") == "unchanged", stage
-        assert _consistent(changed, stage)["fingerprint"] != first[stage], stage
-        if stage == "sft":
-            reseeded = run_stage("sft", config, skip_unchanged=True)
-            assert "skipped" not in reseeded.artifacts, "the seed-43 model must not pass for the seed-42 one"
-            assert _consistent(config, "sft")["fingerprint"] == first["sft"]
+    with Killer(tmp_path / "kills", warm=WARM) as killer:  # importing while the first runs go on
+        for stage in STAGES:
+            run_stage(stage, config, skip_unchanged=True)
+        first = {stage: _consistent(config, stage)["fingerprint"] for stage in STAGES}
+        for stage, change in CHANGED.items():  # downstream first: an upstream commit changes their inputs
+            changed = load_config(None, [*base, change])
+            killer.kill(stage, str(KILL_AFTER_MOVES), [*base, change])
+            outcome = run_stage(stage, changed, skip_unchanged=True)
+            assert outcome.artifacts.get("skipped") == "unchanged", stage
+            assert _consistent(changed, stage)["fingerprint"] != first[stage], stage
+            if stage == "sft":
+                reseeded = run_stage("sft", config, skip_unchanged=True)
+                assert "skipped" not in reseeded.artifacts, "the seed-43 model must not pass for the seed-42 one"
+                assert _consistent(config, "sft")["fingerprint"] == first["sft"]
 
 
 @pytest.mark.slow
@@ -205,7 +252,8 @@ def test_rm_killed_while_training_leaves_the_previous_reward_model(trained_tiny_
     run_stage("rm", config)
     before = _consistent(config, "rm")
     stats = (tmp_path / "rm" / "model" / "reward_stats.json").read_text()
-    _kill("rm", "rm-best-checkpoint", [*overrides, "rm.seed=43"])
+    with Killer(tmp_path / "kills") as killer:
+        killer.kill("rm", "rm-best-checkpoint", [*overrides, "rm.seed=43"])
     assert (tmp_path / "rm" / commit.STAGING / "model").is_dir(), "killed with a half-trained model staged"
     commit.recover(tmp_path / "rm")
     assert _consistent(config, "rm") == before

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "sft", "rm", "rm-eval", "ppo", "eval"]
 
 
-def _run(args: list[str], cwd: Path) -> str:
+def _env() -> dict[str, str]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.update(
         DVC_NO_ANALYTICS="1",
@@ -32,17 +32,24 @@ def _run(args: list[str], cwd: Path) -> str:
         GIT_COMMITTER_NAME="t",
         GIT_COMMITTER_EMAIL="t@t",
     )
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return env
+
+
+def _failed(args: list[str], code: int, stdout: str, stderr: str) -> None:
+    pytest.fail(f"{' '.join(args)} exited {code}\n{stdout[-3000:]}\n{stderr[-3000:]}")
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    done = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
-        pytest.fail(f"{' '.join(args)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        _failed(args, done.returncode, done.stdout, done.stderr)
     return done.stdout
 
 
-@pytest.fixture(scope="module")
-def dvc_project(tmp_path_factory) -> Path:
+def _tiny_project(project: Path) -> Path:
+    """``project``: the code, dvc.yaml and a tiny params.yaml in a fresh git + DVC repository (nothing committed)."""
     from rlhf_core.config import load_config
 
-    project = tmp_path_factory.mktemp("dvc") / "project"
     project.mkdir()
     shutil.copytree(REPO / "rlhf_core", project / "rlhf_core", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):  # the real .gitignore: metrics must reach git
@@ -51,13 +58,36 @@ def dvc_project(tmp_path_factory) -> Path:
     (project / "params.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     _run(["git", "init", "-q"], project)
     _run(["dvc", "init", "-q"], project)
+    return project
+
+
+@pytest.fixture(scope="module")
+def rlhf_run(tmp_path_factory):
+    """`rlhf run --no-prefect` (params.yaml, every stage, no --set) started in a tiny project of its own, where it
+    runs beside the `dvc repro` of ``reproduced`` (which asks for this fixture first): the two pipelines share the
+    2 cores instead of taking turns. Yields (project, its process, its stdout and stderr files)."""
+    root = tmp_path_factory.mktemp("rlhf_run")
+    project, args = _tiny_project(root / "project"), ["rlhf", "run", "--no-prefect"]
+    logs = root / "stdout.txt", root / "stderr.txt"
+    env = {**_env(), "OMP_NUM_THREADS": "1"}  # one core: the repro's stages have the other
+    with logs[0].open("w") as stdout, logs[1].open("w") as stderr:
+        proc = subprocess.Popen(args, cwd=project, env=env, stdout=stdout, stderr=stderr, text=True)
+    yield project, proc, logs
+    if proc.poll() is None:  # only the repro's tests ran
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory) -> Path:
+    project = _tiny_project(tmp_path_factory.mktemp("dvc") / "project")
     _run(["git", "add", "-A"], project)
     _run(["git", "commit", "-qm", "tiny project"], project)
     return project
 
 
 @pytest.fixture(scope="module")
-def reproduced(dvc_project) -> tuple[Path, str]:
+def reproduced(rlhf_run, dvc_project) -> tuple[Path, str]:
     """The tiny project after one `dvc repro`, its results committed as the experiments' baseline: (project, what
     the repro printed). The tests that need a reproduced project take this, so none depends on another's order."""
     out = _run(["dvc", "repro"], dvc_project)
@@ -105,21 +135,14 @@ def test_dvc_exp_run_compares_a_preset(reproduced):
 
 
 @pytest.mark.slow
-def test_rlhf_run_leaves_dvc_lock_consistent_so_repro_runs_nothing(tmp_path):
+def test_rlhf_run_leaves_dvc_lock_consistent_so_repro_runs_nothing(rlhf_run):
     """The two front doors agree: after `rlhf run` (params.yaml, every stage, no --set) `dvc status` is clean and
     `dvc repro` runs no stage (before, it reran all six: about an hour at the default sizes)."""
-    from rlhf_core.config import load_config
-
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(REPO / name, project / name)
-    shutil.copytree(REPO / "rlhf_core", project / "rlhf_core", ignore=shutil.ignore_patterns("__pycache__"))
-    config = load_config(REPO / "params.yaml", [*TINY, "tracking.enabled=false"])
-    (project / "params.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    _run(["git", "init", "-q"], project)
-    _run(["dvc", "init", "-q"], project)
-    out = _run(["rlhf", "run", "--no-prefect"], project)
+    project, proc, logs = rlhf_run
+    code = proc.wait(timeout=600)
+    out = logs[0].read_text()
+    if code != 0:
+        _failed(proc.args, code, out, logs[1].read_text())
     assert "dvc.lock records these outputs" in out
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], project)
     assert "Running stage" not in _run(["dvc", "repro"], project)

@@ -198,8 +198,9 @@ def test_sigkilled_run_resumes_to_the_same_final_metrics(trained_tiny_rm, prepar
     from tests.conftest import REPO
 
     out, _ = trained_tiny_rm
+    # Short answers: the resume is under test, and the continuous scheduler decodes a tiny model slowly on a CPU.
     base = [*tiny_overrides(prepared_tiny[0]), f"paths.sft={out / 'sft'}", f"paths.rm={out / 'rm'}", "ppo.steps=6",
-            f"generation.engine={engine}"]  # fmt: skip
+            f"generation.engine={engine}", "data.max_response_tokens=16"]  # fmt: skip
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -210,20 +211,27 @@ def test_sigkilled_run_resumes_to_the_same_final_metrics(trained_tiny_rm, prepar
             cmd += ["--set", override]
         return cmd
 
-    subprocess.run(command("straight"), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
-
-    proc = subprocess.Popen(command("killed"), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    second = tmp_path / "killed" / "checkpoints" / "step-000004"
-    deadline = time.time() + 240
-    while not second.is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert second.is_dir(), "the run never wrote its second checkpoint"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "metrics.json").exists(), "killed too late to test anything"
-    resumed = subprocess.run(command("killed"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout + resumed.stderr
+    # The straight run goes beside the killed one (one thread each on 2 cores): neither reads what the other writes.
+    straight_log = tmp_path / "straight.log"
+    with (
+        straight_log.open("w") as log,
+        subprocess.Popen(command("straight"), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT) as straight_run,
+    ):
+        proc = subprocess.Popen(
+            command("killed"), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        second = tmp_path / "killed" / "checkpoints" / "step-000004"
+        deadline = time.time() + 240
+        while not second.is_dir() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert second.is_dir(), "the run never wrote its second checkpoint"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (tmp_path / "killed" / "metrics.json").exists(), "killed too late to test anything"
+        resumed = subprocess.run(command("killed"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resumed from" in resumed.stdout + resumed.stderr
+        assert straight_run.wait(timeout=300) == 0, straight_log.read_text()[-3000:]
 
     straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     killed = json.loads((tmp_path / "killed" / "metrics.json").read_text())

@@ -153,7 +153,9 @@ def test_ppo_and_eval_sample_with_the_engine_the_config_names(trained_tiny_rm, p
     out, _ = trained_tiny_rm
     paths = [f"paths.sft={out / 'sft'}", f"paths.rm={out / 'rm'}", f"paths.ppo={tmp_path / 'ppo'}",
              f"paths.eval={tmp_path / 'eval'}"]  # fmt: skip
-    config = load_config(None, [*tiny_overrides(prepared_tiny[0]), *paths, "generation.engine=continuous"])
+    # Which engine samples, not how long it samples: short answers and two rollouts keep the CPU scheduler quick.
+    short = ["ppo.steps=2", "data.max_response_tokens=16"]
+    config = load_config(None, [*tiny_overrides(prepared_tiny[0]), *paths, *short, "generation.engine=continuous"])
     result = run_stage("ppo", config)
     rollouts = config.ppo.steps
     assert calls[:rollouts] == [config.ppo.rollout_size] * rollouts
