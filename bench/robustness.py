@@ -71,7 +71,8 @@ def stage_dir(root: Path, stage: str, preset: str, variant: str | None, variant_
     return root / (f"{name}_{variant}" if stage in variant_stages(variant, variant_from) else name)
 
 
-def draw_config(draw: int, out: Path, preset: str, extra: list[str], tiny: bool, variant=None, variant_from="ppo"):
+def draw_config(draw: int, out: Path, preset: str, extra: list[str], tiny: bool, variant=None, variant_from="ppo",
+                params: Path | None = None):  # fmt: skip
     from rlhf_core.config import load_config
 
     root = out / f"draw{draw}"
@@ -82,7 +83,7 @@ def draw_config(draw: int, out: Path, preset: str, extra: list[str], tiny: bool,
         size = list(TINY)
     paths = [f"paths.{STAGES[s].path_key}={stage_dir(root, s, preset, variant, variant_from)}" for s in ORDER]
     overrides = [*size, *draw_overrides(draw), f"ppo.preset={preset}", *extra, *paths, "tracking.enabled=false"]
-    return load_config(REPO / "params.yaml", overrides)
+    return load_config(params or REPO / "params.yaml", overrides)
 
 
 def result_path(out: Path, draw: int, preset: str, variant: str | None = None) -> Path:
@@ -94,7 +95,7 @@ def ensemble_dirs(out: Path, draw: int, extra_rm_seeds: list[int]) -> list[Path]
 
 
 def run_draw(draw: int, preset: str, out: Path, extra: list[str], tiny: bool, variant=None, variant_from="ppo",
-             reuse_base=False, extra_rm_seeds=()) -> dict:  # fmt: skip
+             reuse_base=False, extra_rm_seeds=(), params: Path | None = None) -> dict:  # fmt: skip
     """One (draw, preset): the draw's shared stages (skipped when unchanged), the extra reward models of an
     ensemble if any, then PPO and the evaluation."""
     from rlhf_core import distributed
@@ -107,7 +108,7 @@ def run_draw(draw: int, preset: str, out: Path, extra: list[str], tiny: bool, va
     members = ensemble_dirs(out, draw, list(extra_rm_seeds))
     if members:
         extra = [*extra, f"ppo.reward_ensemble=[{', '.join(str(m) for m in members)}]"]
-    config = draw_config(draw, out, preset, extra, tiny, variant, variant_from)
+    config = draw_config(draw, out, preset, extra, tiny, variant, variant_from, params)
     started = time.time()
     metrics: dict = {}
     for stage in ORDER:
@@ -128,6 +129,12 @@ def run_draw(draw: int, preset: str, out: Path, extra: list[str], tiny: bool, va
             distributed.shutdown()
     result = summarise_run(draw, f"{preset}+{variant}" if variant else preset, extra, metrics)
     result["seconds"] = round(time.time() - started, 1)
+    # A study over sessions may run its draws on other CPUs: each run names the one that finished it, and the
+    # seconds of every stage it ran (shared stages built in an earlier run are not re-timed).
+    from bench.real_model_options import cpu_description
+
+    result["cpu"] = cpu_description()
+    result["stage_seconds"] = {k.split("/")[0]: v for k, v in metrics.items() if k.endswith("/seconds")}
     atomic_write_json(path, result)
     return result
 
@@ -174,7 +181,13 @@ def summarise_run(draw: int, preset: str, extra: list[str], m: dict) -> dict:
         "rm_accuracy": m.get("rm_eval/accuracy"),
         "gold_win_rate": m["eval/gold/win_rate"] if gold else None,
         "gold_win_rate_ci95": [m["eval/gold/win_rate_ci_low"], m["eval/gold/win_rate_ci_high"]] if gold else None,
+        "gold_lc_win_rate": m.get("eval/gold/lc_win_rate"),
+        "gold_lc_win_rate_ci95": [m["eval/gold/lc_win_rate_ci_low"], m["eval/gold/lc_win_rate_ci_high"]]
+        if "eval/gold/lc_win_rate" in m else None,
         "rm_win_rate": m["eval/rm/win_rate"],
+        "rm_lc_win_rate": m.get("eval/rm/lc_win_rate"),
+        "response_tokens": [m.get("eval/response_tokens_sft"), m.get("eval/response_tokens_ppo")],
+        "refusal_share_harmful": [m.get("eval/harmful/refusal_share_sft"), m.get("eval/harmful/refusal_share_ppo")],
         "overoptimisation_gap": m.get("eval/overoptimisation_gap"),
         "cleanup_ceiling": m.get("eval/gold/cleanup_ceiling"),
         "final_kl": m["ppo/objective_kl"],
@@ -286,6 +299,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--draws", type=int, nargs="+", default=list(DEFAULT_DRAWS))
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument("--params", type=Path, help="a recipe (partial params file) instead of params.yaml, e.g. "
+                        "bench/recipes/smollm2_sim.yaml; its paths are replaced by --out's")  # fmt: skip
     parser.add_argument("--set", action="append", help="an override for every run, e.g. ppo.kl_coef=0.1")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "robustness")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "robustness.json")
@@ -311,7 +326,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results += baseline_runs(args.out, draw)
         for preset in args.presets:
             results.append(run_draw(draw, preset, args.out, args.set or [], args.tiny, args.variant,
-                                    args.variant_from, args.reuse_base, args.extra_rm_seeds))  # fmt: skip
+                                    args.variant_from, args.reuse_base, args.extra_rm_seeds, args.params))  # fmt: skip
             write(results, args, args.results)
     print_table(results, summarise(results))
     return results

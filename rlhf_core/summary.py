@@ -65,15 +65,25 @@ def ppo_rows(m: dict, config) -> Rows:
     return [(f"PPO ({config.ppo.preset}), last iterations", line)]
 
 
+def _length_controlled(m: dict, judge: str) -> str:
+    prefix = f"eval/{judge}/lc_win_rate"
+    if prefix not in m:
+        return ""
+    return f"; length-controlled {m[prefix]:.1%} [{m[prefix + '_ci_low']:.1%}, {m[prefix + '_ci_high']:.1%}]"
+
+
 def eval_rows(m: dict, config) -> Rows:
     rows = [
         (f"PPO vs SFT, {j} judge: win / tie / lose",
          f"{m[f'eval/{j}/win']:.1%} / {m[f'eval/{j}/tie']:.1%} / {m[f'eval/{j}/lose']:.1%}; "
          f"win rate {m[f'eval/{j}/win_rate']:.1%} [{m[f'eval/{j}/win_rate_ci_low']:.1%}, "
-         f"{m[f'eval/{j}/win_rate_ci_high']:.1%}]")
+         f"{m[f'eval/{j}/win_rate_ci_high']:.1%}]" + _length_controlled(m, j))
         for j in ("gold", "rm")
         if f"eval/{j}/win_rate" in m
     ]  # fmt: skip
+    if "eval/response_tokens_ppo" in m:  # absent from an eval stage committed before lengths were recorded
+        rows.append(("answer length in tokens, SFT -> PPO",
+                     f"{m['eval/response_tokens_sft']:.1f} -> {m['eval/response_tokens_ppo']:.1f}"))  # fmt: skip
     if "eval/overoptimisation_gap" in m:
         rows.append(("over-optimisation (RM minus gold win rate)", f"{m['eval/overoptimisation_gap']:+.1%}"))
     if "eval/gold/cleanup_ceiling" in m:

@@ -61,9 +61,16 @@ def test_win_rate_figure_prints_each_rate_with_its_interval(tmp_path, monkeypatc
     for judge in judges:
         metrics.update({f"eval/{judge}/win": 0.4, f"eval/{judge}/tie": 0.3, f"eval/{judge}/lose": 0.3,
                         f"eval/{judge}/win_rate": 0.55, f"eval/{judge}/win_rate_ci_low": 0.51,
-                        f"eval/{judge}/win_rate_ci_high": 0.59, f"eval/{judge}/n": 200})  # fmt: skip
+                        f"eval/{judge}/win_rate_ci_high": 0.59, f"eval/{judge}/n": 200,
+                        f"eval/{judge}/lc_win_rate": 0.52, f"eval/{judge}/lc_win_rate_ci_low": 0.47,
+                        f"eval/{judge}/lc_win_rate_ci_high": 0.575, f"eval/{judge}/length_coef": -1.5})  # fmt: skip
     evaluation._plot(metrics, judges, ["all"], tmp_path)
     texts = [t.get_text() for t in saved[0].axes[0].texts]
-    assert texts.count("win rate 55.0% [51.0%, 59.0%], n=200") == len(judges)
+    expected = "win rate 55.0% [51.0%, 59.0%], length-controlled 52.0% [47.0%, 57.5%], n=200"
+    assert texts.count(expected) == len(judges)
+    # The length-controlled rate is also drawn on its bar, with its interval.
+    markers = [line for line in saved[0].axes[0].lines if line.get_marker() == "D"]
+    assert [list(m.get_xdata()) for m in markers] == [[0.52]] * len(judges)
     header = (tmp_path / "win_rates.csv").read_text().splitlines()[0]
-    assert header == "judge,group,win,tie,lose,win_rate,win_rate_ci_low,win_rate_ci_high"
+    assert header == ("judge,group,win,tie,lose,win_rate,win_rate_ci_low,win_rate_ci_high,"
+                      "lc_win_rate,lc_win_rate_ci_low,lc_win_rate_ci_high,length_coef")  # fmt: skip

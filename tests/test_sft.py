@@ -108,6 +108,35 @@ def test_bf16_stage_region_sees_every_optimizer_step():
     torch.testing.assert_close(inside, fresh, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("native", "expected"), [(True, True), (False, False)])
+def test_bf16_auto_follows_the_cpu_and_true_on_an_emulating_cpu_warns_once(monkeypatch, capsys, native, expected):
+    """``distributed.bf16=auto`` turns autocast on only where the CPU does bf16 natively (an AVX2-only CPU
+    emulates it: a SmolLM2 step 31x slower); an explicit ``true`` is obeyed, with one warning line there."""
+    import torch
+
+    from rlhf_core import distributed
+    from rlhf_core.config import DistributedConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed, "native_cpu_bf16", lambda: native)
+    monkeypatch.setattr(distributed, "_warned_slow_bf16", False)
+    auto = DistributedConfig(bf16="auto")
+    assert distributed.bf16_enabled(auto) is expected
+    with distributed.stage_autocast(auto):
+        assert torch.is_autocast_enabled("cpu") is expected
+    assert distributed.bf16_enabled(DistributedConfig(bf16=True)) is True
+    assert distributed.bf16_enabled(DistributedConfig(bf16=False)) is False
+    for _ in range(2):
+        with distributed.stage_autocast(DistributedConfig(bf16=True)):
+            assert torch.is_autocast_enabled("cpu")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == (0 if native else 1), warnings
+    if warnings:
+        assert "distributed.bf16=auto" in warnings[0]
+    recipe = Path(__file__).resolve().parents[1] / "bench" / "recipes" / "smollm2_sim.yaml"
+    assert load_config(recipe).distributed.bf16 == "auto"  # the recipes use it
+
+
 def test_sft_rejects_a_split_smaller_than_the_global_batch(prepared_tiny, tmp_path):
     from rlhf_core.errors import ConfigError
 

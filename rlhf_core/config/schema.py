@@ -437,6 +437,13 @@ class EvalConfig(_Group):
     rm_tie_margin: float = Field(
         0.0, ge=0, description="The RM judge calls a tie when the two scores differ by at most this much."
     )
+    length_control_l2: float = Field(
+        1.0,
+        gt=0,
+        description="L2 penalty on the length coefficient of the length-controlled win rate's logistic regression "
+        "(per standard deviation of the length difference); keeps it finite when a judge's verdict is a perfect "
+        "function of length.",
+    )
     batch_size: int = Field(64, ge=1, description="Prompts sampled or scored per forward pass.")
     num_examples: int = Field(20, ge=0, description="Example pairs in the table (judge disagreements first).")
 
@@ -481,7 +488,13 @@ class DistributedConfig(_Group):
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend; auto: nccl on GPU, gloo on CPU."
     )
-    bf16: bool = Field(False, description="bfloat16 mixed precision (DeepSpeed bf16 / torch autocast).")
+    bf16: bool | Literal["auto"] = Field(
+        False,
+        description="bfloat16 mixed precision (DeepSpeed bf16 / torch autocast). auto: on where the hardware does "
+        "bf16 arithmetic natively (a CUDA GPU with bf16; a CPU for which torch's oneDNN reports bf16, i.e. "
+        "AVX-512), float32 elsewhere: on a CPU with AVX2 only, a SmolLM2 training step took 31x as long under bf16 "
+        "autocast as in float32 (docs/results/benchmarks.md).",
+    )
     zero3_param_persistence_threshold: int = Field(
         100_000,
         ge=0,
