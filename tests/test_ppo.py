@@ -338,6 +338,30 @@ def test_response_logits_are_the_full_forwards_response_slice():
     torch.testing.assert_close(packed_got[1, :2], got[1, :2], rtol=1e-5, atol=1e-5)
 
 
+def test_length_debias_takes_the_length_term_out_of_the_score(trained_tiny_rm, prepared_tiny, tmp_path, monkeypatch):
+    """ppo.length_debias: the first rollout (sampled before any update, so the same in both runs) scores exactly
+    slope x (mean length - fitted mean) lower on average than without it; an RM without the fit is named."""
+    from rlhf_core.errors import DataError
+    from rlhf_core.trainers.ppo import models as ppo_models
+
+    read_json = ppo_models.read_json
+    fit = {"mean": 8.0, "slope": 0.05, "correlation": 0.3, "residual_std": 0.4}
+    monkeypatch.setattr(ppo_models, "read_json", lambda path: {**read_json(path), "length": fit})
+    plain = run_stage("ppo", _config(trained_tiny_rm, prepared_tiny[0], tmp_path / "plain", "ppo.steps=2"))
+    debiased = run_stage("ppo", _config(trained_tiny_rm, prepared_tiny[0], tmp_path / "debiased", "ppo.steps=2",
+                                        "ppo.length_debias=true"))  # fmt: skip
+    a, b = plain.history[0], debiased.history[0]
+    assert a["rollout/response_length"] == b["rollout/response_length"]  # the same rollout
+    expected = a["objective/scores"] - fit["slope"] * (a["rollout/response_length"] - fit["mean"])
+    assert b["objective/scores"] == pytest.approx(expected, abs=1e-5)
+    assert a["objective/scores"] != pytest.approx(b["objective/scores"], abs=1e-4)
+    monkeypatch.setattr(ppo_models, "read_json", lambda path: {k: v for k, v in read_json(path).items()
+                                                               if k != "length"})  # fmt: skip
+    old_rm = _config(trained_tiny_rm, prepared_tiny[0], tmp_path / "old", "ppo.length_debias=true")
+    with pytest.raises(DataError, match=r"paths.rm: ppo.length_debias needs .* rerun `rlhf rm`"):
+        run_stage("ppo", old_rm)
+
+
 def test_a_reward_ensemble_of_agreeing_models_scores_like_its_first_and_names_a_missing_member(
     trained_tiny_rm, prepared_tiny, tmp_path
 ):

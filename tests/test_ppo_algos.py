@@ -601,3 +601,23 @@ def test_ensemble_scores_by_hand():
     assert torch.allclose(ensemble_scores(one, torch.tensor([0.5]), torch.tensor([2.0]), 3.0), one[0])
     with pytest.raises(ValueError, match="ensemble_scores"):
         ensemble_scores(scores, means[:1], stds[:1], 1.0)
+
+
+def test_score_length_fit_and_its_removal_by_hand():
+    from rlhf_core.algos.ppo import remove_length_term
+    from rlhf_core.algos.rm import score_length_fit
+
+    lengths, scores = [10.0, 20.0, 30.0], [1.0, 2.0, 6.0]
+    sums = [3, sum(lengths), sum(x * x for x in lengths), sum(scores), sum(s * s for s in scores),
+            sum(s * x for s, x in zip(scores, lengths, strict=True))]  # fmt: skip
+    fit = score_length_fit(sums)
+    # mean L 20, var L 200/3, mean s 3, var s 14/3, cov 50/3: slope 0.25, r = 50 / sqrt(2800).
+    assert fit["mean"] == pytest.approx(20.0) and fit["slope"] == pytest.approx(0.25)
+    assert fit["correlation"] == pytest.approx(50 / 2800**0.5)
+    removed = remove_length_term(torch.tensor(scores), torch.tensor(lengths), fit["slope"], fit["mean"])
+    torch.testing.assert_close(removed, torch.tensor([3.5, 2.0, 3.5]))  # s - 0.25 (L - 20)
+    assert fit["residual_std"] == pytest.approx(removed.std(unbiased=False).item())  # sqrt(0.5)
+    flat = score_length_fit([2, 20.0, 200.0, 3.0, 5.0, 30.0])  # both lengths 10: no slope to fit
+    assert flat["slope"] == 0.0 and flat["correlation"] == 0.0 and flat["residual_std"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="no samples"):
+        score_length_fit([0, 0, 0, 0, 0, 0])

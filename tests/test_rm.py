@@ -137,6 +137,10 @@ def test_rm_smoke_loss_falls_accuracy_rises_weights_change(prepared_tiny, tmp_pa
     stats = json.loads((Path(result.artifacts["model"]) / "reward_stats.json").read_text())
     assert stats["count"] == 8 and math.isfinite(stats["mean"]) and stats["std"] >= 0
     assert result.metrics["rm/reward_mean"] == stats["mean"]
+    length = stats["length"]  # the score's least-squares line on response length (ppo.length_debias)
+    assert -1 <= length["correlation"] <= 1 and length["mean"] >= 1
+    assert length["residual_std"] <= stats["std"] + 1e-9  # a fitted line only removes spread
+    assert result.metrics["rm/reward_length_slope"] == length["slope"]
     with open(tmp_path / "rm" / "plots" / "train.csv") as handle:
         assert [float(r["rm/loss"]) for r in csv.DictReader(handle)] == pytest.approx(losses)
     assert not list((tmp_path / "rm").glob(".*.tmp")), "temporary files left behind"

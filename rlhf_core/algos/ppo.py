@@ -338,6 +338,15 @@ def ensemble_scores(scores: torch.Tensor, means: torch.Tensor, stds: torch.Tenso
     return means[0] + stds[0] * combined
 
 
+def remove_length_term(scores: torch.Tensor, lengths: torch.Tensor, slope: float, mean_length: float) -> torch.Tensor:
+    """r - slope * (L - mean_L): the score with its linear length term (fitted on SFT samples by
+    ``algos.rm.score_length_fit``) taken out, so that a response earns no reward for being longer or shorter
+    than the SFT policy's average. ``scores``, ``lengths``: ``(B,)``; returns a new tensor. Not in the paper: a
+    guard against the length exploitation seen on HH-RLHF (Singhal et al. 2023 measure how much of PPO's reward
+    gain is length)."""
+    return scores - slope * (lengths.to(scores.dtype) - mean_length)
+
+
 def penalise_missing_eos(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
     """r - penalty for responses that hit the length cap without EOS (``has_eos`` False); ``None``: unchanged.
 

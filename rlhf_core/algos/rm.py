@@ -86,3 +86,28 @@ def reliability_bins(score_gaps: torch.Tensor, first_preferred: torch.Tensor, nu
         "accuracy": accuracy,
         "ece": ece,
     }
+
+
+def score_length_fit(sums: list[float]) -> dict[str, float]:
+    """The least-squares line of a reward model's score on response length, from running sums over its samples
+    ``[n, sum L, sum L^2, sum s, sum s^2, sum s*L]`` (sums, so ranks can add theirs first).
+
+    ``slope`` is the score per token of length, ``mean`` the mean length, ``correlation`` Pearson's r and
+    ``residual_std`` the std of the score once ``slope * (L - mean)`` is removed (population moments). Without
+    spread in length the slope is 0. A reward model whose score a policy can buy with length shows it here.
+    """
+    n, sum_l, sum_l2, sum_s, sum_s2, sum_sl = sums
+    if n <= 0:
+        raise ValueError("score_length_fit: no samples")
+    mean_l, mean_s = sum_l / n, sum_s / n
+    var_l = max(sum_l2 / n - mean_l * mean_l, 0.0)
+    var_s = max(sum_s2 / n - mean_s * mean_s, 0.0)
+    cov = sum_sl / n - mean_l * mean_s
+    slope = cov / var_l if var_l > 0 else 0.0
+    correlation = cov / (var_l * var_s) ** 0.5 if var_l > 0 and var_s > 0 else 0.0
+    return {
+        "mean": mean_l,
+        "slope": slope,
+        "correlation": correlation,
+        "residual_std": max(var_s - slope * cov, 0.0) ** 0.5,
+    }

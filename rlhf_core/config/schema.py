@@ -405,6 +405,12 @@ class PPOConfig(_Group):
     ensemble_penalty: float = Field(
         1.0, ge=0, description="Ensemble score = mean - penalty x std of the members' standardised scores."
     )
+    length_debias: bool = Field(
+        False,
+        description="Take each reward model's linear length term out of its score (the slope of score on response "
+        "length that the rm stage fits on SFT samples, reward_stats.json 'length'), so that PPO earns nothing for "
+        "answers longer or shorter than SFT's average; not in the paper.",
+    )
     missing_eos_penalty: float | None = Field(
         None, description="Subtracted from the score of responses that hit the length cap without EOS; null: off."
     )

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from rlhf_core import distributed
-from rlhf_core.algos.rm import pairwise_loss
+from rlhf_core.algos.rm import pairwise_loss, score_length_fit
 from rlhf_core.algos.sft import first_labelled_logit, sft_loss
 from rlhf_core.config import Config, steps_for
 from rlhf_core.data.limits import response_token_limit
@@ -134,7 +134,8 @@ def reward_statistics(config: Config, rm_dir: Path, tokenizer, ctx) -> dict:
     policy = distributed.place(load_causal_lm(Path(config.paths.sft) / "model", tokenizer))
     reward_model = distributed.place(load_reward_model(rm_dir, tokenizer.pad_token_id))
     generator_seed = config.rm.seed * 1_000_003 + ctx.rank
-    sums = torch.zeros(3, dtype=torch.float64)  # host: sum, sum of squares, count
+    # host: n, sum L, sum L^2, sum s, sum s^2, sum s*L (score and response length: algos.rm.score_length_fit)
+    sums = torch.zeros(6, dtype=torch.float64)
     batch_size = config.rm_eval.batch_size
     with torch.random.fork_rng():
         torch.manual_seed(generator_seed)
@@ -152,17 +153,22 @@ def reward_statistics(config: Config, rm_dir: Path, tokenizer, ctx) -> dict:
             )
             output = torch.cat([input_ids, responses], dim=1)
             # Scored as PPO will: query + response as generated (left-padded; the head reads the last real token).
-            full_mask = torch.cat([attention_mask, eos_response_mask(responses, tokenizer.eos_token_id)], 1)
+            response_mask = eos_response_mask(responses, tokenizer.eos_token_id)
+            full_mask = torch.cat([attention_mask, response_mask], 1)
             scores = score_padded(reward_model, output, full_mask).double().cpu()
+            lengths = response_mask.sum(1).double().cpu()  # as PPO counts a rollout's response tokens
             count = torch.tensor(float(len(scores)))  # host: score sums
-            sums += torch.stack([scores.sum(), scores.pow(2).sum(), count])
-    total, total_sq, count = distributed.all_reduce_sum(sums).tolist()
+            sums += torch.stack([count, lengths.sum(), lengths.pow(2).sum(), scores.sum(), scores.pow(2).sum(),
+                                 (scores * lengths).sum()])  # fmt: skip
+    count, _, _, total, total_sq, _ = sums_all = distributed.all_reduce_sum(sums).tolist()
     mean = total / count
     std = math.sqrt(max(total_sq / count - mean * mean, 0.0))
     return {
         "mean": mean,
         "std": std,
         "count": int(count),
+        # The score's linear dependence on length (ppo.length_debias removes it from PPO's reward).
+        "length": score_length_fit(sums_all),
         "policy": str(Path(config.paths.sft) / "model"),
         "prompts": "ppo split, first rm.reward_stats_prompts",
         "sampling": {**config.ppo.sampling.model_dump(), "max_new_tokens": response_token_limit(config)},
@@ -316,5 +322,7 @@ def _summary(history: list[dict], checkpoints: list[dict], reward_stats: dict, s
         "rm/best_step": best["step"],
         "rm/reward_mean": reward_stats["mean"],
         "rm/reward_std": reward_stats["std"],
+        "rm/reward_length_slope": reward_stats["length"]["slope"],
+        "rm/reward_length_correlation": reward_stats["length"]["correlation"],
         **sizes,
     }

@@ -80,7 +80,9 @@ def start_run(config: Config, ctx: distributed.DistContext, checkpoint_root: Pat
     if models.reward_stats and (tricks.reward_norm or tricks.reward_scaling):
         # Calibrated from the first step: the RM's score statistics on SFT samples (rm stage).
         stats = models.reward_stats
-        moments.merge(stats["count"], stats["mean"], stats["std"] ** 2)
+        # With the length term removed the scores keep their mean on SFT samples and lose its share of the spread.
+        std = stats["length"]["residual_std"] if ppo.length_debias else stats["std"]
+        moments.merge(stats["count"], stats["mean"], std**2)
     if tricks.kl_controller == "adaptive":
         kl_controller = algo.AdaptiveKLController(tricks.kl_coef, ppo.kl_target, ppo.kl_horizon)
     else:

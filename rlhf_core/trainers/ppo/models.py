@@ -46,6 +46,9 @@ class PPOModels:
         self.reward_model = self._frozen[-1].module
         stats_file = rm_dir / "reward_stats.json"
         self.reward_stats = read_json(stats_file) if stats_file.is_file() else None
+        self.length_debias = config.ppo.length_debias
+        if self.length_debias:
+            self.reward_stats = _length_fit_of(stats_file, self.reward_stats, "paths.rm")
         self.reward_members = self._ensemble(config, tokenizer, ctx)
         self.ensemble_penalty = config.ppo.ensemble_penalty
         policy = apply_lora(load_causal_lm(sft_dir, tokenizer), lora)
@@ -67,7 +70,8 @@ class PPOModels:
         self.critic.unwrapped().eval()
 
     def _ensemble(self, config: Config, tokenizer, ctx) -> list[tuple]:
-        """``(model, score mean, score std)`` of every ensemble member, paths.rm first; empty for one RM."""
+        """``(model, score mean, score std, length fit or None)`` of every ensemble member, paths.rm first; empty
+        for one RM. With ``ppo.length_debias`` the std is that of the score with its length term removed."""
         if not config.ppo.reward_ensemble:
             return []
         members = [(self.reward_model, Path(config.paths.rm), "paths.rm")]
@@ -87,7 +91,11 @@ class PPOModels:
                 raise DataError(f"{where}: {stats_file} is missing; an ensemble standardises each member's scores "
                                 "with it (the rm stage writes it)")  # fmt: skip
             stats = read_json(stats_file)
-            out.append((model, stats["mean"], max(stats["std"], 1e-6)))
+            if self.length_debias:  # each member standardised as it scores: with its length term taken out
+                length = _length_fit_of(stats_file, stats, where)["length"]
+                out.append((model, stats["mean"], max(length["residual_std"], 1e-6), length))
+            else:
+                out.append((model, stats["mean"], max(stats["std"], 1e-6), None))
         return out
 
     @contextlib.contextmanager
@@ -104,3 +112,11 @@ class PPOModels:
     def engines(self) -> dict:
         """What a checkpoint saves: the trained models with their optimizers and schedules."""
         return {"policy": self.policy, "critic": self.critic}
+
+
+def _length_fit_of(stats_file: Path, stats: dict | None, where: str) -> dict:
+    """``stats`` when it holds the length fit ``ppo.length_debias`` needs, else a DataError saying what to rerun."""
+    if stats is None or "length" not in stats:
+        raise DataError(f"{where}: ppo.length_debias needs the score's length fit in {stats_file}, which reward models "
+                        "trained before it was recorded lack; rerun `rlhf rm` (its reward statistics take a minute)")  # fmt: skip
+    return stats

@@ -91,15 +91,24 @@ def score(models: PPOModels, exp: Experience, ppo: PPOConfig, sizes: PPOSizes, i
     for c in batches.scoring_cuts(exp, ppo):
         ids, mask, starts = batches.inputs(exp, c)
         put("values", c, response_values(critic, ids, mask, starts, c.response_width))
-        scores[c.rows.to(scores.device)] = _reward(models, ids, mask)
+        rows = c.rows.to(scores.device)
+        scores[rows] = _reward(models, ids, mask, exp.response_mask[rows].sum(1))
     return replace(exp, scores=scores, **full)
 
 
-def _reward(models: PPOModels, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The reward model's scores, or with ``ppo.reward_ensemble`` the ensemble's conservative score."""
+def _reward(models: PPOModels, ids: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The reward model's scores, or with ``ppo.reward_ensemble`` the ensemble's conservative score; with
+    ``ppo.length_debias`` each model's linear length term is taken out before anything else."""
     if not models.reward_members:
-        return score_rollout(models.reward_model, ids, mask)
-    scores = torch.stack([score_rollout(model, ids, mask) for model, _, _ in models.reward_members])
-    means = torch.tensor([m for _, m, _ in models.reward_members], device=scores.device)
-    stds = torch.tensor([s for _, _, s in models.reward_members], device=scores.device)
+        score = score_rollout(models.reward_model, ids, mask)
+        return _debiased(score, lengths, models.reward_stats["length"]) if models.length_debias else score
+    scores = torch.stack([score_rollout(model, ids, mask) if length is None
+                          else _debiased(score_rollout(model, ids, mask), lengths, length)
+                          for model, _, _, length in models.reward_members])  # fmt: skip
+    means = torch.tensor([m for _, m, _, _ in models.reward_members], device=scores.device)
+    stds = torch.tensor([s for _, _, s, _ in models.reward_members], device=scores.device)
     return algo.ensemble_scores(scores, means, stds, models.ensemble_penalty)
+
+
+def _debiased(scores: torch.Tensor, lengths: torch.Tensor, length: dict) -> torch.Tensor:
+    return algo.remove_length_term(scores.float(), lengths.to(scores.device), length["slope"], length["mean"])
