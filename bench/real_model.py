@@ -2,12 +2,14 @@
 
     .venv/bin/python bench/real_model.py bench/recipes/smollm2_sim.yaml --compare vanilla
     .venv/bin/python bench/real_model.py bench/recipes/smollm2_hh.yaml
+    .venv/bin/python bench/real_model.py bench/recipes/smollm2_hh.yaml --variant debias ppo.length_debias=true
     .venv/bin/python bench/real_model.py RECIPE --set ppo.steps=2 --results /tmp/smoke.json   # a smoke run
 
 Every stage runs as its own ``python -m rlhf_core.cli STAGE --params RECIPE`` process, so its peak memory is that
 process's maximum resident set size (``wait4``) and its time is the process's wall time, model loading included.
 ``--compare PRESET`` adds PPO and the win-rate evaluation again with ``ppo.preset=PRESET`` at the same settings,
-into ``<paths.ppo>_<PRESET>`` and ``<paths.eval>_<PRESET>`` (same data, SFT policy and reward model).
+into ``<paths.ppo>_<PRESET>`` and ``<paths.eval>_<PRESET>`` (same data, SFT policy and reward model);
+``--variant NAME OVERRIDE...`` does the same with any PPO or eval overrides.
 
 Results go to ``bench/results/real_model_<recipe name>.json`` after every stage (atomically), with the CPU's model
 and flags, each stage's seconds, peak RSS and its ``metrics.json``. Rerunning the same command skips the stages
@@ -42,18 +44,26 @@ HEADLINE = (  # (label, stage, metric key) shown in the summary when the stage w
     ("PPO collapse warnings", "ppo", "ppo/collapse_warnings"),
     ("win rate (primary judge)", "eval", ("eval/win_rate", "eval/win_rate_ci_low", "eval/win_rate_ci_high")),
     ("RM-judged win rate", "eval", "eval/rm/win_rate"),
+    ("RM-judged length-controlled win rate", "eval",
+     ("eval/rm/lc_win_rate", "eval/rm/lc_win_rate_ci_low", "eval/rm/lc_win_rate_ci_high")),
     ("gold win rate", "eval", "eval/gold/win_rate"),
+    ("gold length-controlled win rate", "eval",
+     ("eval/gold/lc_win_rate", "eval/gold/lc_win_rate_ci_low", "eval/gold/lc_win_rate_ci_high")),
+    ("answer tokens SFT -> PPO", "eval", ("eval/response_tokens_sft", "eval/response_tokens_ppo")),
+    ("answers declining SFT -> PPO", "eval", ("eval/refusal_share_sft", "eval/refusal_share_ppo")),
     ("clean-up ceiling", "eval", "eval/gold/cleanup_ceiling"),
     ("over-optimisation gap", "eval", "eval/overoptimisation_gap"),
 )
 
 
-def stage_plan(config, compare: list[str]) -> list[tuple[str, str, list[str]]]:
-    """(label, stage, extra overrides) in order: the six stages, then PPO + eval again per compared preset."""
+def stage_plan(config, compare: list[str], variants: list[list[str]] = ()) -> list[tuple[str, str, list[str]]]:
+    """(label, stage, extra overrides) in order: the six stages, then PPO + eval again per compared preset and
+    per variant (``[NAME, override, ...]``), each from the same data, SFT policy and reward model."""
     plan = [(stage, stage, []) for stage in STAGES]
-    for preset in compare:
-        paths = [f"paths.ppo={config.paths.ppo}_{preset}", f"paths.eval={config.paths.eval}_{preset}"]
-        plan += [(f"ppo[{preset}]", "ppo", [f"ppo.preset={preset}", *paths]), (f"eval[{preset}]", "eval", paths)]
+    runs = [(preset, [f"ppo.preset={preset}"]) for preset in compare] + [(v[0], v[1:]) for v in variants]
+    for name, overrides in runs:
+        paths = [f"paths.ppo={config.paths.ppo}_{name}", f"paths.eval={config.paths.eval}_{name}"]
+        plan += [(f"ppo[{name}]", "ppo", [*overrides, *paths]), (f"eval[{name}]", "eval", paths)]
     return plan
 
 
@@ -108,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("recipe", type=Path, help="a params file (bench/recipes/*.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="group.key=value override")
     parser.add_argument("--compare", action="append", default=[], help="also run PPO + eval with this preset")
+    parser.add_argument("--variant", action="append", nargs="+", default=[], metavar="NAME_OR_OVERRIDE",
+                        help="also run PPO + eval with these overrides, into <paths.ppo>_NAME: "
+                        "--variant debias ppo.length_debias=true")  # fmt: skip
     parser.add_argument("--results", type=Path, help="default: bench/results/real_model_<recipe>.json")
     args = parser.parse_args(argv)
 
@@ -122,7 +135,10 @@ def main(argv: list[str] | None = None) -> None:
         results = {"key": key, "stages": {}}
     results["cpu"] = cpu_description()
     logs = Path(config.paths.data).parent / "bench_logs"
-    for label, stage, extra in stage_plan(config, args.compare):
+    for variant in args.variant:
+        if len(variant) < 2 or "=" in variant[0] or not all("=" in o for o in variant[1:]):
+            parser.error(f"--variant {' '.join(variant)}: give a name, then group.key=value overrides")
+    for label, stage, extra in stage_plan(config, args.compare, args.variant):
         if results["stages"].get(label, {}).get("returncode") == 0:
             continue
         overrides = [*args.overrides, *extra]

@@ -34,6 +34,9 @@ def test_robustness_runs_draws_resumes_and_summarises(base_runs, monkeypatch):
     for run in first:
         low, high = run["gold_win_rate_ci95"]
         assert low <= run["gold_win_rate"] <= high and run["rm_gold_accuracy"] is not None
+        low, high = run["gold_lc_win_rate_ci95"]
+        assert low <= run["gold_lc_win_rate"] <= high and run["rm_lc_win_rate"] is not None
+        assert run["cpu"]["cores"] and run["stage_seconds"]["ppo"] > 0 and all(run["response_tokens"])
 
     saved = json.loads(results_file.read_text())
     assert saved["cpu"]["cores"] and results_file.with_suffix(".png").stat().st_size > 0
@@ -94,6 +97,18 @@ def test_a_variant_reruns_only_the_stages_it_changes_and_sits_beside_the_baselin
     assert ppo_config["ppo"]["reward_ensemble"] == [str(member)]
     assert ppo_config["rm"]["seed"] != yaml.safe_load((member / "config.yaml").read_text())["rm"]["seed"]
     assert "ppo_max+ens" in {r["preset"] for r in ensemble}
+
+
+def test_a_recipe_sets_every_draw_but_its_seeds_and_paths(tmp_path):
+    """--params: a draw of the SmolLM2 recipe takes the recipe's sizes, the draw's seeds and --out's paths."""
+    from bench import robustness
+
+    recipe = robustness.REPO / "bench" / "recipes" / "smollm2_sim.yaml"
+    config = robustness.draw_config(2, tmp_path, "vanilla", ["ppo.kl_coef=0.2"], False, params=recipe)
+    assert config.model.name_or_path == "smollm2-135m-instruct" and config.ppo.steps == 40  # the recipe's
+    assert config.data.seed == 1002 and config.rm.seed == 3002 and config.ppo.preset == "vanilla"  # the draw's
+    assert config.ppo.kl_coef == 0.2 and not config.tracking.enabled
+    assert config.paths.ppo == str(tmp_path / "draw2" / "ppo_vanilla") and config.paths.sft == str(tmp_path / "draw2" / "sft")
 
 
 def test_the_summary_counts_draws_by_hand():
