@@ -102,10 +102,10 @@ def _plot(metrics: dict, judges: list[str], groups: list[str], directory: Path) 
                 ax.text(left + share / 2, y, f"{share:.0%}", ha="center", va="center", fontsize=8, color="white")
             left += share
         labels.append(f"{judge} judge, {group}")
-        # The length-controlled win rate on its bar: how far the raw rate (where green meets grey's middle) owes
-        # to answer length shows as the distance between the two.
+        # The length-controlled win rate on its bar (in its upper part, clear of the share labels): how much of the
+        # raw rate (where green meets grey's middle) length bought shows as the distance between the two.
         lc, low, high = (metrics[prefix + k] for k in LENGTH_CONTROLLED)
-        ax.errorbar(lc, y, xerr=[[lc - low], [high - lc]], fmt="D", color="black", markersize=4, capsize=2,
+        ax.errorbar(lc, y - 0.25, xerr=[[lc - low], [high - lc]], fmt="D", color="black", markersize=4, capsize=2,
                     label="length-controlled win rate (95% CI)" if y == 0 else None)  # fmt: skip
         # The numbers the bars stand for, with their bootstrap intervals, where a reader looks for them.
         ax.text(1.02, y, f"win rate {metrics[prefix + 'win_rate']:.1%} [{metrics[prefix + 'win_rate_ci_low']:.1%}, "
