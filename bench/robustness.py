@@ -212,10 +212,12 @@ def summarise(results: list[dict]) -> list[dict]:
     for preset in dict.fromkeys(r["preset"] for r in results):
         runs = [r for r in results if r["preset"] == preset]
         row: dict = {"preset": preset, "draws": [r["draw"] for r in runs]}
-        for key in ("gold_win_rate", "rm_win_rate", "overoptimisation_gap", "final_kl", "rm_gold_accuracy"):
-            row[key], row[f"{key}_sd"] = spread([r[key] for r in runs])
+        for key in ("gold_win_rate", "gold_lc_win_rate", "rm_win_rate", "rm_lc_win_rate", "overoptimisation_gap",
+                    "final_kl", "rm_gold_accuracy"):  # fmt: skip
+            row[key], row[f"{key}_sd"] = spread([r.get(key) for r in runs])  # older results lack the newer keys
         row["collapse_warnings"] = sum(r["collapse_warnings"] for r in runs)
         row["draws_ci_above_50"] = sum(1 for r in runs if r["gold_win_rate_ci95"] and r["gold_win_rate_ci95"][0] > 0.5)
+        row["draws_lc_ci_above_50"] = sum(1 for r in runs if (r.get("gold_lc_win_rate_ci95") or [0])[0] > 0.5)
         vanilla = [(r, by_draw.get((r["draw"], "vanilla"))) for r in runs]
         row["draws_gap_below_vanilla"] = sum(
             1 for r, v in vanilla if v and r["overoptimisation_gap"] < v["overoptimisation_gap"]
@@ -275,7 +277,8 @@ def print_table(results: list[dict], rows: list[dict]) -> None:
 
 def _cell(r: dict) -> str:
     low, high = r["gold_win_rate_ci95"]
-    return (f"{r['gold_win_rate']:.1%} [{low:.1%}, {high:.1%}]; RM {r['rm_win_rate']:.1%}, gap "
+    controlled = f", length-controlled {r['gold_lc_win_rate']:.1%}" if r.get("gold_lc_win_rate") is not None else ""
+    return (f"{r['gold_win_rate']:.1%} [{low:.1%}, {high:.1%}]{controlled}; RM {r['rm_win_rate']:.1%}, gap "
             f"{r['overoptimisation_gap']:+.1%}, KL {r['final_kl']:.2f}, warnings {r['collapse_warnings']}")  # fmt: skip
 
 

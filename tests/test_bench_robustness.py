@@ -115,13 +115,15 @@ def test_the_summary_counts_draws_by_hand():
     """Two draws: ppo_max's interval is above 50% on the first only, and its gap is below vanilla's on the second."""
     from bench.robustness import summarise
 
-    def run(draw, preset, win, low, gap):
+    def run(draw, preset, win, low, gap, lc_low=0.4):
         return {"draw": draw, "preset": preset, "gold_win_rate": win, "gold_win_rate_ci95": [low, win + 0.05],
+                "gold_lc_win_rate": lc_low + 0.05, "gold_lc_win_rate_ci95": [lc_low, lc_low + 0.1],
                 "rm_win_rate": 0.6, "overoptimisation_gap": gap, "final_kl": 1.0, "rm_gold_accuracy": 0.8,
                 "collapse_warnings": 1}  # fmt: skip
 
-    results = [run(1, "vanilla", 0.50, 0.45, 0.10), run(1, "ppo_max", 0.58, 0.52, 0.20),
-               run(2, "vanilla", 0.40, 0.35, 0.30), run(2, "ppo_max", 0.54, 0.49, 0.05)]  # fmt: skip
+    results = [run(1, "vanilla", 0.50, 0.45, 0.10), run(1, "ppo_max", 0.58, 0.52, 0.20, lc_low=0.47),
+               run(2, "vanilla", 0.40, 0.35, 0.30), run(2, "ppo_max", 0.54, 0.49, 0.05, lc_low=0.51)]  # fmt: skip
     row = next(r for r in summarise(results) if r["preset"] == "ppo_max")
     assert (row["draws_ci_above_50"], row["draws_gap_below_vanilla"], row["draws_with_vanilla"]) == (1, 1, 2)
+    assert row["draws_lc_ci_above_50"] == 1 and row["gold_lc_win_rate"] == pytest.approx(0.54)
     assert row["gold_win_rate"] == pytest.approx(0.56) and row["collapse_warnings"] == 2
