@@ -134,6 +134,7 @@ def run_draw(draw: int, preset: str, out: Path, extra: list[str], tiny: bool, va
     from bench.real_model_options import cpu_description
 
     result["cpu"] = cpu_description()
+    result["bf16"] = distributed.bf16_enabled(config.distributed)  # distributed.bf16=auto decides by the CPU
     result["stage_seconds"] = {k.split("/")[0]: v for k, v in metrics.items() if k.endswith("/seconds")}
     atomic_write_json(path, result)
     return result

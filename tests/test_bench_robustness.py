@@ -37,6 +37,7 @@ def test_robustness_runs_draws_resumes_and_summarises(base_runs, monkeypatch):
         low, high = run["gold_lc_win_rate_ci95"]
         assert low <= run["gold_lc_win_rate"] <= high and run["rm_lc_win_rate"] is not None
         assert run["cpu"]["cores"] and run["stage_seconds"]["ppo"] > 0 and all(run["response_tokens"])
+        assert run["bf16"] is False  # the tiny sizes run in float32
 
     saved = json.loads(results_file.read_text())
     assert saved["cpu"]["cores"] and results_file.with_suffix(".png").stat().st_size > 0
