@@ -134,8 +134,8 @@ def reward_statistics(config: Config, rm_dir: Path, tokenizer, ctx) -> dict:
     policy = distributed.place(load_causal_lm(Path(config.paths.sft) / "model", tokenizer))
     reward_model = distributed.place(load_reward_model(rm_dir, tokenizer.pad_token_id))
     generator_seed = config.rm.seed * 1_000_003 + ctx.rank
-    # host: n, sum L, sum L^2, sum s, sum s^2, sum s*L (score and response length: algos.rm.score_length_fit)
-    sums = torch.zeros(6, dtype=torch.float64)
+    # n, sum L, sum L^2, sum s, sum s^2, sum s*L of score s and response length L (algos.rm.score_length_fit)
+    sums = torch.zeros(6, dtype=torch.float64)  # host: score sums
     batch_size = config.rm_eval.batch_size
     with torch.random.fork_rng():
         torch.manual_seed(generator_seed)
