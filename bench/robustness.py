@@ -245,9 +245,14 @@ def plot(results: list[dict], path: Path) -> None:
         ys = [r["gold_win_rate"] for r in runs]
         low = [r["gold_win_rate"] - r["gold_win_rate_ci95"][0] for r in runs]
         high = [r["gold_win_rate_ci95"][1] - r["gold_win_rate"] for r in runs]
-        ax.errorbar(xs, ys, yerr=[low, high], fmt="o", capsize=3, label=preset)
+        line = ax.errorbar(xs, ys, yerr=[low, high], fmt="o", capsize=3, label=preset)
+        # The length-controlled rate beside it, hollow: where the two part, length bought part of the win.
+        controlled = [(x + width / 4, r["gold_lc_win_rate"]) for x, r in zip(xs, runs) if r.get("gold_lc_win_rate")]
+        if controlled:
+            ax.plot(*zip(*controlled), "o", mfc="none", color=line[0].get_color(), label=f"{preset}, length-controlled")
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(draws)), [f"draw {d}" for d in draws])
+    ax.set_xlim(-0.6, len(draws) - 0.4)  # one draw alone would otherwise spread its presets to the edges
     ax.set_ylabel("gold win rate vs SFT (95% CI)")
     ax.set_title("PPO presets over data draws (each draw: its own data, SFT, RM, seeds)")
     ax.legend(loc="best", fontsize=8)
