@@ -87,7 +87,8 @@ def test_reinforce_pp_return_is_the_score_minus_the_kl_still_to_come():
     kl = torch.tensor([[0.2, 0.4, 0.1, 0.0]])
     mask = torch.tensor([[1, 1, 1, 0]])
     rewards = kl_shaped_rewards(torch.tensor([2.0]), kl, mask, kl_coef=0.5)
-    torch.testing.assert_close(discounted_returns(rewards, mask), torch.tensor([[2.0 - 0.35, 2.0 - 0.25, 2.0 - 0.05, 0.0]]))
+    expected = torch.tensor([[2.0 - 0.35, 2.0 - 0.25, 2.0 - 0.05, 0.0]])
+    torch.testing.assert_close(discounted_returns(rewards, mask), expected)
 
 
 def test_broadcast_to_tokens():

@@ -38,8 +38,8 @@ def _group_sums(values: torch.Tensor, dense: torch.Tensor, groups: int) -> torch
 
 def grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``(r_i - mean_g) / (std_g + eps)`` per row, std with Bessel's correction; ``(B,)``, computed in float64 and
-    returned in the scores' dtype. A group whose answers all score the same gets 0 for each (nothing to learn from it); a group of
-    one answer is an error, since it has no spread to standardise by."""
+    returned in the scores' dtype. A group whose answers all score the same gets 0 for each (nothing to learn from
+    it); a group of one answer is an error, since it has no spread to standardise by."""
     dense, sizes = _group_index(scores, group_ids)
     if bool((sizes < 2).any()):
         raise ValueError("grpo_advantages: every group needs at least 2 answers (ppo.samples_per_prompt >= 2)")
