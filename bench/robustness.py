@@ -184,7 +184,8 @@ def summarise_run(draw: int, preset: str, extra: list[str], m: dict) -> dict:
         "gold_win_rate_ci95": [m["eval/gold/win_rate_ci_low"], m["eval/gold/win_rate_ci_high"]] if gold else None,
         "gold_lc_win_rate": m.get("eval/gold/lc_win_rate"),
         "gold_lc_win_rate_ci95": [m["eval/gold/lc_win_rate_ci_low"], m["eval/gold/lc_win_rate_ci_high"]]
-        if "eval/gold/lc_win_rate" in m else None,
+        if "eval/gold/lc_win_rate" in m
+        else None,
         "rm_win_rate": m["eval/rm/win_rate"],
         "rm_lc_win_rate": m.get("eval/rm/lc_win_rate"),
         "response_tokens": [m.get("eval/response_tokens_sft"), m.get("eval/response_tokens_ppo")],
@@ -247,9 +248,10 @@ def plot(results: list[dict], path: Path) -> None:
         high = [r["gold_win_rate_ci95"][1] - r["gold_win_rate"] for r in runs]
         line = ax.errorbar(xs, ys, yerr=[low, high], fmt="o", capsize=3, label=preset)
         # The length-controlled rate beside it, hollow: where the two part, length bought part of the win.
-        controlled = [(x + width / 4, r["gold_lc_win_rate"]) for x, r in zip(xs, runs) if r.get("gold_lc_win_rate")]
+        controlled = [(x, r["gold_lc_win_rate"]) for x, r in zip(xs, runs, strict=True) if r.get("gold_lc_win_rate")]
         if controlled:
-            ax.plot(*zip(*controlled), "o", mfc="none", color=line[0].get_color(), label=f"{preset}, length-controlled")
+            ax.plot([x + width / 4 for x, _ in controlled], [y for _, y in controlled], "o", mfc="none",
+                    color=line[0].get_color(), label=f"{preset}, length-controlled")  # fmt: skip
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(draws)), [f"draw {d}" for d in draws])
     ax.set_xlim(-0.6, len(draws) - 0.4)  # one draw alone would otherwise spread its presets to the edges
