@@ -4,6 +4,9 @@
     git worktree add /tmp/sliced ead219f     # groups sliced from the buffer's layout (left-padded queries)
     .venv/bin/python bench/ppo_budgets.py --tree before=/tmp/before --tree sliced=/tmp/sliced \
         --configs before,sliced,budget_4096,budget_512,budget_256 --work-dir /tmp/ppo_budgets
+    # what the critic costs: PPO-max against the critic-free presets, time per phase and peak memory
+    .venv/bin/python bench/ppo_budgets.py --configs ppo_max,grpo,rloo,reinforce_pp --repeats 2 \
+        --work-dir /tmp/critic_cost --results bench/results/critic_cost.json
 
 Each run is ``rlhf ppo`` for ``--steps`` iterations on the default pipeline's data, SFT policy and reward model
 (``make run`` first; or ``--params RECIPE --base`` that recipe's outputs), no checkpoints, no tracking, in a fresh
@@ -14,8 +17,8 @@ configuration, ``--repeats`` times. A run whose ``metrics.json`` is already in t
 run again (resumable). Reported per configuration: the mean seconds per iteration of each phase after the critic
 warm-up, the stage's seconds, the positions its forwards computed per real token (``batch/*``) and the largest
 difference of the logged KL and RM score from the first configuration's (float summation order moves them; the
-sampled tokens stay the same while the response lengths agree). Writes ``bench/results/ppo_budgets.json`` after
-every run.
+sampled tokens stay the same while the response lengths agree), and the stage process's peak resident memory.
+Writes ``bench/results/ppo_budgets.json`` after every run.
 """
 
 from __future__ import annotations
@@ -29,10 +32,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.real_model_options import cpu_description, read_train_csv, run_stage_process  # noqa: E402
+from bench.robustness import PRESET_SETTINGS  # noqa: E402
 from rlhf_core.io import atomic_write_json  # noqa: E402
 
 PHASES = ("generation", "scoring", "training")
 BUDGETS = {"budget_4096": (4096, 8192), "budget_512": (512, 1024), "budget_256": (256, 512)}
+# What a critic costs (issue 29): PPO-max against the critic-free presets at the same rollout size, each with the
+# settings the robustness study gives it (grpo and rloo: 4 answers per prompt).
+PRESETS = {name: [f"ppo.preset={name}", *PRESET_SETTINGS.get(name, [])]
+           for name in ("ppo_max", "grpo", "rloo", "reinforce_pp")}  # fmt: skip
 POSITIONS = ("full_positions_per_token", "scoring_positions_per_token", "update_positions_per_token",
              "update_micro_batches")  # fmt: skip
 
@@ -43,7 +51,9 @@ def run_stage(name: str, tree: Path, out: Path, args) -> None:
     if name in BUDGETS:
         micro, forward = BUDGETS[name]
         sets += [f"ppo.max_tokens_per_micro_batch={micro}", f"ppo.max_tokens_per_forward={forward}"]
-    run_stage_process("ppo", sets, tree, out.with_suffix(".log"), params=args.params)
+    sets += PRESETS.get(name, [])
+    peak = run_stage_process("ppo", sets, tree, out.with_suffix(".log"), params=args.params)
+    atomic_write_json(out / "peak_rss.json", {"peak_rss_gib": peak})
 
 
 def read_run(out: Path, warmup: int) -> dict:
@@ -55,9 +65,11 @@ def read_run(out: Path, warmup: int) -> dict:
         return sum(values) / len(values) if values else None
 
     metrics = json.loads((out / "metrics.json").read_text())
+    rss = out / "peak_rss.json"  # absent for runs made before it was recorded
     return {
         **{p: mean(f"time/{p}") for p in PHASES},
         "stage_seconds": metrics["ppo/seconds"],
+        "peak_rss_gib": json.loads(rss.read_text())["peak_rss_gib"] if rss.is_file() else None,
         **{k: mean(f"batch/{k}", rows) for k in POSITIONS},
         "curves": {
             k: [float(r[k]) for r in rows] for k in ("objective/kl", "objective/scores", "rollout/response_length")
@@ -68,9 +80,9 @@ def read_run(out: Path, warmup: int) -> dict:
 def summary(runs: list[dict]) -> str:
     names = list(dict.fromkeys(r["config"] for r in runs))
     reference = next(r for r in runs if r["config"] == names[0])["curves"]
-    lines = ["| configuration | s/it generation | scoring | training | stage s | positions per real token: full / "
-             "scoring / update | micro-batches per minibatch | max diff of KL, score vs first |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = ["| configuration | s/it generation | scoring | training | stage s | peak RSS GiB | positions per real "
+             "token: full / scoring / update | micro-batches per minibatch | max diff of KL, score vs first |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for name in names:
         mine = [r for r in runs if r["config"] == name]
 
@@ -82,8 +94,9 @@ def summary(runs: list[dict]) -> str:
                  for r in mine for k in ("objective/kl", "objective/scores")]  # fmt: skip
         positions = " / ".join("-" if avg(k) is None else f"{avg(k):.3f}" for k in POSITIONS[:3])
         micro = "-" if avg("update_micro_batches") is None else f"{avg('update_micro_batches'):.2f}"
+        rss = "-" if avg("peak_rss_gib") is None else f"{avg('peak_rss_gib'):.2f}"
         lines.append(f"| {name} ({len(mine)} runs) | {avg('generation'):.3f} | {avg('scoring'):.3f} | "
-                     f"{avg('training'):.3f} | {avg('stage_seconds'):.1f} | {positions} | {micro} | "
+                     f"{avg('training'):.3f} | {avg('stage_seconds'):.1f} | {rss} | {positions} | {micro} | "
                      f"{max(drift):.1e} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -105,13 +118,14 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         default="before,budget_4096,budget_512,budget_256",
-        help="comma-separated: budget_4096, budget_512, budget_256 or a --tree name",
+        help="comma-separated: budget_4096, budget_512, budget_256, a preset (ppo_max, grpo, rloo, reinforce_pp) or "
+        "a --tree name",
     )
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/ppo_budgets"))
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "ppo_budgets.json")
     args = parser.parse_args()
     trees = {name: Path(path) for name, _, path in (t.partition("=") for t in args.tree)}
-    names = [n for n in args.configs.split(",") if n in BUDGETS or n in trees]
+    names = [n for n in args.configs.split(",") if n in BUDGETS or n in PRESETS or n in trees]
     args.work_dir.mkdir(parents=True, exist_ok=True)
     results = {"cpu": cpu_description(), "steps": args.steps, "warmup": args.warmup, "budgets": BUDGETS, "runs": []}
     for repeat in range(1, args.repeats + 1):

@@ -57,16 +57,22 @@ def cpu_description() -> dict:
     return info
 
 
-def run_stage_process(stage: str, sets: list[str], cwd: Path, log_path: Path, params: Path | None = None) -> None:
+def run_stage_process(stage: str, sets: list[str], cwd: Path, log_path: Path, params: Path | None = None) -> float:
     """``rlhf <stage>`` with ``--set`` overrides in a fresh offline process run from ``cwd`` (its own checkout's code),
-    its output into ``log_path``; raises when the stage fails (the log says why)."""
+    its output into ``log_path``; returns the process's peak resident set size in GiB (``wait4``), raises when the
+    stage fails (the log says why)."""
     import subprocess
 
     command = [sys.executable, "-m", "rlhf_core.cli", stage, *(["--params", str(params)] if params else []),
                *(x for s in sets for x in ("--set", s))]  # fmt: skip
     with open(log_path, "w") as log:
-        subprocess.run(command, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True, stdout=log,
-                       stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        _, status, usage = os.wait4(proc.pid, 0)
+    returncode = os.waitstatus_to_exitcode(status)
+    if returncode != 0:
+        raise subprocess.CalledProcessError(returncode, command)
+    return usage.ru_maxrss / 1024**2  # KiB on Linux
 
 
 def read_train_csv(out: Path) -> list[dict]:

@@ -1,6 +1,8 @@
 """The headline as a distribution: the whole pipeline over several data draws, for each PPO preset.
 
     .venv/bin/python bench/robustness.py                        # 5 draws x (vanilla, moss_released, ppo_max)
+    # the critic-free presets on the same draws (grpo and rloo with 4 answers per prompt):
+    .venv/bin/python bench/robustness.py --presets grpo rloo reinforce_pp --reuse-base
     # a recipe variant from each draw's own data and SFT policy, next to the baseline runs of the same draws:
     .venv/bin/python bench/robustness.py --presets ppo_max --variant mismatch --variant-from rm \
         --set rm.mismatch_fraction=0.5 --reuse-base --results bench/results/robustness_mismatch.json
@@ -41,7 +43,11 @@ sys.path.insert(0, str(REPO))
 
 from rlhf_core.stages import STAGES  # noqa: E402
 
-PRESETS = ("vanilla", "moss_released", "ppo_max")
+PRESETS = ("vanilla", "moss_released", "ppo_max", "grpo", "rloo", "reinforce_pp")
+DEFAULT_PRESETS = ("vanilla", "moss_released", "ppo_max")
+# The group estimators compare a prompt's answers: 4 per prompt, so a rollout of the same size (the same sampling
+# and scoring cost) covers a quarter of the prompts. REINFORCE++ keeps one answer per prompt, as its paper does.
+PRESET_SETTINGS = {"grpo": ["ppo.samples_per_prompt=4"], "rloo": ["ppo.samples_per_prompt=4"]}
 DEFAULT_DRAWS = (1, 2, 3, 4, 5)
 BASE_STAGES = ("prepare", "sft", "rm", "rm-eval")  # shared by every preset of a draw; ppo and eval per preset
 
@@ -82,7 +88,9 @@ def draw_config(draw: int, out: Path, preset: str, extra: list[str], tiny: bool,
 
         size = list(TINY)
     paths = [f"paths.{STAGES[s].path_key}={stage_dir(root, s, preset, variant, variant_from)}" for s in ORDER]
-    overrides = [*size, *draw_overrides(draw), f"ppo.preset={preset}", *extra, *paths, "tracking.enabled=false"]
+    preset_settings = PRESET_SETTINGS.get(preset, [])
+    overrides = [*size, *draw_overrides(draw), f"ppo.preset={preset}", *preset_settings, *extra, *paths,
+                 "tracking.enabled=false"]  # fmt: skip
     return load_config(params or REPO / "params.yaml", overrides)
 
 
@@ -309,7 +317,7 @@ def baseline_runs(out: Path, draw: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--draws", type=int, nargs="+", default=list(DEFAULT_DRAWS))
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), choices=PRESETS)
     parser.add_argument("--params", type=Path, help="a recipe (partial params file) instead of params.yaml, e.g. "
                         "bench/recipes/smollm2_sim.yaml; its paths are replaced by --out's")  # fmt: skip
     parser.add_argument("--set", action="append", help="an override for every run, e.g. ppo.kl_coef=0.1")

@@ -148,13 +148,20 @@ def test_presets_set_the_switches_and_explicit_params_win():
     assert isinstance(vanilla, Tricks) and vanilla.policy_loss_clip is True
     assert not any(
         v for k, v in vanilla.model_dump().items()
-        if k not in ("policy_loss_clip", "kl_estimator", "kl_controller", "kl_coef")
+        if k not in ("policy_loss_clip", "kl_estimator", "kl_controller", "kl_coef", "advantage_estimator")
     )  # fmt: skip
+    assert vanilla.advantage_estimator == "gae" and vanilla.uses_critic
     moss = load_config(None, ["ppo.preset=moss_released"]).ppo.resolved_tricks()
     assert moss.reward_scaling and moss.value_loss_clip and moss.kl_coef == 0.01
     assert not moss.reward_norm and not moss.critic_warmup and not moss.ptx
     default = Config().ppo.resolved_tricks()
     assert default == PRESETS["ppo_max"] and default.kl_coef == 0.05
+    for estimator in ("grpo", "rloo", "reinforce_pp"):  # PPO-max's policy side, no critic, no minibatch whitening
+        free = load_config(None, [f"ppo.preset={estimator}", "ppo.samples_per_prompt=2"]).ppo.resolved_tricks()
+        assert free.advantage_estimator == estimator and not free.uses_critic
+        critic_side = {"advantage_norm", "value_loss_clip", "critic_from_rm", "critic_warmup", "advantage_estimator"}
+        assert free.model_dump(exclude=critic_side) == default.model_dump(exclude=critic_side)
+        assert not (free.advantage_norm or free.value_loss_clip or free.critic_from_rm or free.critic_warmup)
     custom = load_config(None, ["ppo.tricks.ptx=false", "ppo.kl_coef=0.1", "ppo.tricks.kl_estimator=k3"]).ppo
     resolved = custom.resolved_tricks()
     assert resolved == PRESETS["ppo_max"].model_copy(update={"ptx": False, "kl_coef": 0.1, "kl_estimator": "k3"})
@@ -197,3 +204,21 @@ def test_ppo_sizes_are_derived_once_by_exact_division():
     with pytest.raises(ConfigError, match="leaves no policy update"):
         load_config(None, ["ppo.steps=5"])  # ppo_max warms the critic up for 5 iterations
     assert load_config(None, ["ppo.steps=5", "ppo.tricks.critic_warmup=false"]).ppo.steps == 5
+
+
+def test_answers_per_prompt_and_the_critic_free_presets_are_checked_before_any_stage_runs():
+    from rlhf_core.config import load_config, ppo_sizes
+
+    grpo = load_config(None, ["ppo.preset=grpo", "ppo.samples_per_prompt=4", "ppo.micro_batch_size=8"]).ppo
+    sizes = ppo_sizes(grpo, world_size=2)  # 64 rows = 16 prompts x 4 answers, 8 prompts per process
+    assert (sizes.local_rollout, sizes.warmup_iterations, sizes.critic_updates) == (32, 0, 0)
+    assert sizes.policy_updates == 150 * 2
+    with pytest.raises(ConfigError, match="must divide each process's share"):
+        ppo = load_config(None, ["ppo.samples_per_prompt=8", "ppo.micro_batch_size=2"]).ppo
+        ppo_sizes(ppo, world_size=16)  # 4 rows per process
+    with pytest.raises(ConfigError, match="set ppo.samples_per_prompt to 2 or more"):
+        load_config(None, ["ppo.preset=rloo"])
+    with pytest.raises(ConfigError, match="ppo.tricks.value_loss_clip needs a critic"):
+        load_config(None, ["ppo.preset=reinforce_pp", "ppo.tricks.value_loss_clip=true"])
+    # One answer per prompt is any preset's default; a group of answers works with the critic too.
+    assert ppo_sizes(load_config(None, ["ppo.samples_per_prompt=4"]).ppo, world_size=1).critic_updates == 300

@@ -335,12 +335,20 @@ class PPOConfig(_Group):
     """PPO-max (paper sec. 5, App. C). Consumed by the `ppo` stage."""
 
     seed: int = Field(42, description="Seed of rollouts and minibatch order.")
-    preset: Literal["vanilla", "moss_released", "ppo_max"] = Field(
-        "ppo_max", description="Trick preset; ppo.tricks.* and ppo.kl_coef override single switches."
+    preset: Literal["vanilla", "moss_released", "ppo_max", "grpo", "rloo", "reinforce_pp"] = Field(
+        "ppo_max",
+        description="Trick preset; ppo.tricks.* and ppo.kl_coef override single switches. grpo, rloo and "
+        "reinforce_pp are PPO-max without a critic (set ppo.samples_per_prompt >= 2 for grpo and rloo).",
     )
     tricks: TrickOverrides = Field(default_factory=TrickOverrides, description="Per-trick overrides of the preset.")
     steps: int = Field(150, ge=1, description="PPO iterations (rollout, then update), critic warm-up included.")
     rollout_size: int = Field(64, ge=1, description="Samples per experience buffer (paper: 128).")
+    samples_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="Answers sampled per prompt: a rollout is rollout_size / samples_per_prompt prompts, each "
+        "answered this many times. The group estimators (grpo, rloo) need at least 2.",
+    )
     minibatch_size: int = Field(32, ge=1, description="Samples per PPO minibatch, one optimizer step (paper: 32).")
     micro_batch_size: int = Field(
         32, ge=1, description="Sequences per forward/backward per process; micro-batches accumulate to a minibatch."

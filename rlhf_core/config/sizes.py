@@ -38,9 +38,31 @@ def _ppo_size_problem(ppo: PPOConfig, world_size: int) -> str | None:
             f"which must split evenly over {world_size} process(es) into micro-batches of "
             f"ppo.micro_batch_size={ppo.micro_batch_size}"
         )
+    problem = _grouping_problem(ppo, world_size)
+    if problem:
+        return problem
     warmup = ppo.critic_warmup_steps if ppo.resolved_tricks().critic_warmup else 0
     if warmup >= ppo.steps:
         return f"ppo.critic_warmup_steps={warmup} leaves no policy update in ppo.steps={ppo.steps}"
+    return None
+
+
+def _grouping_problem(ppo: PPOConfig, world_size: int) -> str | None:
+    """What is wrong with the answers-per-prompt grouping or the critic switches of a critic-free estimator."""
+    tricks, k = ppo.resolved_tricks(), ppo.samples_per_prompt
+    if (ppo.rollout_size // world_size) % k:
+        return (
+            f"ppo.samples_per_prompt={k} must divide each process's share of the rollout (ppo.rollout_size="
+            f"{ppo.rollout_size} over {world_size} process(es)): a prompt's answers are sampled together"
+        )
+    if tricks.advantage_estimator in ("grpo", "rloo") and k < 2:
+        return (f"the {tricks.advantage_estimator} advantage compares the answers to one prompt: set "
+                "ppo.samples_per_prompt to 2 or more (4 to 8 is usual)")  # fmt: skip
+    if not tricks.uses_critic:
+        critic_switches = [s for s in ("critic_warmup", "value_loss_clip", "critic_from_rm") if getattr(tricks, s)]
+        if critic_switches:
+            return (f"ppo.tricks.{critic_switches[0]} needs a critic, and the {tricks.advantage_estimator} advantage "
+                    "trains none: switch it off or use advantage_estimator gae")  # fmt: skip
     return None
 
 
@@ -63,7 +85,7 @@ def ppo_sizes(ppo: PPOConfig, world_size: int) -> PPOSizes:
         updates_per_iteration=updates,
         warmup_iterations=warmup,
         policy_updates=(ppo.steps - warmup) * updates,
-        critic_updates=ppo.steps * updates,
+        critic_updates=ppo.steps * updates if ppo.resolved_tricks().uses_critic else 0,
     )
 
 

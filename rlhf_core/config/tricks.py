@@ -36,6 +36,15 @@ class Tricks(_Group):
     global_grad_clip: bool = Field(description="Clip gradient norms to ppo.*_optim.max_grad_norm (sec. 5.4).")
     ptx: bool = Field(description="PPO-ptx: SFT loss on demonstrations mixed into the policy loss (sec. 5.4).")
     kl_coef: float = Field(ge=0, description="KL penalty coefficient eta (set with ppo.kl_coef).")
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field(
+        description="gae: a critic's values and GAE (PPO); grpo / rloo: each answer against the other answers to its "
+        "prompt (ppo.samples_per_prompt >= 2), no critic; reinforce_pp: returns whitened over the rollout, no critic."
+    )
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether a critic is built, trained and checkpointed: only GAE needs one."""
+        return self.advantage_estimator == "gae"
 
 
 # ppo.tricks: every switch of Tricks but kl_coef (ppo.kl_coef), null by default = the preset's value.
@@ -54,7 +63,7 @@ TrickOverrides = create_model(
 _OFF = dict(reward_norm=False, reward_clip=False, reward_scaling=False, advantage_norm=False, advantage_clip=False,
             kl_penalty=False, kl_estimator="k1", kl_controller="fixed", entropy_bonus=False, policy_loss_clip=True,
             value_loss_clip=False, critic_from_rm=False, critic_warmup=False, global_grad_clip=False, ptx=False,
-            kl_coef=0.0)  # fmt: skip
+            kl_coef=0.0, advantage_estimator="gae")  # fmt: skip
 # `vanilla`: nothing but the clipped surrogate; `moss_released`: what the paper's released script runs (reward
 # scaling, policy and value clipping, critic from the RM, gradient clipping, KL 0.01); `ppo_max`: the paper's sec. 5.4.
 PRESETS: dict[str, Tricks] = {
@@ -65,3 +74,11 @@ PRESETS: dict[str, Tricks] = {
                          "value_loss_clip": True, "critic_from_rm": True, "critic_warmup": True,
                          "global_grad_clip": True, "ptx": True, "kl_coef": 0.05}),
 }  # fmt: skip
+# The critic-free presets: PPO-max's policy side (reward normalisation and clipping, the KL penalty in the reward,
+# the clipped surrogate, gradient clipping, PPO-ptx) with the baseline taken from the other answers to a prompt
+# (GRPO, RLOO) or from the rollout (REINFORCE++) instead of a critic; the critic's switches are off. Their
+# advantages come standardised (GRPO, REINFORCE++) or in score units by design (RLOO): no minibatch whitening.
+_CRITIC_FREE = {**PRESETS["ppo_max"].model_dump(), "advantage_norm": False, "value_loss_clip": False,
+                "critic_from_rm": False, "critic_warmup": False}  # fmt: skip
+PRESETS.update({estimator: Tricks(**{**_CRITIC_FREE, "advantage_estimator": estimator})
+                for estimator in ("grpo", "rloo", "reinforce_pp")})  # fmt: skip

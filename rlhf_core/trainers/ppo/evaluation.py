@@ -98,7 +98,10 @@ def write_plots(directory: Path, history: list[dict], preset: str, critic_warmup
     write_table(directory / "train.csv", history, sorted({k for r in history for k in r if k != "step"}))
     fig, axes = plt.subplots(2, 3, figsize=(12, 6), dpi=100)
     steps = [r["step"] for r in history]
-    for ax, (key, title) in zip(axes.flat, PLOT_KEYS, strict=True):
+    panels = PLOT_KEYS
+    if not any("loss/value" in r for r in history):  # no critic (GRPO, RLOO, REINFORCE++): the policy's loss instead
+        panels = [*PLOT_KEYS[:-1], ("loss/policy", "policy loss")]
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
         for k in key if isinstance(key, tuple) else (key,):
             plot_smoothed(ax, steps, [r.get(k, float("nan")) for r in history], k.split("/")[-1])
         if critic_warmup_steps:

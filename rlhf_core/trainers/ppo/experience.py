@@ -37,7 +37,8 @@ class Experience:
     # shaping
     rewards: torch.Tensor | None = None  # (B, T) KL-shaped per-token rewards, the processed score on the last token
     advantages: torch.Tensor | None = None  # (B, T) GAE advantages
-    returns: torch.Tensor | None = None  # (B, T) advantages + values: the critic's targets
+    returns: torch.Tensor | None = None  # (B, T) advantages + values: the critic's targets (None without a critic)
+    group_ids: torch.Tensor | None = None  # (B,) which of the rollout's prompts each row answers
 
     @property
     def query_width(self) -> int:

@@ -12,8 +12,11 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from rlhf_core import distributed
 from rlhf_core.algos import ppo as algo
+from rlhf_core.algos.masked import whiten
 from rlhf_core.config import Config, PPOSizes, Tricks, ppo_sizes
 from rlhf_core.data.limits import response_token_limit
 from rlhf_core.data.order import global_order
@@ -52,10 +55,16 @@ class PPORun:
     resumed_from_run_id: str | None = None  # the MLflow run of the checkpoint this run resumed from
 
     def prompts_for(self, iteration: int) -> list[str]:
-        """This rank's share of the iteration's ``ppo.rollout_size`` prompts."""
-        size, local = self.config.ppo.rollout_size, self.sizes.local_rollout
+        """This rank's share of the iteration's ``ppo.rollout_size`` rows: ``rollout_size / samples_per_prompt``
+        prompts, each repeated ``samples_per_prompt`` times in a row (a group never spans two ranks)."""
+        k = self.config.ppo.samples_per_prompt
+        size, local = self.config.ppo.rollout_size // k, self.sizes.local_rollout // k
         take = self.prompt_order[iteration * size : (iteration + 1) * size]
-        return [self.prompts[i] for i in take[self.ctx.rank * local : (self.ctx.rank + 1) * local]]
+        return [self.prompts[i] for i in take[self.ctx.rank * local : (self.ctx.rank + 1) * local] for _ in range(k)]
+
+    def group_ids(self, rows: int) -> torch.Tensor:
+        """Which prompt each of this rank's rollout rows answers (``prompts_for`` lays a group's rows together)."""
+        return torch.arange(rows, device=self.models.device) // self.config.ppo.samples_per_prompt
 
     def start_ptx(self, first_iteration: int) -> None:
         """Position the PPO-ptx stream at the first policy update of ``first_iteration`` (0 for a fresh run)."""
@@ -95,7 +104,7 @@ def start_run(config: Config, ctx: distributed.DistContext, checkpoint_root: Pat
         tokenizer=tokenizer,
         models=models,
         prompts=prompts,
-        prompt_order=global_order(len(prompts), ppo.steps * ppo.rollout_size, ppo.seed),
+        prompt_order=global_order(len(prompts), ppo.steps * ppo.rollout_size // ppo.samples_per_prompt, ppo.seed),
         sft_examples=sft_examples,
         judge=_gold_judge(config) if gold_judge else None,
         moments=moments,
@@ -117,9 +126,14 @@ def ppo_iteration(run: PPORun, iteration: int) -> tuple[dict, Experience]:
         scores = algo.penalise_missing_eos(exp.scores, exp.eos, ppo.missing_eos_penalty)
         run.moments.merge(*distributed.global_moments(scores))  # 3. running moments over every rank and step
         kl_coef = run.kl_controller.value if tricks.kl_penalty else 0.0
+        group_ids = run.group_ids(len(exp.prompts))
         shaped = shape_rewards(scores, exp.logprobs, exp.ref_logprobs, exp.values, exp.response_mask, tricks, ppo,
-                               run.moments.mean, run.moments.std, kl_coef)  # fmt: skip  # 3-5. rewards, KL, GAE
-        exp = replace(exp, rewards=shaped.rewards, advantages=shaped.advantages, returns=shaped.returns,
+                               run.moments.mean, run.moments.std, kl_coef, group_ids)  # fmt: skip  # 3-5
+        advantages = shaped.advantages
+        if tricks.advantage_estimator == "reinforce_pp":  # its returns whitened over the rollout of every rank
+            _, mean, var = distributed.global_moments(advantages, exp.response_mask)
+            advantages = whiten(advantages, exp.response_mask, mean, var)
+        exp = replace(exp, rewards=shaped.rewards, advantages=advantages, returns=shaped.returns, group_ids=group_ids,
                       gold_scores=_gold_scores(run.judge, exp))  # fmt: skip
         record = {"step": iteration + 1, **rollout_metrics(exp, run.moments, kl_coef),
                   **batches.padding_record(exp, ppo, run.sizes, iteration)}  # fmt: skip

@@ -52,8 +52,6 @@ class PPOModels:
         self.reward_members = self._ensemble(config, tokenizer, ctx)
         self.ensemble_penalty = config.ppo.ensemble_penalty
         policy = apply_lora(load_causal_lm(sft_dir, tokenizer), lora)
-        critic = apply_lora(load_critic(rm_dir, sft_dir, tricks.critic_from_rm, tokenizer.pad_token_id), lora,
-                            heads=("score",))  # fmt: skip
 
         def engine(model, optim: OptimizerConfig, total_steps: int):
             if not tricks.global_grad_clip:
@@ -63,11 +61,15 @@ class PPOModels:
             )
 
         self.policy = engine(policy, ppo.policy_optim, max(sizes.policy_updates, 1))
-        self.critic = engine(critic, ppo.critic_optim, sizes.critic_updates)
+        self.critic = None  # the critic-free estimators (GRPO, RLOO, REINFORCE++) build none
+        if tricks.uses_critic:
+            critic = apply_lora(load_critic(rm_dir, sft_dir, tricks.critic_from_rm, tokenizer.pad_token_id), lora,
+                                heads=("score",))  # fmt: skip
+            self.critic = engine(critic, ppo.critic_optim, sizes.critic_updates)
         # Dropout off everywhere ("N implementation details" #13): log-probs of the rollout and of the update
         # must come from the same function, or the ratio is noise. Gradients flow in eval mode all the same.
-        self.policy.unwrapped().eval()
-        self.critic.unwrapped().eval()
+        for trained in self.trained:
+            trained.unwrapped().eval()
 
     def _ensemble(self, config: Config, tokenizer, ctx) -> list[tuple]:
         """``(model, score mean, score std, length fit or None)`` of every ensemble member, paths.rm first; empty
@@ -109,9 +111,14 @@ class PPOModels:
                 yield model
 
     @property
+    def trained(self) -> list:
+        """The training engines: the policy, and the critic where there is one."""
+        return [self.policy] if self.critic is None else [self.policy, self.critic]
+
+    @property
     def engines(self) -> dict:
         """What a checkpoint saves: the trained models with their optimizers and schedules."""
-        return {"policy": self.policy, "critic": self.critic}
+        return {"policy": self.policy} if self.critic is None else {"policy": self.policy, "critic": self.critic}
 
 
 def _length_fit_of(stats_file: Path, stats: dict | None, where: str) -> dict:

@@ -60,17 +60,19 @@ def sample_rollout(
 @torch.no_grad()
 def score(models: PPOModels, exp: Experience, ppo: PPOConfig, sizes: PPOSizes, iteration: int) -> Experience:
     """Phase 2: log-probs of the policy and the reference at the sampling temperature (the ratio and the KL are
-    about the distribution that was sampled), perplexity terms at temperature 1, critic values and the reward
-    model's score of each whole response, in no-grad forwards of rows laid out end to end (``batches``).
+    about the distribution that was sampled), perplexity terms at temperature 1, critic values (none without a
+    critic) and the reward model's score of each whole response, in no-grad forwards of rows laid out end to end
+    (``batches``).
 
     The policy and the reference read the update's first-epoch micro-batches: the old log-probs are then the
     update's own arithmetic (ratio exactly 1 before the first step) and the two models' log-probs come from the
     same shapes (KL exactly 0 while they are equal). The critic and reward model read the rollout grouped by
     length. Log-prob terms are taken in chunks of ``ppo.logprob_chunk_tokens`` positions."""
-    policy, critic = models.policy.unwrapped(), models.critic.unwrapped()
+    policy = models.policy.unwrapped()
+    critic = models.critic.unwrapped() if models.critic is not None else None
     temperature, chunk = ppo.sampling.temperature, ppo.logprob_chunk_tokens
-    full = {k: torch.zeros(exp.responses.shape, device=exp.responses.device)
-            for k in ("logprobs", "ref_logprobs", "nll", "ref_nll", "entropy", "values")}  # fmt: skip
+    terms = ("logprobs", "ref_logprobs", "nll", "ref_nll", "entropy") + (("values",) if critic is not None else ())
+    full = {k: torch.zeros(exp.responses.shape, device=exp.responses.device) for k in terms}
     scores = torch.zeros(len(exp.prompts), device=exp.responses.device)
 
     def put(name: str, c: Cut, values: torch.Tensor) -> None:
@@ -90,7 +92,8 @@ def score(models: PPOModels, exp: Experience, ppo: PPOConfig, sizes: PPOSizes, i
             put(name, c, values)
     for c in batches.scoring_cuts(exp, ppo):
         ids, mask, starts = batches.inputs(exp, c)
-        put("values", c, response_values(critic, ids, mask, starts, c.response_width))
+        if critic is not None:
+            put("values", c, response_values(critic, ids, mask, starts, c.response_width))
         rows = c.rows.to(scores.device)
         scores[rows] = _reward(models, ids, mask, exp.response_mask[rows].sum(1))
     return replace(exp, scores=scores, **full)

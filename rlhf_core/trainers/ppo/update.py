@@ -56,12 +56,12 @@ def update(
                 logs.setdefault(key, []).append(value)
     record = {key: distributed.global_mean(values) for key, values in logs.items()}
     if "loss/policy" in record:
-        record["loss/total"] = (
-            record["loss/policy"] + ppo.vf_coef * record["loss/value"] + ppo.ptx_coef * record.get("loss/ptx", 0.0)
-        )
+        record["loss/total"] = (record["loss/policy"] + ppo.vf_coef * record.get("loss/value", 0.0)
+                                + ppo.ptx_coef * record.get("loss/ptx", 0.0))  # fmt: skip
     record["policy/lr"] = models.policy.current_lr()
-    record["critic/lr"] = models.critic.current_lr()
-    record["ppo/skipped_updates"] = models.policy.skipped_steps + models.critic.skipped_steps
+    if models.critic is not None:
+        record["critic/lr"] = models.critic.current_lr()
+    record["ppo/skipped_updates"] = sum(engine.skipped_steps for engine in models.trained)
     return record
 
 
@@ -75,9 +75,9 @@ def train_minibatch(
     train_policy: bool,
     ptx_batches: list[dict[str, torch.Tensor]] | None,
 ) -> tuple[dict[str, float], bool]:
-    """One optimizer step of the policy (when ``train_policy``) and of the critic on the rollouts ``idx`` of this
-    rank, in micro-batches (``batches.update_cuts``). Returns this rank's share of the minibatch statistics and
-    whether any loss or gradient was non-finite (that update is skipped).
+    """One optimizer step of the policy (when ``train_policy``) and of the critic (where there is one) on the
+    rollouts ``idx`` of this rank, in micro-batches (``batches.update_cuts``). Returns this rank's share of the
+    minibatch statistics and whether any loss or gradient was non-finite (that update is skipped).
 
     The number of micro-batches follows the token budget; the losses do not depend on it: each micro-batch's token
     sum is divided by ``normaliser`` and the engines by the fixed ``sizes.accumulation``. PPO-ptx batches join the
@@ -109,7 +109,7 @@ def train_minibatch(
                 ptx, stats["loss/ptx"] = ptx_loss(models, ptx_batches[j], ptx_normaliser)
                 terms.append(ppo.ptx_coef * ptx)
             bad |= _backward_and_step(models.policy, sum(terms[1:], terms[0]))
-        if c is not None:
+        if c is not None and models.critic is not None:
             models.critic.set_boundary(j == len(cuts) - 1)
             loss, critic_stats = critic_loss(models, exp, c, config, tricks, normaliser)
             bad |= _backward_and_step(models.critic, ppo.vf_coef * loss)
