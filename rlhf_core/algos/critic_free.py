@@ -23,12 +23,15 @@ import torch
 from rlhf_core.algos.masked import _check
 
 
-def _group_index(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dense group index per row, rows per group): ``group_ids`` may be any integers, not only 0..G-1."""
+def _group_index(scores: torch.Tensor, group_ids: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense group index per row, rows per group): ``group_ids`` may be any integers, not only 0..G-1. Both group
+    estimators need at least 2 answers per group (a lone answer has no spread and no other answer)."""
     if scores.dim() != 1 or group_ids.shape != scores.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and group_ids {tuple(group_ids.shape)} should both be (B,)")
     _, dense = torch.unique(group_ids, return_inverse=True)
     sizes = torch.bincount(dense)
+    if bool((sizes < 2).any()):
+        raise ValueError(f"{estimator}: every group needs at least 2 answers (ppo.samples_per_prompt >= 2)")
     return dense, sizes
 
 
@@ -40,9 +43,7 @@ def grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, eps: float = 
     """``(r_i - mean_g) / (std_g + eps)`` per row, std with Bessel's correction; ``(B,)``, computed in float64 and
     returned in the scores' dtype. A group whose answers all score the same gets 0 for each (nothing to learn from
     it); a group of one answer is an error, since it has no spread to standardise by."""
-    dense, sizes = _group_index(scores, group_ids)
-    if bool((sizes < 2).any()):
-        raise ValueError("grpo_advantages: every group needs at least 2 answers (ppo.samples_per_prompt >= 2)")
+    dense, sizes = _group_index(scores, group_ids, "grpo_advantages")
     values = scores.detach().to(torch.float64)
     count = sizes.to(torch.float64)
     mean = _group_sums(values, dense, len(sizes)) / count
@@ -54,9 +55,7 @@ def grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, eps: float = 
 def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """``r_i - (sum_g r - r_i) / (k - 1)`` per row: each answer against the mean of the other ``k - 1`` answers to
     its prompt. ``(B,)``; a group of one answer is an error (it has no other answer to compare with)."""
-    dense, sizes = _group_index(scores, group_ids)
-    if bool((sizes < 2).any()):
-        raise ValueError("rloo_advantages: every group needs at least 2 answers (ppo.samples_per_prompt >= 2)")
+    dense, sizes = _group_index(scores, group_ids, "rloo_advantages")
     values = scores.detach().to(torch.float64)
     totals = _group_sums(values, dense, len(sizes))
     others = (totals[dense] - values) / (sizes[dense].to(torch.float64) - 1)
