@@ -22,7 +22,9 @@ finished runs of the same draws are read back into the table for comparison. ``-
 stages as built when their files are intact, even if the code has changed since (they are the inputs held fixed).
 
 Resumable at every level: a stage whose inputs and params are unchanged is skipped by the stage scaffold, PPO
-resumes from its last checkpoint, and a finished (draw, preset) keeps its ``result.json``. Results are written
+resumes from its last checkpoint, and a finished (draw, preset) keeps its ``result.json``; one recorded in the
+``--results`` file with the same overrides is taken from there when its directory is gone (a study spread over
+sessions on machines that do not keep ``outputs/``), so a rerun only adds the missing runs. Results are written
 after every run to ``--results`` (default ``bench/results/robustness.json``) with the machine's CPU, with the plot
 beside it (``.png``: each draw's gold win rate and its 95% interval per preset), and a table is printed. Only what
 a user has steers a run: the gold judge is read for the report, never for training or stopping.
@@ -103,9 +105,10 @@ def ensemble_dirs(out: Path, draw: int, extra_rm_seeds: list[int]) -> list[Path]
 
 
 def run_draw(draw: int, preset: str, out: Path, extra: list[str], tiny: bool, variant=None, variant_from="ppo",
-             reuse_base=False, extra_rm_seeds=(), params: Path | None = None) -> dict:  # fmt: skip
+             reuse_base=False, extra_rm_seeds=(), params: Path | None = None, recorded=()) -> dict:  # fmt: skip
     """One (draw, preset): the draw's shared stages (skipped when unchanged), the extra reward models of an
-    ensemble if any, then PPO and the evaluation."""
+    ensemble if any, then PPO and the evaluation. A run already in ``recorded`` (the results file's runs) with the
+    same overrides is taken from there when its result file is missing."""
     from rlhf_core import distributed
     from rlhf_core.io import atomic_write_json
     from rlhf_core.pipeline import run_stage
@@ -116,6 +119,12 @@ def run_draw(draw: int, preset: str, out: Path, extra: list[str], tiny: bool, va
     members = ensemble_dirs(out, draw, list(extra_rm_seeds))
     if members:
         extra = [*extra, f"ppo.reward_ensemble=[{', '.join(str(m) for m in members)}]"]
+    label = f"{preset}+{variant}" if variant else preset
+    kept = recorded_run(recorded, draw, label, extra)
+    if kept is not None:  # finished in an earlier session whose run directory is gone: keep it, don't retrain
+        print(f"[draw {draw} {label}] finished earlier: taken from the results file", flush=True)
+        atomic_write_json(path, kept)
+        return kept
     config = draw_config(draw, out, preset, extra, tiny, variant, variant_from, params)
     started = time.time()
     metrics: dict = {}
@@ -135,7 +144,7 @@ def run_draw(draw: int, preset: str, out: Path, extra: list[str], tiny: bool, va
             metrics.update(run_stage(stage, config, skip_unchanged=True).metrics)
         finally:
             distributed.shutdown()
-    result = summarise_run(draw, f"{preset}+{variant}" if variant else preset, extra, metrics)
+    result = summarise_run(draw, label, extra, metrics)
     result["seconds"] = round(time.time() - started, 1)
     # A study over sessions may run its draws on other CPUs: each run names the one that finished it, and the
     # seconds of every stage it ran (shared stages built in an earlier run are not re-timed).
@@ -309,6 +318,19 @@ def write(results: list[dict], args, path: Path) -> None:
     plot(results, path.with_suffix(".png"))
 
 
+def recorded_runs(path: Path, tiny: bool) -> list[dict]:
+    """The runs an earlier invocation wrote to the results file ``path`` at the same sizes (none if it is absent).
+    A study spread over sessions keeps this file in git while the run directories may not survive."""
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    return saved["runs"] if saved.get("tiny", False) == tiny else []
+
+
+def recorded_run(recorded, draw: int, label: str, extra: list[str]) -> dict | None:
+    return next((r for r in recorded if (r["draw"], r["preset"], r["overrides"]) == (draw, label, extra)), None)
+
+
 def baseline_runs(out: Path, draw: int) -> list[dict]:
     """The finished baseline runs of ``draw`` (every preset without a variant), for the variant's comparison."""
     return [json.loads(p.read_text()) for preset in PRESETS if (p := result_path(out, draw, preset)).is_file()]
@@ -339,13 +361,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from rlhf_core.env import apply_defaults
 
     apply_defaults()
-    results = []
+    results, recorded = [], recorded_runs(args.results, args.tiny)
     for draw in args.draws:  # draw by draw: a draw's shared stages are built once, then every preset uses them
         if args.variant:
             results += baseline_runs(args.out, draw)
         for preset in args.presets:
             results.append(run_draw(draw, preset, args.out, args.set or [], args.tiny, args.variant,
-                                    args.variant_from, args.reuse_base, args.extra_rm_seeds, args.params))  # fmt: skip
+                                    args.variant_from, args.reuse_base, args.extra_rm_seeds, args.params,
+                                    recorded))  # fmt: skip
             write(results, args, args.results)
     print_table(results, summarise(results))
     return results

@@ -57,6 +57,16 @@ def test_robustness_runs_draws_resumes_and_summarises(base_runs, monkeypatch):
     monkeypatch.setattr(rlhf_core.pipeline, "run_stage", lambda *a, **k: pytest.fail("a finished run was rerun"))
     assert robustness.main(args) == first
 
+    # A later session on a machine without outputs/: the committed results file alone is enough not to retrain.
+    for run in first:
+        robustness.result_path(out, run["draw"], run["preset"]).unlink()
+    assert robustness.main(args) == first
+    assert json.loads(robustness.result_path(out, 2, "ppo_max").read_text()) == first[3]
+    # ...but only for the same settings: other overrides are another run.
+    other = robustness.recorded_runs(results_file, tiny=True)
+    assert robustness.recorded_run(other, 2, "ppo_max", ["ppo.kl_coef=0.3"]) is None
+    assert robustness.recorded_runs(results_file, tiny=False) == []
+
 
 @pytest.mark.slow
 def test_a_variant_reruns_only_the_stages_it_changes_and_sits_beside_the_baseline(base_runs, tmp_path, monkeypatch):
