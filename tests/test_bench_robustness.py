@@ -119,7 +119,8 @@ def test_a_recipe_sets_every_draw_but_its_seeds_and_paths(tmp_path):
     assert config.model.name_or_path == "smollm2-135m-instruct" and config.ppo.steps == 40  # the recipe's
     assert config.data.seed == 1002 and config.rm.seed == 3002 and config.ppo.preset == "vanilla"  # the draw's
     assert config.ppo.kl_coef == 0.2 and not config.tracking.enabled
-    assert config.paths.ppo == str(tmp_path / "draw2" / "ppo_vanilla") and config.paths.sft == str(tmp_path / "draw2" / "sft")
+    assert config.paths.ppo == str(tmp_path / "draw2" / "ppo_vanilla")
+    assert config.paths.sft == str(tmp_path / "draw2" / "sft")
 
 
 def test_the_summary_counts_draws_by_hand():

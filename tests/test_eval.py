@@ -94,7 +94,7 @@ def test_length_controlled_rate_by_hand_and_its_invariances():
     mirrored = length_controlled_win_rate(["win", "win", "tie", "lose", "lose"], [-9, -2, 0, 2, 9], 1.0, 200, 0)
     assert mirrored["lc_win_rate"] == pytest.approx(0.5, abs=1e-9)
     sft, ppo, rng = _constructed_pairs(300, 0.7, seed=3)
-    verdicts = ["win" if b < 0.4 + 0.3 * (p < s) else "lose" for b, p, s in zip(rng.random(300), ppo, sft)]
+    verdicts = ["win" if b < 0.4 + 0.3 * (p < s) else "lose" for b, p, s in zip(rng.random(300), ppo, sft, strict=True)]
     base = length_controlled_win_rate(verdicts, list(ppo - sft), 1.0, 300, 5)
     # The length unit does not matter (tokens or characters): the difference is standardised.
     scaled = length_controlled_win_rate(verdicts, list(4.0 * (ppo - sft)), 1.0, 300, 5)
@@ -162,8 +162,11 @@ def test_eval_outputs_are_consistent_with_the_pairs(tiny_eval):
         assert harmful, "the tiny eval split has harmful prompts"
         assert metrics[f"eval/harmful/refusal_share_{policy}"] == pytest.approx(sum(harmful) / len(harmful))
         lengths = [p[f"tokens_{policy}"] for p in pairs]
-        assert all(1 <= n <= config.data.max_response_tokens for n in lengths) if config.data.max_response_tokens \
+        assert (
+            all(1 <= n <= config.data.max_response_tokens for n in lengths)
+            if config.data.max_response_tokens
             else all(n >= 1 for n in lengths)
+        )
         assert metrics[f"eval/response_tokens_{policy}"] == pytest.approx(sum(lengths) / len(lengths))
     # The clean-up ceiling never loses: fixing flaws can only raise a gold score.
     assert all(p["cleanup_verdict"] in ("win", "tie") for p in pairs)
