@@ -23,16 +23,19 @@ stages as built when their files are intact, even if the code has changed since 
 
 Resumable at every level: a stage whose inputs and params are unchanged is skipped by the stage scaffold, PPO
 resumes from its last checkpoint, and a finished (draw, preset) keeps its ``result.json``; one recorded in the
-``--results`` file with the same overrides is taken from there when its directory is gone (a study spread over
-sessions on machines that do not keep ``outputs/``), so a rerun only adds the missing runs. Results are written
+``--results`` file with the same overrides and the same recipe file contents is taken from there when its
+directory is gone (a study spread over sessions on machines that do not keep ``outputs/``), so a rerun only adds
+the missing runs. Results are written
 after every run to ``--results`` (default ``bench/results/robustness.json``) with the machine's CPU, with the plot
-beside it (``.png``: each draw's gold win rate and its 95% interval per preset), and a table is printed. Only what
+beside it (``.png``: each draw's gold win rate and its 95% interval per preset), and a table is printed with
+each preset's PPO seconds per iteration. Only what
 a user has steers a run: the gold judge is read for the report, never for training or stopping.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -96,6 +99,12 @@ def draw_config(draw: int, out: Path, preset: str, extra: list[str], tiny: bool,
     return load_config(params or REPO / "params.yaml", overrides)
 
 
+def recipe_fingerprint(params: Path | None) -> str:
+    """The recipe file's content hash (``params.yaml`` without ``--params``): a run recorded under another recipe
+    is another run, even with the same overrides and the same file name."""
+    return hashlib.sha256((params or REPO / "params.yaml").read_bytes()).hexdigest()[:16]
+
+
 def result_path(out: Path, draw: int, preset: str, variant: str | None = None) -> Path:
     return out / f"draw{draw}" / (f"result_{preset}_{variant}.json" if variant else f"result_{preset}.json")
 
@@ -120,7 +129,8 @@ def run_draw(draw: int, preset: str, out: Path, extra: list[str], tiny: bool, va
     if members:
         extra = [*extra, f"ppo.reward_ensemble=[{', '.join(str(m) for m in members)}]"]
     label = f"{preset}+{variant}" if variant else preset
-    kept = recorded_run(recorded, draw, label, extra)
+    recipe = recipe_fingerprint(params)
+    kept = recorded_run(recorded, draw, label, extra, recipe)
     if kept is not None:  # finished in an earlier session whose run directory is gone: keep it, don't retrain
         print(f"[draw {draw} {label}] finished earlier: taken from the results file", flush=True)
         atomic_write_json(path, kept)
@@ -145,6 +155,7 @@ def run_draw(draw: int, preset: str, out: Path, extra: list[str], tiny: bool, va
         finally:
             distributed.shutdown()
     result = summarise_run(draw, label, extra, metrics)
+    result["recipe_sha256"] = recipe
     result["seconds"] = round(time.time() - started, 1)
     # A study over sessions may run its draws on other CPUs: each run names the one that finished it, and the
     # seconds of every stage it ran (shared stages built in an earlier run are not re-timed).
@@ -153,8 +164,27 @@ def run_draw(draw: int, preset: str, out: Path, extra: list[str], tiny: bool, va
     result["cpu"] = cpu_description()
     result["bf16"] = distributed.bf16_enabled(config.distributed)  # distributed.bf16=auto decides by the CPU
     result["stage_seconds"] = {k.split("/")[0]: v for k, v in metrics.items() if k.endswith("/seconds")}
+    result["ppo_seconds_per_iteration"] = ppo_phase_seconds(Path(config.paths.ppo))
     atomic_write_json(path, result)
     return result
+
+
+def ppo_phase_seconds(ppo_dir: Path) -> dict | None:
+    """Mean wall seconds per PPO iteration by phase (generation, scoring, training) and their total, from the
+    stage's whole training curve (``plots/train.csv``, which a resumed run carries over from its checkpoint): what
+    a preset costs beside what it wins. None when the curve is missing."""
+    import csv
+
+    curve = ppo_dir / "plots" / "train.csv"
+    if not curve.is_file():
+        return None
+    with curve.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    phases = ("generation", "scoring", "training")
+    if not rows or any(f"time/{p}" not in rows[0] for p in phases):
+        return None
+    means = {p: statistics.fmean(float(r[f"time/{p}"]) for r in rows) for p in phases}
+    return {k: round(v, 2) for k, v in {**means, "total": sum(means.values())}.items()}
 
 
 def train_ensemble_members(config, members: list[Path], extra_rm_seeds: list[int]) -> None:
@@ -235,6 +265,8 @@ def summarise(results: list[dict]) -> list[dict]:
                     "final_kl", "rm_gold_accuracy"):  # fmt: skip
             row[key], row[f"{key}_sd"] = spread([r.get(key) for r in runs])  # older results lack the newer keys
         row["collapse_warnings"] = sum(r["collapse_warnings"] for r in runs)
+        row["ppo_seconds_per_iteration"], _ = spread([(r.get("ppo_seconds_per_iteration") or {}).get("total")
+                                                      for r in runs])  # fmt: skip
         row["draws_ci_above_50"] = sum(1 for r in runs if r["gold_win_rate_ci95"] and r["gold_win_rate_ci95"][0] > 0.5)
         row["draws_lc_ci_above_50"] = sum(1 for r in runs if (r.get("gold_lc_win_rate_ci95") or [0])[0] > 0.5)
         vanilla = [(r, by_draw.get((r["draw"], "vanilla"))) for r in runs]
@@ -297,6 +329,7 @@ def print_table(results: list[dict], rows: list[dict]) -> None:
              f"KL {r['final_kl']:.2f}" for r in rows]  # fmt: skip
     table.add_row("mean ± sd", *means)
     table.add_row("CI above 50%", *(f"{r['draws_ci_above_50']} of {len(r['draws'])}" for r in rows))
+    table.add_row("PPO s/iteration", *(f"{r['ppo_seconds_per_iteration']:.2f}" for r in rows))
     Console().print(table)
 
 
@@ -327,8 +360,14 @@ def recorded_runs(path: Path, tiny: bool) -> list[dict]:
     return saved["runs"] if saved.get("tiny", False) == tiny else []
 
 
-def recorded_run(recorded, draw: int, label: str, extra: list[str]) -> dict | None:
-    return next((r for r in recorded if (r["draw"], r["preset"], r["overrides"]) == (draw, label, extra)), None)
+def recorded_run(recorded, draw: int, label: str, extra: list[str], recipe: str) -> dict | None:
+    """The recorded run of (draw, label) with the same overrides and recipe. Runs recorded before the recipe's
+    hash was kept match on their overrides alone."""
+
+    def key(r: dict) -> tuple:
+        return r["draw"], r["preset"], r["overrides"], r.get("recipe_sha256", recipe)
+
+    return next((r for r in recorded if key(r) == (draw, label, extra, recipe)), None)
 
 
 def baseline_runs(out: Path, draw: int) -> list[dict]:

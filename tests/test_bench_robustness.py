@@ -38,6 +38,9 @@ def test_robustness_runs_draws_resumes_and_summarises(base_runs, monkeypatch):
         assert low <= run["gold_lc_win_rate"] <= high and run["rm_lc_win_rate"] is not None
         assert run["cpu"]["cores"] and run["stage_seconds"]["ppo"] > 0 and all(run["response_tokens"])
         assert run["bf16"] is False  # the tiny sizes run in float32
+        phases = run["ppo_seconds_per_iteration"]
+        assert phases["total"] == pytest.approx(phases["generation"] + phases["scoring"] + phases["training"], abs=0.02)
+        assert run["recipe_sha256"] == robustness.recipe_fingerprint(None)
 
     saved = json.loads(results_file.read_text())
     assert saved["cpu"]["cores"] and results_file.with_suffix(".png").stat().st_size > 0
@@ -64,7 +67,10 @@ def test_robustness_runs_draws_resumes_and_summarises(base_runs, monkeypatch):
     assert json.loads(robustness.result_path(out, 2, "ppo_max").read_text()) == first[3]
     # ...but only for the same settings: other overrides are another run.
     other = robustness.recorded_runs(results_file, tiny=True)
-    assert robustness.recorded_run(other, 2, "ppo_max", ["ppo.kl_coef=0.3"]) is None
+    assert robustness.recorded_run(other, 2, "ppo_max", ["ppo.kl_coef=0.3"], first[3]["recipe_sha256"]) is None
+    assert robustness.recorded_run(other, 2, "ppo_max", [], "another recipe") is None  # the same file name, edited
+    legacy = [{k: v for k, v in run.items() if k != "recipe_sha256"} for run in other]  # recorded before the hash
+    assert robustness.recorded_run(legacy, 2, "ppo_max", [], "any") == legacy[3]
     assert robustness.recorded_runs(results_file, tiny=False) == []
 
 
@@ -123,6 +129,18 @@ def test_a_recipe_sets_every_draw_but_its_seeds_and_paths(tmp_path):
     assert config.paths.sft == str(tmp_path / "draw2" / "sft")
 
 
+def test_ppo_seconds_per_iteration_are_the_curves_phase_means(tmp_path):
+    """Two iterations written by hand: the phase means and their total; no curve, no numbers."""
+    from bench.robustness import ppo_phase_seconds
+
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "train.csv").write_text(
+        "step,time/generation,time/scoring,time/training,objective/kl\n1,2.0,1.0,4.0,0.1\n2,3.0,2.0,6.0,0.2\n"
+    )
+    assert ppo_phase_seconds(tmp_path) == {"generation": 2.5, "scoring": 1.5, "training": 5.0, "total": 9.0}
+    assert ppo_phase_seconds(tmp_path / "missing") is None
+
+
 def test_the_summary_counts_draws_by_hand():
     """Two draws: ppo_max's interval is above 50% on the first only, and its gap is below vanilla's on the second."""
     from bench.robustness import summarise
@@ -131,7 +149,7 @@ def test_the_summary_counts_draws_by_hand():
         return {"draw": draw, "preset": preset, "gold_win_rate": win, "gold_win_rate_ci95": [low, win + 0.05],
                 "gold_lc_win_rate": lc_low + 0.05, "gold_lc_win_rate_ci95": [lc_low, lc_low + 0.1],
                 "rm_win_rate": 0.6, "overoptimisation_gap": gap, "final_kl": 1.0, "rm_gold_accuracy": 0.8,
-                "collapse_warnings": 1}  # fmt: skip
+                "collapse_warnings": 1, "ppo_seconds_per_iteration": {"total": 2.0 if draw == 1 else 3.0}}  # fmt: skip
 
     results = [run(1, "vanilla", 0.50, 0.45, 0.10), run(1, "ppo_max", 0.58, 0.52, 0.20, lc_low=0.47),
                run(2, "vanilla", 0.40, 0.35, 0.30), run(2, "ppo_max", 0.54, 0.49, 0.05, lc_low=0.51)]  # fmt: skip
@@ -139,3 +157,4 @@ def test_the_summary_counts_draws_by_hand():
     assert (row["draws_ci_above_50"], row["draws_gap_below_vanilla"], row["draws_with_vanilla"]) == (1, 1, 2)
     assert row["draws_lc_ci_above_50"] == 1 and row["gold_lc_win_rate"] == pytest.approx(0.54)
     assert row["gold_win_rate"] == pytest.approx(0.56) and row["collapse_warnings"] == 2
+    assert row["ppo_seconds_per_iteration"] == pytest.approx(2.5)
