@@ -510,7 +510,9 @@ def make_engine(
         lambda step: lr_multiplier(step, total_steps, warmup, optim.lr_schedule, optim.min_lr_ratio),
     )
     if ctx.engine == "torch":
-        return TorchEngine(model, optimizer, scheduler, accumulation, optim.max_grad_norm, bf16_enabled(cfg), ctx.device)
+        return TorchEngine(
+            model, optimizer, scheduler, accumulation, optim.max_grad_norm, bf16_enabled(cfg), ctx.device
+        )
     deepspeed = _import_deepspeed()
     engine, *_ = deepspeed.initialize(
         model=model,

@@ -124,6 +124,8 @@ class PPOModels:
 def _length_fit_of(stats_file: Path, stats: dict | None, where: str) -> dict:
     """``stats`` when it holds the length fit ``ppo.length_debias`` needs, else a DataError saying what to rerun."""
     if stats is None or "length" not in stats:
-        raise DataError(f"{where}: ppo.length_debias needs the score's length fit in {stats_file}, which reward models "
-                        "trained before it was recorded lack; rerun `rlhf rm` (its reward statistics take a minute)")  # fmt: skip
+        raise DataError(
+            f"{where}: ppo.length_debias needs the score's length fit in {stats_file}, which reward models trained "
+            "before it was recorded lack; rerun `rlhf rm` (its reward statistics take a minute)"
+        )
     return stats
