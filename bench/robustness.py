@@ -25,11 +25,10 @@ Resumable at every level: a stage whose inputs and params are unchanged is skipp
 resumes from its last checkpoint, and a finished (draw, preset) keeps its ``result.json``; one recorded in the
 ``--results`` file with the same overrides and the same recipe file contents is taken from there when its
 directory is gone (a study spread over sessions on machines that do not keep ``outputs/``), so a rerun only adds
-the missing runs. Results are written
-after every run to ``--results`` (default ``bench/results/robustness.json``) with the machine's CPU, with the plot
-beside it (``.png``: each draw's gold win rate and its 95% interval per preset), and a table is printed with
-each preset's PPO seconds per iteration. Only what
-a user has steers a run: the gold judge is read for the report, never for training or stopping.
+the missing runs. Results are written after every run to ``--results`` (default ``bench/results/robustness.json``)
+with the machine's CPU, with the plot beside it (``.png``: each draw's gold win rate and its 95% interval per
+preset), and a table is printed with each preset's PPO seconds per iteration. Only what a user has steers a run:
+the gold judge is read for the report, never for training or stopping.
 """
 
 from __future__ import annotations
@@ -173,13 +172,11 @@ def ppo_phase_seconds(ppo_dir: Path) -> dict | None:
     """Mean wall seconds per PPO iteration by phase (generation, scoring, training) and their total, from the
     stage's whole training curve (``plots/train.csv``, which a resumed run carries over from its checkpoint): what
     a preset costs beside what it wins. None when the curve is missing."""
-    import csv
+    from bench.real_model_options import read_train_csv
 
-    curve = ppo_dir / "plots" / "train.csv"
-    if not curve.is_file():
+    if not (ppo_dir / "plots" / "train.csv").is_file():
         return None
-    with curve.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_train_csv(ppo_dir)
     phases = ("generation", "scoring", "training")
     if not rows or any(f"time/{p}" not in rows[0] for p in phases):
         return None
