@@ -169,9 +169,10 @@ def run_draw(draw: int, preset: str, out: Path, extra: list[str], tiny: bool, va
 
 
 def ppo_phase_seconds(ppo_dir: Path) -> dict | None:
-    """Mean wall seconds per PPO iteration by phase (generation, scoring, training) and their total, from the
+    """Median wall seconds per PPO iteration by phase (generation, scoring, training) and their total, from the
     stage's whole training curve (``plots/train.csv``, which a resumed run carries over from its checkpoint): what
-    a preset costs beside what it wins. None when the curve is missing."""
+    a preset costs beside what it wins. The median, not the mean, so that a few iterations slowed by something
+    else on the machine (a paused run, a test beside it) do not move it. None when the curve is missing."""
     from bench.real_model_options import read_train_csv
 
     if not (ppo_dir / "plots" / "train.csv").is_file():
@@ -180,8 +181,8 @@ def ppo_phase_seconds(ppo_dir: Path) -> dict | None:
     phases = ("generation", "scoring", "training")
     if not rows or any(f"time/{p}" not in rows[0] for p in phases):
         return None
-    means = {p: statistics.fmean(float(r[f"time/{p}"]) for r in rows) for p in phases}
-    return {k: round(v, 2) for k, v in {**means, "total": sum(means.values())}.items()}
+    medians = {p: statistics.median(float(r[f"time/{p}"]) for r in rows) for p in phases}
+    return {k: round(v, 2) for k, v in {**medians, "total": sum(medians.values())}.items()}
 
 
 def train_ensemble_members(config, members: list[Path], extra_rm_seeds: list[int]) -> None:

@@ -129,15 +129,17 @@ def test_a_recipe_sets_every_draw_but_its_seeds_and_paths(tmp_path):
     assert config.paths.sft == str(tmp_path / "draw2" / "sft")
 
 
-def test_ppo_seconds_per_iteration_are_the_curves_phase_means(tmp_path):
-    """Two iterations written by hand: the phase means and their total; no curve, no numbers."""
+def test_ppo_seconds_per_iteration_are_the_curves_phase_medians(tmp_path):
+    """Three iterations written by hand, the last slowed 100-fold (a paused run): the phase medians, untouched by
+    it, and their total; no curve, no numbers."""
     from bench.robustness import ppo_phase_seconds
 
     (tmp_path / "plots").mkdir()
     (tmp_path / "plots" / "train.csv").write_text(
-        "step,time/generation,time/scoring,time/training,objective/kl\n1,2.0,1.0,4.0,0.1\n2,3.0,2.0,6.0,0.2\n"
+        "step,time/generation,time/scoring,time/training,objective/kl\n"
+        "1,2.0,1.0,4.0,0.1\n2,3.0,2.0,6.0,0.2\n3,300.0,200.0,600.0,0.3\n"
     )
-    assert ppo_phase_seconds(tmp_path) == {"generation": 2.5, "scoring": 1.5, "training": 5.0, "total": 9.0}
+    assert ppo_phase_seconds(tmp_path) == {"generation": 3.0, "scoring": 2.0, "training": 6.0, "total": 11.0}
     assert ppo_phase_seconds(tmp_path / "missing") is None
 
 
