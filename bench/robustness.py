@@ -25,7 +25,8 @@ Resumable at every level: a stage whose inputs and params are unchanged is skipp
 resumes from its last checkpoint, and a finished (draw, preset) keeps its ``result.json``; one recorded in the
 ``--results`` file with the same overrides and the same recipe file contents is taken from there when its
 directory is gone (a study spread over sessions on machines that do not keep ``outputs/``), so a rerun only adds
-the missing runs. Results are written after every run to ``--results`` (default ``bench/results/robustness.json``)
+the missing runs; ``--draws`` may name a few draws at a time, and the file keeps the other draws' runs. Results
+are written after every run to ``--results`` (default ``bench/results/robustness.json``)
 with the machine's CPU, with the plot beside it (``.png``: each draw's gold win rate and its 95% interval per
 preset), and a table is printed with each preset's PPO seconds per iteration. Only what a user has steers a run:
 the gold judge is read for the report, never for training or stopping.
@@ -368,6 +369,17 @@ def recorded_run(recorded, draw: int, label: str, extra: list[str], recipe: str)
     return next((r for r in recorded if key(r) == (draw, label, extra, recipe)), None)
 
 
+def other_draws(path: Path, args, recipe: str) -> list[dict]:
+    """The results file's runs of draws this invocation does not run, made with the same sizes, overrides and recipe:
+    a study run a draw at a time (``--draws 4``, then ``--draws 5``) adds to its file instead of replacing it."""
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    if saved.get("tiny", False) != args.tiny or saved.get("overrides", []) != (args.set or []):
+        return []
+    return [r for r in saved["runs"] if r["draw"] not in args.draws and r.get("recipe_sha256", recipe) == recipe]
+
+
 def baseline_runs(out: Path, draw: int) -> list[dict]:
     """The finished baseline runs of ``draw`` (every preset without a variant), for the variant's comparison."""
     return [json.loads(p.read_text()) for preset in PRESETS if (p := result_path(out, draw, preset)).is_file()]
@@ -399,6 +411,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     apply_defaults()
     results, recorded = [], recorded_runs(args.results, args.tiny)
+    kept = other_draws(args.results, args, recipe_fingerprint(args.params))
     for draw in args.draws:  # draw by draw: a draw's shared stages are built once, then every preset uses them
         if args.variant:
             results += baseline_runs(args.out, draw)
@@ -406,7 +419,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results.append(run_draw(draw, preset, args.out, args.set or [], args.tiny, args.variant,
                                     args.variant_from, args.reuse_base, args.extra_rm_seeds, args.params,
                                     recorded))  # fmt: skip
-            write(results, args, args.results)
+            write(sorted([*kept, *results], key=lambda r: r["draw"]), args, args.results)
     print_table(results, summarise(results))
     return results
 

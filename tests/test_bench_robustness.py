@@ -73,6 +73,18 @@ def test_robustness_runs_draws_resumes_and_summarises(base_runs, monkeypatch):
     assert robustness.recorded_run(legacy, 2, "ppo_max", [], "any") == legacy[3]
     assert robustness.recorded_runs(results_file, tiny=False) == []
 
+    # A study run a draw at a time: the file keeps the draws this invocation does not name, in draw order.
+    draw2 = [*args[:2], "2", *args[4:]]
+    assert draw2[1:3] == ["--draws", "2"] and robustness.main(draw2) == first[2:]
+    assert json.loads(results_file.read_text())["runs"] == first
+    from argparse import Namespace
+
+    recipe = first[0]["recipe_sha256"]
+    assert robustness.other_draws(results_file, Namespace(tiny=True, set=None, draws=[2]), recipe) == first[:2]
+    other_settings = Namespace(tiny=True, set=["ppo.kl_coef=0.3"], draws=[2])  # another study: not kept
+    assert robustness.other_draws(results_file, other_settings, recipe) == []
+    assert robustness.other_draws(results_file, Namespace(tiny=True, set=None, draws=[2]), "another recipe") == []
+
 
 @pytest.mark.slow
 def test_a_variant_reruns_only_the_stages_it_changes_and_sits_beside_the_baseline(base_runs, tmp_path, monkeypatch):
